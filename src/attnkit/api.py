@@ -1,0 +1,128 @@
+"""``attnkit.attention``: one function for every mechanism, and the dispatcher behind it."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from attnkit.aux import compute_aux
+from attnkit.backends import BACKENDS, Backend
+from attnkit.call import AttentionCall, Aux, AuxOutput
+from attnkit.dispatch import auto_preferences
+from attnkit.masks.base import Mask
+from attnkit.positional import Bias
+from attnkit.scores import ScoreFunction, Softmax
+
+_warned: set[str] = set()
+
+
+@dataclass
+class Explanation:
+    """Which backend ``attention`` runs for a call, and why each other one was not chosen."""
+
+    chosen: str
+    why: str
+    rejected: dict[str, str]
+
+    def __str__(self) -> str:
+        lines = [f"runs on: {self.chosen} — {self.why}"]
+        lines += [f"  not {name}: {reason}" for name, reason in self.rejected.items()]
+        return "\n".join(lines)
+
+
+def _select(call: AttentionCall, backend: str) -> tuple[Backend, Explanation]:
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of: auto, {', '.join(BACKENDS)}")
+    rejected = {name: reason for name, b in BACKENDS.items() if (reason := b.supports(call))}
+    if backend != "auto":
+        if backend in rejected:
+            able = [n for n in BACKENDS if n not in rejected]
+            raise ValueError(
+                f"backend {backend!r} cannot run this call: {rejected[backend]}. "
+                f"Backends that can: {', '.join(able)} (or backend='auto')"
+            )
+        return BACKENDS[backend], Explanation(backend, "requested by the caller", rejected)
+    for name, why in auto_preferences(call):
+        if name not in rejected:
+            passed_over = {
+                other: rejected.get(other, f"auto prefers {name} for this call")
+                for other in BACKENDS
+                if other != name
+            }
+            return BACKENDS[name], Explanation(name, why, passed_over)
+    raise RuntimeError(f"no backend can run this call: {rejected}")
+
+
+def _warn_slow_once(explanation: Explanation) -> None:
+    if explanation.chosen != "reference" or explanation.why in _warned:
+        return
+    _warned.add(explanation.why)
+    details = "; ".join(f"{n}: {r}" for n, r in explanation.rejected.items())
+    warnings.warn(
+        f"attnkit: backend='auto' runs this call on the slow dense reference ({details})",
+        stacklevel=3,
+    )
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    mask: Mask | None = None,
+    score: ScoreFunction | None = None,
+    bias: Bias | None = None,
+    scale: float | None = None,
+    backend: str = "auto",
+    aux: Aux | None = None,
+) -> Tensor | tuple[Tensor, AuxOutput]:
+    """Attention of ``q [B, Tq, Hq, D]`` over ``k [B, Tk, Hkv, D]``, ``v [B, Tk, Hkv, Dv]``.
+
+    out[b, i, h] = sum_j w(softcap(scale * q_i.k_j + bias(h, i, j))) * mask(b, h, i, j) * v_j / Z_i
+
+    Args:
+        q, k, v: ``[B, T, H, D]`` tensors of one float dtype and device. ``Hq`` must be a
+            multiple of ``Hkv`` (GQA/MQA: k/v heads are shared, never expanded in memory by
+            the fast backends); ``Dv`` may differ from ``D``; ``Tq`` may differ from ``Tk``.
+        mask: an ``attnkit.masks`` pattern (``causal()``, ``sliding_window(255) | sinks(4)``, ...).
+            Positions are bottom-right aligned: with ``Tq < Tk`` the last query sees the last key.
+        score: an ``attnkit.scores`` function (softmax by default; sigmoid, softplus_l1, softcap).
+        bias: an additive ``attnkit.positional`` bias (ALiBi, learned relative bias).
+        scale: score scale, ``1 / sqrt(D)`` by default.
+        backend: ``"auto"`` or one of ``reference``, ``sdpa``, ``flex``, ``chunked``; a forced
+            backend that cannot run the call raises and says which can.
+        aux: ``attnkit.Aux(lse=..., weights=..., key_sums=...)`` for extra outputs.
+
+    Returns:
+        ``out [B, Tq, Hq, Dv]`` in the input dtype; with ``aux``, ``(out, AuxOutput)``.
+        A query that sees no key gets a zero output (never NaN).
+    """
+    call = AttentionCall(q, k, v, mask, score or Softmax(), bias, scale, aux or Aux())
+    chosen, explanation = _select(call, backend)
+    if backend == "auto":
+        _warn_slow_once(explanation)
+    out, lse = chosen.run(call)
+    out = call.finalize(out, lse)
+    if aux is None:
+        return out
+    return out, compute_aux(call, lse)
+
+
+def explain(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    mask: Mask | None = None,
+    score: ScoreFunction | None = None,
+    bias: Bias | None = None,
+    scale: float | None = None,
+    backend: str = "auto",
+    aux: Aux | None = None,
+) -> Explanation:
+    """Say which backend ``attention(...)`` with these arguments would run, and why every
+    other backend was rejected or passed over. Takes the same arguments; computes nothing."""
+    call = AttentionCall(q, k, v, mask, score or Softmax(), bias, scale, aux or Aux())
+    return _select(call, backend)[1]

@@ -1,0 +1,62 @@
+"""The oracle: dense attention in float32/float64 that a reader can check against a paper.
+
+s    = scale * q k^T                      [B, Hq, Tq, Tk]  (k/v heads repeated for GQA)
+lw   = log w(softcap(s + bias)), -inf where the mask forbids
+lse  = logsumexp_j lw                     [B, Hq, Tq]
+p    = exp(lw - lse)                      (0 on masked pairs and fully masked rows)
+out  = p v, times exp(lse) for unnormalised scores (sigmoid)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from attnkit.backends.base import Backend
+from attnkit.call import AttentionCall
+
+
+def normalize_rows(lw: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """Row-normalised output and log-normaliser for log-weights ``lw [..., Tq, Tk]`` and values
+    ``v [..., Tk, Dv]``. Rows with no finite entry give ``out = 0``, ``lse = -inf``."""
+    lse = torch.logsumexp(lw, dim=-1)
+    lse_safe = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
+    p = torch.exp(lw - lse_safe.unsqueeze(-1))
+    return p @ v, lse
+
+
+def reference_forward(
+    call: AttentionCall, compute_dtype: torch.dtype | None = None
+) -> tuple[Tensor, Tensor]:
+    """Dense attention for ``call``; returns the normalised ``out [B, Tq, Hq, Dv]`` (in the
+    input dtype) and ``lse [B, Tq, Hq]`` (float32, or float64 for float64 compute).
+
+    ``compute_dtype`` defaults to float32 for half-precision inputs and to the input dtype
+    otherwise; ``attnkit.testing`` passes the input dtype to measure a same-precision baseline.
+    """
+    if compute_dtype is None:
+        compute_dtype = (
+            torch.float32 if call.dtype in (torch.float16, torch.bfloat16) else call.dtype
+        )
+    q = call.q.to(compute_dtype).transpose(1, 2)  # [B, Hq, Tq, D]
+    k = call.k.to(compute_dtype).transpose(1, 2).repeat_interleave(call.groups, dim=1)
+    v = call.v.to(compute_dtype).transpose(1, 2).repeat_interleave(call.groups, dim=1)
+    s = (q @ k.transpose(-1, -2)) * call.scale
+    q_idx = torch.arange(call.Tq, device=call.device)
+    k_idx = torch.arange(call.Tk, device=call.device)
+    lw = call.log_weights(s, q_idx, k_idx)
+    out, lse = normalize_rows(lw, v)
+    lse_dtype = torch.float64 if compute_dtype == torch.float64 else torch.float32
+    return out.transpose(1, 2).to(call.dtype), lse.transpose(1, 2).to(lse_dtype)
+
+
+def _supports(call: AttentionCall) -> str | None:
+    return None
+
+
+BACKEND = Backend(
+    name="reference",
+    summary="dense math in float32/float64, every feature; the oracle (slow, O(T^2) memory)",
+    supports=_supports,
+    run=reference_forward,
+)

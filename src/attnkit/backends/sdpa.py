@@ -1,0 +1,73 @@
+"""PyTorch's fused ``scaled_dot_product_attention``: dense softmax, fastest for plain dense.
+
+Masks are passed as a dense boolean matrix (built once per mask and size and cached on the
+mask), except a causal mask on square inputs, which uses ``is_causal``. Biases are added to
+a float mask. SDPA returns no log-sum-exp, so calls that need one go elsewhere.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from attnkit.backends.base import Backend
+from attnkit.call import AttentionCall
+from attnkit.masks.patterns import Band
+from attnkit.scores import Softmax
+
+
+def is_plain_causal(call: AttentionCall) -> bool:
+    """True if the mask is exactly ``causal()`` on square inputs (SDPA's ``is_causal``)."""
+    m = call.mask
+    return isinstance(m, Band) and m.lower is None and m.upper == 0 and call.Tq == call.Tk
+
+
+def _supports(call: AttentionCall) -> str | None:
+    if type(call.score) is not Softmax:
+        return f"sdpa computes only softmax attention (this call uses {call.score.describe()})"
+    if call.score.softcap is not None:
+        return "sdpa has no logit soft-capping"
+    if call.needs_lse:
+        return "sdpa does not return the log-sum-exp needed for the requested aux outputs"
+    return None
+
+
+def dense_attn_mask(call: AttentionCall) -> Tensor | None:
+    """The additive/boolean ``attn_mask`` SDPA receives: ``[Bm, Hm, Tq, Tk]`` or None."""
+    allowed = None
+    if call.mask is not None and not is_plain_causal(call):
+        allowed = call.mask.cached(
+            ("dense", call.Tq, call.Tk, str(call.device)),
+            lambda: call.mask.dense(call.Tq, call.Tk, call.device),
+        )
+    if call.bias is None:
+        return allowed
+    bias = call.bias.dense(call.Tq, call.Tk, call.device).to(call.dtype).unsqueeze(0)
+    if is_plain_causal(call):
+        allowed = torch.ones(call.Tq, call.Tk, dtype=torch.bool, device=call.device).tril()
+    if allowed is not None:
+        bias = bias.masked_fill(~allowed, float("-inf"))
+    return bias
+
+
+def _run(call: AttentionCall) -> tuple[Tensor, Tensor | None]:
+    attn_mask = dense_attn_mask(call)
+    out = F.scaled_dot_product_attention(
+        call.q.transpose(1, 2),
+        call.k.transpose(1, 2),
+        call.v.transpose(1, 2),
+        attn_mask=attn_mask,
+        is_causal=is_plain_causal(call) and attn_mask is None,
+        scale=call.scale,
+        enable_gqa=call.groups > 1,
+    )
+    return out.transpose(1, 2), None
+
+
+BACKEND = Backend(
+    name="sdpa",
+    summary="torch scaled_dot_product_attention; dense softmax (masks as a dense matrix)",
+    supports=_supports,
+    run=_run,
+)

@@ -1,0 +1,149 @@
+"""Score functions: how a query-key score becomes an attention weight.
+
+Every score function here is written as a *log-weight* ``log w(s)`` plus a flag saying whether
+the weights are divided by their row sum ``Z = sum_j w(s_j)``:
+
+    normalised:    out_i = sum_j exp(log w(s_ij) - lse_i) v_j          (softmax, softplus-l1)
+    unnormalised:  out_i = sum_j exp(log w(s_ij)) v_j = exp(lse_i) * (normalised out_i)
+
+with ``lse_i = log sum_j w(s_ij)``. This is DESIGN.md fact 2: any positive weight runs on a
+softmax kernel by feeding it ``log w(s)`` as the score, and the unnormalised forms rescale the
+result by ``exp(lse)``. Backends therefore need only ``log_weight`` and ``normalized``.
+
+The score ``s`` a score function sees is ``scale * q.k + bias``, then soft-capped
+(``cap * tanh(s / cap)``) if ``softcap`` is set.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class ScoreFunction:
+    """Base of all score functions. Subclasses override ``log_weight``.
+
+    Attributes:
+        softcap: if set, scores are soft-capped to ``(-softcap, softcap)`` before weighting.
+    """
+
+    softcap: float | None = None
+
+    name = "score"
+    #: True if weights are divided by their row sum (softmax-like).
+    normalized = True
+    #: True if ``log_weight`` needs the per-query number of visible keys (``row_counts``).
+    needs_row_counts = False
+
+    def __post_init__(self) -> None:
+        if self.softcap is not None and not self.softcap > 0:
+            raise ValueError(f"softcap must be > 0, got {self.softcap}")
+
+    def cap(self, s: Tensor) -> Tensor:
+        if self.softcap is None:
+            return s
+        return self.softcap * torch.tanh(s / self.softcap)
+
+    def log_weight(self, s: Tensor, Tk: int, log_counts: Tensor | None) -> Tensor:
+        """``log w(s)`` for capped scores ``s``. ``log_counts`` is ``log(n_i)`` broadcastable
+        to ``s`` (only for score functions with ``needs_row_counts``)."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return self.name if self.softcap is None else f"{self.name}(softcap={self.softcap:g})"
+
+
+@dataclass(frozen=True)
+class Softmax(ScoreFunction):
+    """Softmax attention: ``w = exp(s)``, normalised (Vaswani et al., 2017)."""
+
+    name = "softmax"
+
+    def log_weight(self, s, Tk, log_counts):
+        return s
+
+
+@dataclass(frozen=True)
+class Sigmoid(ScoreFunction):
+    """Sigmoid attention: ``w = sigmoid(s + b)``, not normalised.
+
+    "Theory, Analysis, and Best Practices for Sigmoid Self-Attention" (Ramapuram et al., 2024):
+    the bias ``b = -log(n)`` (``n`` = number of keys, ``Tk``) keeps the initial output norm in
+    check; pass ``bias`` to override.
+    """
+
+    bias: float | None = None
+    name = "sigmoid"
+    normalized = False
+
+    def resolved_bias(self, Tk: int) -> float:
+        return -math.log(max(Tk, 1)) if self.bias is None else float(self.bias)
+
+    def log_weight(self, s, Tk, log_counts):
+        return F.logsigmoid(s + self.resolved_bias(Tk))
+
+    def describe(self) -> str:
+        extra = "" if self.bias is None else f"bias={self.bias:g}"
+        cap = "" if self.softcap is None else f"softcap={self.softcap:g}"
+        args = ", ".join(a for a in (extra, cap) if a)
+        return f"sigmoid({args})" if args else "sigmoid"
+
+
+def _log_softplus(x: Tensor) -> Tensor:
+    # log(softplus(x)) without underflow: softplus(x) ~ exp(x) for very negative x.
+    return torch.where(x < -20.0, x, torch.log(F.softplus(x).clamp_min(torch.finfo(x.dtype).tiny)))
+
+
+@dataclass(frozen=True)
+class SoftplusL1(ScoreFunction):
+    """Softplus attention with l1 normalisation and length scaling (LSSA).
+
+    "Softplus Attention with Re-weighting Boosts Length Extrapolation in Large Language Models"
+    (Gao & Spratling, 2025): ``w_ij = softplus(c_i * s_ij)``, ``out_i = sum_j w_ij v_j / sum_j
+    w_ij``. With ``length_scale=True`` the factor is ``c_i = log(n_i)``, ``n_i`` the number of
+    keys query ``i`` may see (the entropy-invariance scale); ``length_scale=False`` uses 1.
+    The paper's inference-time re-weighting (raising weights to a power) is not included.
+    """
+
+    length_scale: bool = True
+    name = "softplus_l1"
+
+    @property
+    def needs_row_counts(self) -> bool:  # type: ignore[override]
+        return self.length_scale
+
+    def log_weight(self, s, Tk, log_counts):
+        if self.length_scale:
+            s = s * log_counts
+        return _log_softplus(s)
+
+    def describe(self) -> str:
+        args = [] if self.length_scale else ["length_scale=False"]
+        if self.softcap is not None:
+            args.append(f"softcap={self.softcap:g}")
+        return f"softplus_l1({', '.join(args)})" if args else "softplus_l1"
+
+
+def softmax(softcap: float | None = None) -> ScoreFunction:
+    """Softmax attention (the default). ``softcap`` enables tanh logit capping (Gemma 2)."""
+    return Softmax(softcap=softcap)
+
+
+def sigmoid(bias: float | None = None, softcap: float | None = None) -> ScoreFunction:
+    """Sigmoid attention with bias ``-log(Tk)`` by default. See ``Sigmoid``."""
+    return Sigmoid(softcap=softcap, bias=bias)
+
+
+def softplus_l1(length_scale: bool = True, softcap: float | None = None) -> ScoreFunction:
+    """Softplus + l1 attention with log-length scaling (LSSA). See ``SoftplusL1``."""
+    return SoftplusL1(softcap=softcap, length_scale=length_scale)
+
+
+def softcap(cap: float) -> ScoreFunction:
+    """Softmax attention with logit soft-capping ``cap * tanh(s / cap)`` (Gemma 2, Grok)."""
+    return Softmax(softcap=cap)
