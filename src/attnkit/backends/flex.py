@@ -1,10 +1,409 @@
-"""Work in progress."""
+"""FlexAttention, compiled, with BlockMasks built from the masks' analytic block structure.
+
+``torch.nn.attention.flex_attention`` runs one fused kernel for any mask (``mask_mod``) and any
+score modification (``score_mod``); the FlexAttention paper is "FlexAttention: A Programming
+Model for Generating Optimized Attention Kernels" (Dong et al., 2024). attnkit feeds it:
+
+- a ``BlockMask`` made from ``mask.blocks(Tq, Tk, 128, 128)`` (``build_block_mask``): partial
+  tiles go to ``kv_indices`` (``mask_mod`` applied), full tiles to ``full_kv_indices``
+  (``mask_mod`` skipped), empty tiles are never visited. FlexAttention's own
+  ``create_block_mask`` evaluates all ``Tq × Tk`` pairs and at T=16k costs 22x the attention;
+  the analytic structure costs O(tiles). The BlockMask is cached on the mask per sizes/device.
+- a ``score_mod`` that is ``AttentionCall.log_weights`` written per pair:
+  ``s (already scaled) + bias -> softcap -> log w(s)`` (DESIGN.md fact 2), or ``None`` for
+  plain softmax.
+
+The log-normaliser on the CPU. Compiled FlexAttention on the CPU returns no log-sum-exp
+(torch 2.13: "torch.compile on CPU only supports inference and `return_lse` is not supported
+yet"), yet unnormalised scores (sigmoid) need it. attnkit recovers it exactly with an *anchor
+key*: one extra key at index ``Tk`` whose log-weight is the constant 0 and whose value is
+``[0, .., 0, 0, 1]``, while every real value gets two extra columns ``[v, 1, 0]``. The kernel
+then returns ``out = [sum_j w_j v_j, Z, 1] / (Z + 1)`` with ``Z = sum_j w_j``, so
+``out_norm = out[:Dv] / out[Dv]`` and ``lse = log(out[Dv]) - log(out[Dv + 1])``, both without
+cancellation. This is exact while every row's largest log-weight lies within ~80 of the anchor:
+always true for sigmoid (``log w <= 0``; a row whose weights are all below ``e^-87`` reports
+``lse = -inf`` and out 0, off by at most ``Tk e^-87 max|v|``) and for softmax capped at
+``|s| <= 80``; half-precision inputs take this path in float32 so the division stays exact;
+other scores that need the lse (aux outputs) are refused on the CPU. On other devices the
+kernel's own lse (``AuxRequest(lse=True)``, natural log) is used.
+
+Limits (torch 2.13, CPU): forward only (no backward pass, compiled or not); compiled kernels
+take float32/float16/bfloat16 (not float64; ``eager()`` mode runs float64); any head dim
+(odd D=33 works) and a value head dim different from the query/key one.
+
+Compile costs measured on the project's 2-core CPU (torch 2.13; shared machine, ±50%): with
+a cold inductor cache the first compiled call takes 11-21 s and each further mask/score/head
+dim variant 4-9 s; with inductor's on-disk cache warm, 0.3-3.5 s. Dynamo guards score_mod and
+mask_mod by their code, not their identity, so a fresh ``causal()``, ``alibi(H)`` or
+``documents(ids)`` per call does not recompile; a second sequence length compiles once more
+with symbolic lengths, after which any length runs without compiling. Compiled functions are
+created once, one per grad mode (switching grad mode between calls made dynamo recompile
+until it hit its limit and *silently* fall back to a 10-40x slower path; on the CPU every call
+runs under ``no_grad``), the recompile limit is raised to ``RECOMPILE_LIMIT`` for this
+function only, and hitting it raises instead of falling back. ``with eager(): ...`` runs
+FlexAttention uncompiled (dense math, no compile cost) for cheap correctness tests.
+
+Mask building (sliding_window(255), T=4096): ``build_block_mask`` 2-18 ms, FlexAttention's
+``create_block_mask`` 1.1-1.3 s, the compiled attention itself 60-100 ms.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import Tensor
+from torch.nn.attention.flex_attention import AuxRequest, BlockMask, flex_attention
 
 from attnkit.backends.base import Backend
+from attnkit.call import AttentionCall
+from attnkit.masks.base import EMPTY, FULL, PARTIAL, Mask
+from attnkit.scores import Softmax
+
+#: Tile size of the BlockMasks (FlexAttention's default sparse block size).
+BLOCK_SIZE = 128
+#: Distinct compiled variants (shapes × masks × scores) allowed per grad mode before raising.
+RECOMPILE_LIMIT = 64
+#: Largest softcap for which the CPU anchor-key lse is exact (see the module docstring).
+_MAX_ANCHORED_SOFTCAP = 80.0
+
+ScoreMod = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
+MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+
+_eager_depth = 0
+
+
+@contextlib.contextmanager
+def eager() -> Iterator[None]:
+    """Within this block the flex backend runs FlexAttention uncompiled: the same
+    ``score_mod``/``BlockMask`` through FlexAttention's dense math, no compile cost (and
+    float64 works). For correctness tests; it is slow and holds ``Tq × Tk`` scores."""
+    global _eager_depth
+    _eager_depth += 1
+    try:
+        yield
+    finally:
+        _eager_depth -= 1
+
+
+def is_eager() -> bool:
+    """True inside ``eager()``."""
+    return _eager_depth > 0
+
+
+# -- BlockMask from the analytic block structure -------------------------------------------
+
+
+def _ordered(selected: Tensor) -> tuple[Tensor, Tensor]:
+    """``(counts [..., nq], indices [..., nq, nk])`` int32 with the selected kv blocks of each
+    row first, in increasing order (FlexAttention's ordered block layout)."""
+    counts = selected.sum(-1, dtype=torch.int32)
+    order = torch.argsort((~selected).to(torch.int8), dim=-1, stable=True)
+    return counts, order.to(torch.int32)
+
+
+def build_block_mask(
+    mask: Mask | None,
+    Tq: int,
+    Tk: int,
+    device: torch.device | str,
+    anchor_key: bool = False,
+) -> BlockMask:
+    """FlexAttention ``BlockMask`` for ``mask`` at ``Tq`` queries and ``Tk`` keys, built from
+    the analytic ``mask.blocks(Tq, Tk, 128, 128)`` without evaluating ``Tq × Tk`` pairs.
+
+    Tensors are ``[Bm, Hm, nq, nk]`` (``Bm``/``Hm`` 1 when the pattern does not depend on
+    batch/head; FlexAttention broadcasts them). With ``anchor_key`` the mask covers ``Tk + 1``
+    keys and the extra key ``Tk`` is visible from every query (the CPU lse anchor). Uncached:
+    ``flex`` caches it on the mask; benchmarks call this to time mask building.
+    """
+    device = torch.device(device)
+    if mask is None:
+        nq, nk = -(-Tq // BLOCK_SIZE), -(-Tk // BLOCK_SIZE)
+        kinds = torch.full((1, 1, nq, nk), FULL, dtype=torch.int8, device=device)
+        predicate = None
+    else:
+        kinds = mask.blocks(Tq, Tk, BLOCK_SIZE, BLOCK_SIZE, device).kinds
+        predicate = mask.mask_mod(Tq, Tk)
+    if anchor_key:
+        kinds = _with_anchor_tiles(kinds, Tk)
+    partial_counts, partial_indices = _ordered(kinds == PARTIAL)
+    full_counts, full_indices = _ordered(kinds == FULL)
+    return BlockMask.from_kv_blocks(
+        partial_counts,
+        partial_indices,
+        full_counts,
+        full_indices,
+        BLOCK_SIZE=BLOCK_SIZE,
+        mask_mod=_mask_mod(predicate, Tk, anchor_key),
+        seq_lengths=(Tq, Tk + int(anchor_key)),
+    )
+
+
+def _with_anchor_tiles(kinds: Tensor, Tk: int) -> Tensor:
+    """Make the tile holding key ``Tk`` live for every query tile: a new partial column when
+    ``Tk`` is a multiple of the block size, else the last column becomes at least partial."""
+    if Tk % BLOCK_SIZE == 0:
+        extra = torch.full_like(kinds[..., :1], PARTIAL)
+        return torch.cat([kinds, extra], dim=-1)
+    last = kinds[..., -1:]
+    return torch.cat([kinds[..., :-1], torch.where(last == EMPTY, PARTIAL, last)], dim=-1)
+
+
+def _mask_mod(predicate: MaskMod | None, Tk: int, anchor_key: bool) -> MaskMod | None:
+    if not anchor_key:
+        return predicate
+    if predicate is None:
+
+        def anchored_full(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+            return kv_idx <= Tk
+
+        return anchored_full
+
+    def anchored(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        # The clamp keeps index-based masks (documents) inside their tables at kv_idx == Tk.
+        return (kv_idx == Tk) | predicate(b, h, q_idx, torch.clamp(kv_idx, max=Tk - 1))
+
+    return anchored
+
+
+def cached_block_mask(
+    mask: Mask | None, Tq: int, Tk: int, device: torch.device, anchor_key: bool = False
+) -> BlockMask | None:
+    """The call's BlockMask, cached on the mask (module-wide when there is no mask); None
+    for no mask and no anchor key (FlexAttention then visits every tile unmasked)."""
+    key = ("flex_block_mask", Tq, Tk, str(device), anchor_key)
+    if mask is not None:
+        return mask.cached(key, lambda: build_block_mask(mask, Tq, Tk, device, anchor_key))
+    if not anchor_key:
+        return None
+    return _bounded_get(_UNMASKED, key, lambda: build_block_mask(None, Tq, Tk, device, True))
+
+
+_UNMASKED: dict[tuple, object] = {}
+_SCORE_MODS: dict[tuple, tuple] = {}
+_CACHE_ENTRIES = 64
+
+
+def _bounded_get(store: dict, key: tuple, build: Callable[[], object]) -> object:
+    if key not in store:
+        if len(store) >= _CACHE_ENTRIES:
+            store.clear()
+        store[key] = build()
+    return store[key]
+
+
+# -- score_mod: AttentionCall.log_weights, one pair at a time ------------------------------
+
+
+def _cached_log_counts(call: AttentionCall) -> Tensor | float | None:
+    """``log n_i`` for length-scaled scores: a float without a mask (every row sees ``Tk``),
+    else the ``[Bm, Hm, Tq]`` tensor cached on the mask (one tensor object per mask and size,
+    so equal calls find the same cached score_mod, which is keyed by the tensor's identity)."""
+    if not call.score.needs_row_counts:
+        return None
+    if call.mask is None:  # the call's own (float32) value, so results match the reference
+        return float(call.log_counts()[0, 0, 0])
+    key = ("flex_log_counts", call.Tq, call.Tk, str(call.device))
+    return call.mask.cached(key, call.log_counts)
+
+
+def score_mod_for(call: AttentionCall, anchor_key: bool = False) -> ScoreMod | None:
+    """FlexAttention ``score_mod`` computing ``call``'s log-weight of one pair, or None for
+    plain softmax without bias. Equal calls get the same function object (cached). With
+    ``anchor_key`` key ``Tk`` gets log-weight 0."""
+    plain = type(call.score) is Softmax and call.score.softcap is None and call.bias is None
+    if plain and not anchor_key:
+        return None
+    log_counts = _cached_log_counts(call)
+    key = (call.score, id(call.bias), id(log_counts), call.Tq, call.Tk, anchor_key)
+    entry = _bounded_get(
+        _SCORE_MODS,
+        key,
+        # The entry keeps bias and log_counts alive so their ids stay unique while cached.
+        lambda: (_make_score_mod(call, log_counts, anchor_key), call.bias, log_counts),
+    )
+    return entry[0]
+
+
+def _make_score_mod(
+    call: AttentionCall, log_counts: Tensor | float | None, anchor_key: bool
+) -> ScoreMod:
+    score, bias, Tq, Tk = call.score, call.bias, call.Tq, call.Tk
+    if isinstance(log_counts, Tensor):
+        per_batch = log_counts.shape[0] > 1
+        per_head = log_counts.shape[1] > 1
+
+    def score_mod(s: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        if bias is not None:
+            s = s + bias.value(h, q_idx + (Tk - Tq), kv_idx).to(s.dtype)
+        s = score.cap(s)
+        counts = log_counts
+        if isinstance(log_counts, Tensor):
+            counts = log_counts[b if per_batch else 0, h if per_head else 0, q_idx].to(s.dtype)
+        lw = score.log_weight(s, Tk, counts)
+        if anchor_key:
+            lw = torch.where(kv_idx == Tk, torch.zeros_like(lw), lw)
+        return lw
+
+    score_mod.__name__ = f"score_mod_{score.name}" + (f"_{bias.name}" if bias else "")
+    return score_mod
+
+
+# -- compiled FlexAttention --------------------------------------------------------------
+
+
+def _flex_inference(q, k, v, score_mod, block_mask, scale, enable_gqa, return_aux):
+    return flex_attention(q, k, v, score_mod, block_mask, scale, enable_gqa, return_aux=return_aux)
+
+
+def _flex_training(q, k, v, score_mod, block_mask, scale, enable_gqa, return_aux):
+    # A separate function (its own code object, so its own dynamo cache) for grad mode.
+    return flex_attention(q, k, v, score_mod, block_mask, scale, enable_gqa, return_aux=return_aux)
+
+
+_COMPILED: dict[bool, Callable] = {}
+
+
+def compiled_flex(grad_enabled: bool) -> Callable:
+    """The compiled FlexAttention for one grad mode (created once per process)."""
+    if grad_enabled not in _COMPILED:
+        _COMPILED[grad_enabled] = torch.compile(
+            # Automatic dynamic shapes: a second length recompiles once with symbolic lengths,
+            # after which new lengths (decoding, ragged batches) run without compiling;
+            # measured as fast as the static kernels.
+            _flex_training if grad_enabled else _flex_inference,
+            fullgraph=True,
+        )
+    return _COMPILED[grad_enabled]
+
+
+def _call_flex(q, k, v, score_mod, block_mask, scale, enable_gqa, return_aux):
+    if is_eager():
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "flex_attention called without torch.compile")
+            return flex_attention(
+                q, k, v, score_mod, block_mask, scale, enable_gqa, return_aux=return_aux
+            )
+    fn = compiled_flex(torch.is_grad_enabled())
+    try:
+        with torch._dynamo.config.patch(
+            recompile_limit=RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True
+        ):
+            return fn(q, k, v, score_mod, block_mask, scale, enable_gqa, return_aux)
+    except torch._dynamo.exc.FailOnRecompileLimitHit as error:
+        raise RuntimeError(
+            f"flex: more than {RECOMPILE_LIMIT} compiled variants (shapes x masks x scores) "
+            "in this process; attnkit refuses to fall back silently to uncompiled "
+            "FlexAttention. Reuse shapes and mask/score objects, raise "
+            "attnkit.backends.flex.RECOMPILE_LIMIT, or use backend='chunked'"
+        ) from error
+
+
+# -- the backend -------------------------------------------------------------------------
+
+
+def _lse_by_anchor(call: AttentionCall) -> bool:
+    return call.device.type == "cpu" and call.needs_lse
+
+
+def _anchor_is_exact(call: AttentionCall) -> bool:
+    if not call.score.normalized:  # sigmoid: log w <= 0 = the anchor's log-weight
+        return True
+    cap = call.score.softcap
+    return type(call.score) is Softmax and cap is not None and cap <= _MAX_ANCHORED_SOFTCAP
+
+
+def _supports(call: AttentionCall) -> str | None:
+    if call.device.type != "cpu":
+        return None
+    if call.needs_grad:
+        return (
+            "FlexAttention has no backward pass on the CPU (torch 2.13); use chunked for training"
+        )
+    if call.dtype == torch.float64 and not is_eager():
+        return "compiled FlexAttention on the CPU takes float32, float16 or bfloat16, not float64"
+    if call.needs_lse and not _anchor_is_exact(call):
+        return (
+            "compiled FlexAttention on the CPU returns no log-sum-exp (torch 2.13) and attnkit's "
+            f"anchor-key workaround is exact only for sigmoid or softmax with softcap <= "
+            f"{_MAX_ANCHORED_SOFTCAP:g}, not {call.score.describe()}"
+        )
+    return None
+
+
+def _anchored_kv(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """``k [B, H, Tk + 1, D]`` and ``v [B, H, Tk + 1, Dv + 2]``: real values become
+    ``[v, 1, 0]``, the anchor key ``Tk`` (zero key; its score is set by score_mod) carries
+    ``[0, .., 0, 0, 1]``."""
+    B, H, Tk, Dv = v.shape
+    k_out = k.new_zeros(B, H, Tk + 1, k.shape[-1])
+    k_out[:, :, :Tk] = k
+    v_out = v.new_zeros(B, H, Tk + 1, Dv + 2)
+    v_out[:, :, :Tk, :Dv] = v
+    v_out[:, :, :Tk, Dv] = 1
+    v_out[:, :, Tk, Dv + 1] = 1
+    return k_out, v_out
+
+
+def _lse_dtype(call: AttentionCall) -> torch.dtype:
+    # float64 calls keep a float64 lse, as the reference does, so exp(lse) stays exact.
+    return torch.float64 if call.dtype == torch.float64 else torch.float32
+
+
+def _run(call: AttentionCall) -> tuple[Tensor, Tensor | None]:
+    cpu = call.device.type == "cpu"
+    anchored = _lse_by_anchor(call)
+    q = call.q.transpose(1, 2)  # [B, Hq, Tq, D] views: no copy
+    k = call.k.transpose(1, 2)
+    v = call.v.transpose(1, 2)
+    if cpu:  # FlexAttention rejects CPU inputs that require grad even under no_grad
+        q, k, v = q.detach(), k.detach(), v.detach()
+    if anchored:
+        # The anchor columns are divided out below; float32 keeps that division exact.
+        compute = torch.float32 if call.dtype in (torch.float16, torch.bfloat16) else call.dtype
+        q = q.to(compute)
+        k, v = _anchored_kv(k.to(compute), v.to(compute))
+    block_mask = cached_block_mask(call.mask, call.Tq, call.Tk, call.device, anchored)
+    score_mod = score_mod_for(call, anchored)
+    native_lse = call.needs_lse and not anchored
+    grad_context = torch.no_grad() if cpu else contextlib.nullcontext()
+    with grad_context:
+        result = _call_flex(
+            q,
+            k,
+            v,
+            score_mod,
+            block_mask,
+            call.scale,
+            call.groups > 1,
+            AuxRequest(lse=True) if native_lse else None,
+        )
+    if native_lse:
+        out, aux = result
+        return out.transpose(1, 2), aux.lse.transpose(1, 2).to(_lse_dtype(call))
+    out = result.transpose(1, 2)  # [B, Tq, Hq, Dv (+ 2)]
+    if not anchored:
+        return out, None
+    Dv = call.Dv
+    weight_sum, anchor = out[..., Dv], out[..., Dv + 1]  # Z / (Z + 1), 1 / (Z + 1)
+    seen = weight_sum > 0
+    values = out[..., :Dv]
+    normalized = torch.where(
+        seen.unsqueeze(-1), values / weight_sum.unsqueeze(-1), torch.zeros_like(values)
+    )
+    lse = torch.log(weight_sum) - torch.log(anchor)
+    return normalized.to(call.dtype), lse.to(_lse_dtype(call))
+
 
 BACKEND = Backend(
     name="flex",
-    summary="(in development)",
-    supports=lambda call: "not built yet",
-    run=lambda call: (_ for _ in ()).throw(NotImplementedError),
+    summary=(
+        "compiled FlexAttention with analytic cached BlockMasks; any mask/bias/score "
+        "(forward-only on the CPU)"
+    ),
+    supports=_supports,
+    run=_run,
 )
