@@ -62,9 +62,11 @@ def compute_aux(call: AttentionCall, lse: Tensor | None) -> AuxOutput:
     assert lse is not None
     if call.aux.weights:
         all_q = torch.arange(call.Tq, device=call.device)
-        weights = torch.empty(call.B, call.Hq, call.Tq, call.Tk, device=call.device)
+        # a float64 call's weights keep float64 precision (tests use them as a golden)
+        compute = torch.float64 if call.dtype == torch.float64 else torch.float32
+        weights = torch.empty(call.B, call.Hq, call.Tq, call.Tk, dtype=compute, device=call.device)
         for rows, cols, w in _weight_tiles(call, lse, all_q):
-            weights[:, :, rows, cols] = w.float()
+            weights[:, :, rows, cols] = w
         out.weights = weights.to(call.dtype)
     if call.aux.key_sums is not None:
         q_idx = _query_index(call.aux.key_sums, call.Tq, call.device)

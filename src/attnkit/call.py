@@ -151,7 +151,8 @@ class AttentionCall:
             )
         if not (q.device == k.device == v.device):
             raise ValueError(
-                f"q, k, v are on different devices ({q.device}, {k.device}, {v.device}); move them to one"
+                f"q, k, v are on different devices ({q.device}, {k.device}, {v.device}); "
+                "move them to one"
             )
         if not (q.shape[0] == k.shape[0] == v.shape[0]):
             raise ValueError(

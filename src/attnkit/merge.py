@@ -24,7 +24,8 @@ def _finite_or_zero(lse: Tensor) -> Tensor:
 
 def merge(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:
     """Merge two partial results. ``out_*``: ``[..., Dv]``; ``lse_*``: ``[...]`` (float32
-    recommended). Returns ``(out, lse)`` with ``out`` in ``out_a``'s dtype."""
+    recommended). Returns ``(out, lse)``; ``out`` has the promoted dtype of ``out_a`` and
+    ``out_b`` (so a float32 accumulator merged with float64 pieces stays float64)."""
     lse = torch.logaddexp(lse_a, lse_b)
     ref = _finite_or_zero(lse)
     w_a = torch.exp(lse_a - ref).unsqueeze(-1)

@@ -50,6 +50,10 @@ class Bias:
     def _tensors(self) -> list[Tensor]:
         return []
 
+    def to(self, dtype: torch.dtype) -> Bias:
+        """The same bias with its tensors cast (differentiably) to ``dtype``."""
+        return self
+
     def __repr__(self) -> str:
         return self.name
 
@@ -103,6 +107,9 @@ class ALiBi(Bias):
     def _tensors(self) -> list[Tensor]:
         return [self.slopes]
 
+    def to(self, dtype: torch.dtype) -> Bias:
+        return ALiBi(self.num_heads, self.slopes.to(dtype))
+
 
 class RelativePositionBias(Bias):
     """Learned relative-position bias: one scalar per head and clipped offset ``j - i``.
@@ -134,6 +141,9 @@ class RelativePositionBias(Bias):
 
     def _tensors(self) -> list[Tensor]:
         return [self.table]
+
+    def to(self, dtype: torch.dtype) -> Bias:
+        return RelativePositionBias(self.table.to(dtype), self.max_distance)
 
 
 def alibi(num_heads: int, slopes: Tensor | None = None) -> Bias:

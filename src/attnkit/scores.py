@@ -95,8 +95,12 @@ class Sigmoid(ScoreFunction):
 
 
 def _log_softplus(x: Tensor) -> Tensor:
-    # log(softplus(x)) without underflow: softplus(x) ~ exp(x) for very negative x.
-    return torch.where(x < -20.0, x, torch.log(F.softplus(x).clamp_min(torch.finfo(x.dtype).tiny)))
+    # log(softplus(x)) without underflow: log softplus(x) = x - exp(x)/2 + ..., so below the cut
+    # (where exp(x) < sqrt(tiny)) it is x to within rounding, and above it softplus(x) is still a
+    # normal number of x's dtype. A fixed cut (-20) broke float16, where softplus(-15) underflows.
+    tiny = torch.finfo(x.dtype).tiny
+    cut = math.log(tiny) / 2
+    return torch.where(x < cut, x, torch.log(F.softplus(x).clamp_min(tiny)))
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,8 @@ class Full(Mask):
         return torch.ones_like(q - k, dtype=torch.bool)
 
     def tile_kinds(self, q_lo, q_hi, k_lo, k_hi, Tq, Tk):
-        return torch.full((q_lo.shape[-2], k_lo.shape[-1]), FULL, dtype=torch.int8)
+        shape = (q_lo.shape[-2], k_lo.shape[-1])
+        return torch.full(shape, FULL, dtype=torch.int8, device=q_lo.device)
 
 
 class Band(Mask):
@@ -148,7 +149,8 @@ class Documents(Mask):
                 )
         if q_segments.shape[0] != kv_segments.shape[0]:
             raise ValueError(
-                f"segment_ids has batch {q_segments.shape[0]}, kv_segment_ids {kv_segments.shape[0]}"
+                f"segment_ids has batch {q_segments.shape[0]}, "
+                f"kv_segment_ids {kv_segments.shape[0]}; they must match"
             )
         self.q_segments = q_segments.long()
         self.kv_segments = kv_segments.long()
