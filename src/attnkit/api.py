@@ -43,14 +43,14 @@ def _select(call: AttentionCall, backend: str) -> tuple[Backend, Explanation]:
                 f"backend {backend!r} cannot run this call: {rejected[backend]}. "
                 f"Backends that can: {', '.join(able)} (or backend='auto')"
             )
-        return BACKENDS[backend], Explanation(backend, "requested by the caller", rejected)
-    for name, why in auto_preferences(call):
+        others = {name: f"the caller forced {backend!r}" for name in BACKENDS if name != backend}
+        return BACKENDS[backend], Explanation(backend, "requested by the caller", others | rejected)
+    preferences = auto_preferences(call)
+    for name, why in preferences:
         if name not in rejected:
-            passed_over = {
-                other: rejected.get(other, f"auto prefers {name} for this call")
-                for other in BACKENDS
-                if other != name
-            }
+            passed_over = {other: f"ranked after {name}: {reason}" for other, reason in preferences}
+            passed_over.update(rejected)
+            del passed_over[name]
             return BACKENDS[name], Explanation(name, why, passed_over)
     raise RuntimeError(f"no backend can run this call: {rejected}")
 

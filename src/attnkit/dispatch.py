@@ -1,20 +1,93 @@
-"""``backend="auto"``: the order in which backends are tried for a call, with the reason.
+"""``backend="auto"``: rank the backends by an estimated cost, measured on this project's CPU.
 
-Rules are backed by ``attnkit bench`` measurements on a 2-core CPU (torch 2.13); the numbers
-that justify each threshold are quoted next to it. The first backend in the order whose
-``supports`` accepts the call runs.
+Cost is in units of one dense SDPA call of the same shape. Each backend's estimate is its
+measured time per computed (q, k) pair relative to dense SDPA, times the fraction of tiles it
+must compute (the mask's analytic block structure). Constants come from ``attnkit bench`` and
+the measurements in the backends' docstrings (2-core CPU, torch 2.13, B=1, H=8, D=64,
+T=1024-8192; medians of 3):
+
+- SDPA: causal on square inputs uses ``is_causal`` (~0.6 of dense); a dense mask ~1.1; an
+  additive bias goes through a float mask, ~3.4x slower than ``is_causal`` (ALiBi T=1024:
+  50 ms vs 10-15 ms) and ~1.6x with gradients.
+- FlexAttention (forward only on the CPU): ~1.7-2.4x dense SDPA per live tile (dense T=1024:
+  25 vs 15 ms; T=2048: 134 vs 56 ms); score functions other than plain softmax ~1.3x more.
+- chunked: forward ~1.4-1.8x dense SDPA per live tile, ~2x more with a score function or bias
+  computed in plain PyTorch (sigmoid causal T=1024: 39 vs 18 ms on Flex); with gradients
+  ~2.8x dense SDPA's forward+backward per live tile (window 256, T=4096: 254 vs 855 ms).
+- Flex compiles once per shape (seconds), so it is not chosen for short query blocks
+  (decoding) or small problems, where compile time would dominate.
 """
 
 from __future__ import annotations
 
+import math
+
+from attnkit.backends.chunked import BLOCK_K, BLOCK_Q
+from attnkit.backends.sdpa import is_plain_causal
 from attnkit.call import AttentionCall
+from attnkit.scores import Softmax
+
+SDPA_CAUSAL = 0.6
+SDPA_DENSE_MASK = 1.1
+SDPA_BIAS = {False: 3.4, True: 1.6}  # keyed by needs_grad
+FLEX_PER_LIVE = 2.0
+FLEX_SCORE = 1.3
+CHUNKED_PER_LIVE = {False: 1.8, True: 2.8}
+CHUNKED_SCORE = 2.0
+#: Below this many (query × key) pairs, or fewer queries than one Flex tile, compile time
+#: outweighs any kernel speedup.
+FLEX_MIN_PAIRS = 512 * 512
+FLEX_MIN_QUERIES = 128
+
+
+def _live_fraction(call: AttentionCall, block_q: int, block_k: int) -> float:
+    if call.mask is None:
+        return 1.0
+    return call.mask.blocks(call.Tq, call.Tk, block_q, block_k, call.device).live_fraction()
+
+
+def _plain_softmax(call: AttentionCall) -> bool:
+    return type(call.score) is Softmax and call.score.softcap is None
+
+
+def estimated_costs(call: AttentionCall) -> dict[str, tuple[float, str]]:
+    """Estimated time of each fast backend for ``call`` in dense-SDPA units, with the basis."""
+    grad = call.needs_grad
+    costs: dict[str, tuple[float, str]] = {}
+
+    sdpa = SDPA_CAUSAL if is_plain_causal(call) else SDPA_DENSE_MASK if call.mask else 1.0
+    basis = "causal kernel" if is_plain_causal(call) else "dense mask" if call.mask else "dense"
+    if call.bias is not None:
+        sdpa *= SDPA_BIAS[grad]
+        basis += " + bias as a float mask"
+    costs["sdpa"] = (sdpa, f"computes every pair ({basis})")
+
+    plain = _plain_softmax(call) and call.bias is None
+    if call.Tq * call.Tk < FLEX_MIN_PAIRS or call.Tq < FLEX_MIN_QUERIES:
+        costs["flex"] = (
+            math.inf,
+            f"compiles once per shape (seconds), not worth it for {call.Tq}x{call.Tk} "
+            f"(needs >= {FLEX_MIN_QUERIES} queries and >= {FLEX_MIN_PAIRS} pairs)",
+        )
+    else:
+        live = _live_fraction(call, 128, 128)
+        flex = FLEX_PER_LIVE * live * (1.0 if plain else FLEX_SCORE)
+        costs["flex"] = (flex, f"computes {live:.0%} of 128x128 tiles in one compiled kernel")
+
+    live = _live_fraction(call, BLOCK_Q, BLOCK_K)
+    chunked = CHUNKED_PER_LIVE[grad] * live * (1.0 if plain else CHUNKED_SCORE)
+    costs["chunked"] = (chunked, f"computes {live:.0%} of {BLOCK_Q}x{BLOCK_K} tiles")
+    return costs
 
 
 def auto_preferences(call: AttentionCall) -> list[tuple[str, str]]:
-    """Backends in order of preference for ``call``, each with the reason it is preferred."""
-    return [
-        ("sdpa", "fused dense softmax"),
-        ("flex", "compiled block-sparse kernel"),
-        ("chunked", "online softmax over live key blocks"),
-        ("reference", "only the dense reference can run this call"),
+    """Backends in order of preference for ``call``, each with the reason; the first whose
+    ``supports`` accepts the call runs. The dense reference always comes last."""
+    costs = estimated_costs(call)
+    ranked = sorted(costs.items(), key=lambda item: item[1][0])
+    order = [
+        (name, why if math.isinf(cost) else f"estimated {cost:.2f}x the time of dense SDPA: {why}")
+        for name, (cost, why) in ranked
     ]
+    order.append(("reference", "only the dense reference can run this call"))
+    return order

@@ -35,8 +35,9 @@ Compile costs measured on the project's 2-core CPU (torch 2.13; shared machine, 
 a cold inductor cache the first compiled call takes 11-21 s and each further mask/score/head
 dim variant 4-9 s; with inductor's on-disk cache warm, 0.3-3.5 s. Dynamo guards score_mod and
 mask_mod by their code, not their identity, so a fresh ``causal()``, ``alibi(H)`` or
-``documents(ids)`` per call does not recompile; a second sequence length compiles once more
-with symbolic lengths, after which any length runs without compiling. Compiled functions are
+``documents(ids)`` per call does not recompile; shapes are static (each new sequence length
+compiles once: the dynamic-shape recompile generated C++ that failed to build for some
+score_mods in torch 2.13). Compiled functions are
 created once, one per grad mode (switching grad mode between calls made dynamo recompile
 until it hit its limit and *silently* fall back to a 10-40x slower path; on the CPU every call
 runs under ``no_grad``), the recompile limit is raised to ``RECOMPILE_LIMIT`` for this
@@ -271,11 +272,13 @@ def compiled_flex(grad_enabled: bool) -> Callable:
     """The compiled FlexAttention for one grad mode (created once per process)."""
     if grad_enabled not in _COMPILED:
         _COMPILED[grad_enabled] = torch.compile(
-            # Automatic dynamic shapes: a second length recompiles once with symbolic lengths,
-            # after which new lengths (decoding, ragged batches) run without compiling;
-            # measured as fast as the static kernels.
+            # Static shapes: with automatic dynamic shapes, the recompile for a second length
+            # generated C++ that does not compile for some score_mods in torch 2.13 (inductor
+            # CppCompileError "cur_qSplitSize3 was not declared", softplus_l1 at T=1024 then
+            # 2048). Each new length costs one compile instead; the kernels are cached.
             _flex_training if grad_enabled else _flex_inference,
             fullgraph=True,
+            dynamic=False,
         )
     return _COMPILED[grad_enabled]
 
