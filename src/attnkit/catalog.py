@@ -1,0 +1,282 @@
+"""The catalog: named attention mechanisms as data.
+
+Each ``Mechanism`` says where it comes from (paper) and how to ask ``attnkit.attention`` for it:
+``build(spec)`` returns the keyword arguments (``mask``, ``score``, ``bias``) for inputs of the
+sizes in ``spec``. The CLI (``attnkit list``), the benchmarks and the tests all read this table,
+so a mechanism added with ``register`` is listed, benchmarked and checked like the built-ins.
+
+    from attnkit import catalog
+    mech = catalog.get("sliding_window")
+    spec = catalog.InputSpec(B=1, Tq=1024, Tk=1024, Hq=8)
+    q, k, v = spec.make_inputs()
+    out = attnkit.attention(q, k, v, **mech.build(spec))
+
+Families follow the sections of the project's mechanism catalog (``FAMILIES``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from attnkit import masks, positional, scores
+from attnkit.backends import BACKENDS
+from attnkit.call import AttentionCall
+
+#: Family key -> catalog section it comes from.
+FAMILIES: dict[str, str] = {
+    "exact": "Exact kernels and execution (same output as dense softmax attention)",
+    "score": "Score functions and normalisers",
+    "positional": "Positional schemes (additive score biases)",
+    "static sparse": "Static sparse patterns (masks)",
+}
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """Sizes of one attention call: ``q [B, Tq, Hq, D]``, ``k``/``v`` ``[B, Tk, Hkv, D]``."""
+
+    B: int = 1
+    Tq: int = 256
+    Tk: int = 256
+    Hq: int = 4
+    Hkv: int | None = None
+    D: int = 64
+    dtype: torch.dtype = torch.float32
+    device: str = "cpu"
+
+    @property
+    def kv_heads(self) -> int:
+        return self.Hq if self.Hkv is None else self.Hkv
+
+    def make_inputs(
+        self, seed: int = 0, requires_grad: bool = False
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Seeded ``randn`` q, k, v of these sizes (drawn in float32, then cast)."""
+        g = torch.Generator().manual_seed(seed)
+
+        def draw(T: int, H: int) -> Tensor:
+            x = torch.randn(self.B, T, H, self.D, generator=g).to(self.dtype).to(self.device)
+            return x.requires_grad_(requires_grad)
+
+        return draw(self.Tq, self.Hq), draw(self.Tk, self.kv_heads), draw(self.Tk, self.kv_heads)
+
+
+@dataclass(frozen=True)
+class Mechanism:
+    """A named mechanism of the catalog.
+
+    Attributes:
+        name: registry key (``attnkit list``, ``attnkit bench --mechanisms``).
+        family: a key of ``FAMILIES``.
+        paper: title, authors and year of the paper it comes from.
+        summary: one line on what it computes here.
+        build: ``build(spec) -> dict`` of ``attnkit.attention`` keyword arguments
+            (``mask``/``score``/``bias``) for inputs of the sizes in ``spec``. Every call
+            builds fresh objects, so per-mask caches start empty.
+        backend: the backend the mechanism is defined by, if any (e.g. the memory-efficient
+            chunked algorithm); None means ``"auto"``.
+    """
+
+    name: str
+    family: str
+    paper: str
+    summary: str
+    build: Callable[[InputSpec], dict[str, Any]]
+    backend: str | None = None
+
+
+MECHANISMS: dict[str, Mechanism] = {}
+
+
+def register(mechanism: Mechanism) -> Mechanism:
+    """Add ``mechanism`` to ``MECHANISMS`` (names are unique). Returns it."""
+    if mechanism.name in MECHANISMS:
+        raise ValueError(f"a mechanism named {mechanism.name!r} is already registered")
+    if mechanism.family not in FAMILIES:
+        raise ValueError(
+            f"unknown family {mechanism.family!r} for {mechanism.name!r}; "
+            f"use one of: {', '.join(FAMILIES)}"
+        )
+    MECHANISMS[mechanism.name] = mechanism
+    return mechanism
+
+
+def get(name: str) -> Mechanism:
+    """The mechanism called ``name``; ``KeyError`` lists the known names."""
+    try:
+        return MECHANISMS[name]
+    except KeyError:
+        raise KeyError(
+            f"no mechanism named {name!r}; known mechanisms: {', '.join(sorted(MECHANISMS))}"
+        ) from None
+
+
+def backends_for(mechanism: Mechanism, grad: bool = False) -> list[str]:
+    """Backends whose ``supports`` accepts ``mechanism`` on a small float32 call here
+    (``B=1, T=256, H=4, D=64``), with inputs that require grad when ``grad`` is True."""
+    spec = InputSpec()
+    q, k, v = spec.make_inputs(requires_grad=grad)
+    # Forward-only use runs under no_grad, which also hides learnable bias parameters.
+    with torch.enable_grad() if grad else torch.no_grad():
+        call = AttentionCall(q, k, v, **mechanism.build(spec))
+        return [name for name, backend in BACKENDS.items() if backend.supports(call) is None]
+
+
+# -- deterministic ingredients for masks that need data --------------------------------------
+
+
+def document_segments(spec: InputSpec, seed: int = 0) -> Tensor:
+    """Segment ids ``[B, Tk]`` of packed documents, drawn deterministically from ``spec``:
+    document lengths uniform in ``[Tk/16, Tk/4]`` (at least 1), a different packing per row."""
+    g = torch.Generator().manual_seed(seed + spec.Tk)
+    low, high = max(1, spec.Tk // 16), max(2, spec.Tk // 4)
+    rows = []
+    for _ in range(spec.B):
+        lengths = []
+        while sum(lengths) < spec.Tk:
+            lengths.append(int(torch.randint(low, high + 1, (1,), generator=g)))
+        ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+        rows.append(ids[: spec.Tk])
+    return torch.stack(rows).to(spec.device)
+
+
+def padding_lengths(spec: InputSpec) -> Tensor:
+    """Real key counts ``[B]``: 3/4, 1/2, 1/4 of ``Tk`` cycling over the batch (at least 1)."""
+    fractions = [0.75, 0.5, 0.25]
+    lengths = [max(1, int(spec.Tk * fractions[b % 3])) for b in range(spec.B)]
+    return torch.tensor(lengths, device=spec.device)
+
+
+def _documents(spec: InputSpec) -> dict[str, Any]:
+    kv_segments = document_segments(spec)
+    q_segments = kv_segments[:, spec.Tk - spec.Tq :]  # bottom-right aligned queries
+    mask = masks.documents(q_segments, kv_segment_ids=kv_segments)
+    return {"mask": mask & masks.causal()}
+
+
+def _relative_bias(spec: InputSpec) -> dict[str, Any]:
+    max_distance = 128
+    g = torch.Generator().manual_seed(0)
+    table = torch.randn(spec.Hq, 2 * max_distance + 1, generator=g) * 0.02
+    table = table.to(spec.device).requires_grad_(True)
+    bias = positional.relative_bias(spec.Hq, max_distance, table=table)
+    return {"mask": masks.causal(), "bias": bias}
+
+
+VASWANI = (
+    "Attention Is All You Need — Vaswani, Shazeer, Parmar, Uszkoreit, Jones, Gomez, Kaiser, "
+    "Polosukhin (2017)"
+)
+
+for _mechanism in (
+    Mechanism(
+        "softmax",
+        "exact",
+        VASWANI,
+        "dense softmax attention, every query sees every key",
+        lambda spec: {},
+    ),
+    Mechanism(
+        "causal",
+        "static sparse",
+        VASWANI,
+        "softmax attention where query i sees keys j <= i (decoder self-attention)",
+        lambda spec: {"mask": masks.causal()},
+    ),
+    Mechanism(
+        "sliding_window",
+        "static sparse",
+        "Longformer: The Long-Document Transformer — Beltagy, Peters, Cohan (2020); "
+        "Mistral 7B — Jiang et al. (2023)",
+        "causal local attention over the last 256 keys: sliding_window(255)",
+        lambda spec: {"mask": masks.sliding_window(255)},
+    ),
+    Mechanism(
+        "sinks_window",
+        "static sparse",
+        "Efficient Streaming Language Models with Attention Sinks — Xiao, Tian, Chen, Han, "
+        "Lewis (2024)",
+        "StreamingLLM: the first 4 keys (sinks) plus a causal window of 256 keys",
+        lambda spec: {"mask": (masks.sinks(4) | masks.sliding_window(255)) & masks.causal()},
+    ),
+    Mechanism(
+        "prefix_lm",
+        "static sparse",
+        "Exploring the Limits of Transfer Learning with a Unified Text-to-Text Transformer — "
+        "Raffel, Shazeer, Roberts, Lee, Narang, Matena, Zhou, Li, Liu (2020)",
+        "bidirectional over the first quarter of the keys (the prefix), causal after it",
+        lambda spec: {"mask": masks.prefix_lm(spec.Tk // 4)},
+    ),
+    Mechanism(
+        "documents",
+        "static sparse",
+        "Efficient Sequence Packing without Cross-contamination: Accelerating Large Language "
+        "Models without Impacting Performance — Krell, Kosec, Perez, Fitzgibbon (2021)",
+        "packed sequences: causal attention within each document (lengths T/16..T/4, seeded)",
+        _documents,
+    ),
+    Mechanism(
+        "key_padding",
+        "static sparse",
+        "BERT: Pre-training of Deep Bidirectional Transformers for Language Understanding — "
+        "Devlin, Chang, Lee, Toutanova (2019)",
+        "bidirectional attention over the real (unpadded) keys of each batch entry",
+        lambda spec: {"mask": masks.key_padding(padding_lengths(spec))},
+    ),
+    Mechanism(
+        "sigmoid",
+        "score",
+        "Theory, Analysis, and Best Practices for Sigmoid Self-Attention — Ramapuram, Danieli, "
+        "Dhekane, Weers, Busbridge, Ablin, Likhomanenko, Digani, Gu, Shidani, Webb (2024)",
+        "causal sigmoid attention, weights sigmoid(s - log Tk), no row normalisation",
+        lambda spec: {"mask": masks.causal(), "score": scores.sigmoid()},
+    ),
+    Mechanism(
+        "softplus_l1",
+        "score",
+        "Softplus Attention with Re-weighting Boosts Length Extrapolation in Large Language "
+        "Models — Gao, Spratling (2025)",
+        "causal LSSA: softplus(log(n_i) s) weights, l1-normalised per query",
+        lambda spec: {"mask": masks.causal(), "score": scores.softplus_l1()},
+    ),
+    Mechanism(
+        "softcap",
+        "score",
+        "Gemma 2: Improving Open Language Models at a Practical Size — Gemma Team, Riviere "
+        "et al. (2024)",
+        "causal softmax attention with logits soft-capped to 50 tanh(s / 50)",
+        lambda spec: {"mask": masks.causal(), "score": scores.softcap(50.0)},
+    ),
+    Mechanism(
+        "alibi",
+        "positional",
+        "Train Short, Test Long: Attention with Linear Biases Enables Input Length "
+        "Extrapolation — Press, Smith, Lewis (2022)",
+        "causal softmax attention with the linear distance penalty -m_h |i - j| per head",
+        lambda spec: {
+            "mask": masks.causal(),
+            "bias": positional.alibi(spec.Hq, positional.alibi_slopes(spec.Hq).to(spec.device)),
+        },
+    ),
+    Mechanism(
+        "relative_bias",
+        "positional",
+        "Self-Attention with Relative Position Representations — Shaw, Uszkoreit, Vaswani (2018)",
+        "causal softmax attention plus a learned scalar bias per head and offset (clipped at 128)",
+        _relative_bias,
+    ),
+    Mechanism(
+        "memory_efficient",
+        "exact",
+        "Self-attention Does Not Need O(n^2) Memory — Rabe, Staats (2021)",
+        "exact causal softmax attention computed chunk by chunk with O(T·block) memory",
+        lambda spec: {"mask": masks.causal()},
+        backend="chunked",
+    ),
+):
+    register(_mechanism)

@@ -1,0 +1,194 @@
+"""The ``attnkit`` command: ``list`` the catalog, ``bench`` the speed grid, ``explain`` a call.
+
+attnkit list [--family "static sparse"]
+attnkit bench [--quick] [--lengths 1024,2048] [--dtypes float32] [--backward] [--out DIR]
+attnkit explain --mechanism sliding_window --length 4096 [--dtype float32] [--grad]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import replace
+from typing import Annotated
+
+import torch
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+import attnkit
+from attnkit import catalog
+from attnkit.bench import (
+    SpeedConfig,
+    quick_config,
+    rich_table,
+    run_speed_bench,
+    targets,
+    targets_table,
+    write_report,
+)
+from attnkit.bench.speed import DTYPES
+
+#: The default speed grid; ``explain`` defaults to its sizes.
+_GRID = SpeedConfig()
+
+app = typer.Typer(
+    help="attnkit: attention mechanisms behind one API, checked and benchmarked.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+
+def _console() -> Console:
+    """Rich console; output that is not a terminal (pipes, logs, tests) gets wide lines
+    instead of rich's 80-column default, unless ``COLUMNS`` says otherwise."""
+    if sys.stdout.isatty() or "COLUMNS" in os.environ:
+        return Console()
+    return Console(width=200)
+
+
+def _split(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+@app.command("list")
+def list_mechanisms(
+    family: Annotated[
+        str | None, typer.Option(help=f"only this family: {', '.join(catalog.FAMILIES)}")
+    ] = None,
+) -> None:
+    """Every mechanism of the catalog: family, paper, and the backends that run it here."""
+    if family is not None and family not in catalog.FAMILIES:
+        raise typer.BadParameter(
+            f"unknown family {family!r}; choose one of: {', '.join(catalog.FAMILIES)}",
+            param_hint="--family",
+        )
+    table = Table(title="attnkit mechanisms (backends probed on this machine)")
+    for column in ("name", "family", "paper", "forward", "forward+backward"):
+        table.add_column(column, overflow="fold")
+    for mechanism in catalog.MECHANISMS.values():
+        if family is not None and mechanism.family != family:
+            continue
+        table.add_row(
+            mechanism.name,
+            mechanism.family,
+            mechanism.paper,
+            ", ".join(catalog.backends_for(mechanism, grad=False)) or "none",
+            ", ".join(catalog.backends_for(mechanism, grad=True)) or "none",
+        )
+    _console().print(table)
+
+
+def _bench_config(
+    quick: bool,
+    lengths: str | None,
+    dtypes: str | None,
+    mechanisms: str | None,
+    repeats: int | None,
+    backward: bool,
+) -> SpeedConfig:
+    config = quick_config() if quick else SpeedConfig()
+    overrides: dict = {"backward": backward}
+    if lengths is not None:
+        overrides["lengths"] = tuple(int(t) for t in _split(lengths) or [])
+    if dtypes is not None:
+        overrides["dtypes"] = tuple(_split(dtypes) or [])
+    if mechanisms is not None:
+        overrides["mechanisms"] = tuple(_split(mechanisms) or [])
+    if repeats is not None:
+        overrides["repeats"] = repeats
+        overrides["max_repeats"] = max(repeats, config.max_repeats)
+    try:
+        return replace(config, **overrides)
+    except (KeyError, ValueError) as error:
+        raise typer.BadParameter(str(error).strip("'\"")) from None
+
+
+@app.command()
+def bench(
+    out: Annotated[str, typer.Option(help="folder for bench.json, bench.png, report.md")] = (
+        "bench-out"
+    ),
+    lengths: Annotated[str | None, typer.Option(help="comma list, e.g. 1024,4096")] = None,
+    dtypes: Annotated[str | None, typer.Option(help="comma list: float32,bfloat16")] = None,
+    mechanisms: Annotated[str | None, typer.Option(help="comma list of catalog names")] = None,
+    repeats: Annotated[int | None, typer.Option(help="minimum timed rounds per cell")] = None,
+    backward: Annotated[bool, typer.Option(help="time forward+backward")] = False,
+    quick: Annotated[
+        bool, typer.Option(help="tiny grid for smoke runs (T=128,256, fp32; ~30 s)")
+    ] = False,
+) -> None:
+    """Time every backend, auto and the SDPA baseline on the speed grid; write a report."""
+    config = _bench_config(quick, lengths, dtypes, mechanisms, repeats, backward)
+    console = _console()
+    console.print(
+        f"[bold]attnkit bench[/] — {'forward+backward' if config.backward else 'forward'}; "
+        f"mechanisms {', '.join(config.mechanisms)}; T {', '.join(map(str, config.lengths))}; "
+        f"{', '.join(config.dtypes)}; B={config.B} Hq={config.Hq} Hkv={config.Hkv or config.Hq} "
+        f"D={config.D}; ≥{config.repeats} timed rounds per cell; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )
+    start = time.perf_counter()
+    columns = (
+        TextColumn("{task.description:<32}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("starting", total=None)
+
+        def on_cell(done: int, total: int, label: str) -> None:
+            progress.update(task, completed=done, total=total, description=label)
+
+        results = run_speed_bench(config, progress=on_cell)
+    console.print(rich_table(results))
+    items = targets(results)
+    console.print(targets_table(items))
+    paths = write_report(results, out)
+    console.print(
+        f"wrote {paths['json']}, {paths['plot']}, {paths['report']} "
+        f"in {time.perf_counter() - start:.0f} s"
+    )
+
+
+@app.command()
+def explain(
+    mechanism: Annotated[str, typer.Option(help="a catalog name (see `attnkit list`)")],
+    length: Annotated[int, typer.Option(help="sequence length T (queries = keys)")] = 4096,
+    dtype: Annotated[str, typer.Option(help=", ".join(DTYPES))] = "float32",
+    grad: Annotated[bool, typer.Option(help="the call needs gradients")] = False,
+    batch: Annotated[int, typer.Option(help="batch size B")] = _GRID.B,
+    heads: Annotated[int, typer.Option(help="query heads (= k/v heads)")] = _GRID.Hq,
+    head_dim: Annotated[int, typer.Option(help="head dim D")] = _GRID.D,
+) -> None:
+    """Which backend `auto` runs for a mechanism at this size, and why not each other one."""
+    try:
+        chosen = catalog.get(mechanism)
+    except KeyError as error:
+        raise typer.BadParameter(error.args[0], param_hint="--mechanism") from None
+    if dtype not in DTYPES:
+        raise typer.BadParameter(f"choose one of: {', '.join(DTYPES)}", param_hint="--dtype")
+    spec = catalog.InputSpec(
+        B=batch, Tq=length, Tk=length, Hq=heads, D=head_dim, dtype=DTYPES[dtype]
+    )
+    q, k, v = spec.make_inputs(requires_grad=grad)
+    console = _console()
+    with torch.enable_grad() if grad else torch.no_grad():
+        explanation = attnkit.explain(q, k, v, **chosen.build(spec))
+    console.print(
+        f"[bold]{chosen.name}[/] ({chosen.summary}) at B={batch}, T={length}, H={heads}, "
+        f"D={head_dim}, {dtype}{', with gradients' if grad else ', forward only'}"
+    )
+    console.print(str(explanation), markup=False, highlight=False)
+    if chosen.backend is not None:
+        console.print(f"(the mechanism itself is defined by the {chosen.backend} backend)")
+
+
+if __name__ == "__main__":
+    app()
