@@ -34,7 +34,23 @@ class Bias:
         return []
 
     def dense(self, Tq: int, Tk: int, device: torch.device | str = "cpu") -> Tensor:
-        """Bias matrix ``[H, Tq, Tk]`` for a call with ``Tq`` queries and ``Tk`` keys."""
+        """Bias matrix ``[H, Tq, Tk]`` for a call with ``Tq`` queries and ``Tk`` keys.
+
+        A fixed bias (no learnable parameters) is built once per size and device and cached on
+        the object (ALiBi at T=8192 costs ~1 s to build); after changing its tensors in place,
+        make a new bias object. Learnable biases are rebuilt every call so gradients flow.
+        """
+        if self.parameters():
+            return self._build_dense(Tq, Tk, device)
+        cache = self.__dict__.setdefault("_dense_cache", {})
+        key = (Tq, Tk, str(device))
+        if key not in cache:
+            if len(cache) > 8:
+                cache.clear()
+            cache[key] = self._build_dense(Tq, Tk, device)
+        return cache[key]
+
+    def _build_dense(self, Tq: int, Tk: int, device: torch.device | str) -> Tensor:
         h = torch.arange(self.num_heads, device=device).view(-1, 1, 1)
         q = aligned_query_positions(torch.arange(Tq, device=device), Tq, Tk).view(1, -1, 1)
         k = torch.arange(Tk, device=device).view(1, 1, -1)

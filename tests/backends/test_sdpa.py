@@ -12,7 +12,7 @@ from attnkit import Aux, masks, positional, scores
 from attnkit.backends import BACKENDS
 from attnkit.backends.sdpa import dense_attn_mask, is_plain_causal
 from attnkit.call import AttentionCall
-from attnkit.testing import CASES, check_against_reference
+from attnkit.testing import CASES, check_against_reference, reference_attention
 
 sdpa = partial(attnkit.attention, backend="sdpa")
 SDPA = BACKENDS["sdpa"]
@@ -98,3 +98,26 @@ def test_dense_mask_is_cached_and_bias_becomes_a_float_mask() -> None:
         bias.dense(17, 65).unsqueeze(0)[allowed.expand_as(float_mask)],
     )
     assert dense_attn_mask(AttentionCall(q, q, q, masks.causal())) is None  # is_causal instead
+
+
+def test_fixed_bias_float_mask_is_built_once_and_never_reused_for_another_bias() -> None:
+    q, k, v = CASES["self_odd_63"].make(torch.float32, requires_grad=False)
+    mask = masks.sliding_window(9)
+    first = positional.alibi(q.shape[2])
+    out_first = attnkit.attention(q, k, v, mask=mask, bias=first, backend="sdpa")
+    call = AttentionCall(q, k, v, mask, bias=first)
+    assert dense_attn_mask(call) is dense_attn_mask(call)
+    other = positional.alibi(q.shape[2], slopes=torch.linspace(1.0, 2.0, q.shape[2]))
+    out_other = attnkit.attention(q, k, v, mask=mask, bias=other, backend="sdpa")
+    expected = reference_attention(q, k, v, mask=mask, bias=other)
+    torch.testing.assert_close(out_other, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(out_first, out_other)
+
+
+def test_learned_bias_is_rebuilt_every_call_so_its_gradient_flows() -> None:
+    q, k, v = CASES["self_odd_63"].make(torch.float32, requires_grad=False)
+    bias = positional.relative_bias(q.shape[2], 4)
+    call = AttentionCall(q, k, v, masks.causal(), bias=bias)
+    assert dense_attn_mask(call) is not dense_attn_mask(call)
+    attnkit.attention(q, k, v, mask=masks.causal(), bias=bias, backend="sdpa").sum().backward()
+    assert bias.table.grad is not None and bias.table.grad.abs().sum() > 0
