@@ -48,7 +48,8 @@ def _select(call: AttentionCall, backend: str) -> tuple[Backend, Explanation]:
     preferences = auto_preferences(call)
     for name, why in preferences:
         if name not in rejected:
-            passed_over = {other: f"ranked after {name}: {reason}" for other, reason in preferences}
+            passed_over = {other: "not ranked by auto (select it by name)" for other in BACKENDS}
+            passed_over.update({o: f"ranked after {name}: {r}" for o, r in preferences})
             passed_over.update(rejected)
             del passed_over[name]
             return BACKENDS[name], Explanation(name, why, passed_over)

@@ -27,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from attnkit.backends.base import Backend
 from attnkit.call import AttentionCall
-from attnkit.masks.base import EMPTY, PARTIAL
+from attnkit.masks.base import EMPTY, FULL, PARTIAL
 from attnkit.merge import merge
 
 #: Query rows per block and key columns per tile. 256 × 256 tiles keep the per-piece score
@@ -106,7 +106,7 @@ def chunked_forward(call: AttentionCall) -> tuple[Tensor, Tensor]:
     B, Hkv, G, Tq, Tk = call.B, call.Hkv, call.groups, call.Tq, call.Tk
     if call.mask is None:
         n_q, n_k = -(-Tq // BLOCK_Q), -(-Tk // BLOCK_K)
-        kinds = torch.full((n_q, n_k), 2, dtype=torch.int8)
+        kinds = torch.full((n_q, n_k), FULL, dtype=torch.int8)
     else:
         kinds = call.mask.blocks(Tq, Tk, BLOCK_Q, BLOCK_K, call.device).union_over_batch_heads()
     kinds = kinds.cpu()

@@ -106,8 +106,8 @@ class SpeedConfig:
     Hkv: int | None = None
     D: int = 64
     repeats: int = 3
-    max_repeats: int = 15
-    round_budget_s: float = 1.0
+    max_repeats: int = 25
+    round_budget_s: float = 2.0
     slow_call_s: float = 1.0
     far_behind: float = 4.0
     drop_slower_than: float = 10.0
