@@ -24,7 +24,7 @@ import math
 
 import torch
 
-from attnkit.backends.chunked import BLOCK_K, BLOCK_Q
+from attnkit.backends.chunked import BLOCK_K, BLOCK_Q, MAX_KEYS
 from attnkit.backends.sdpa import is_plain_causal
 from attnkit.call import AttentionCall
 from attnkit.scores import Softmax
@@ -37,10 +37,12 @@ FLEX_SCORE = 1.3
 CHUNKED_PER_LIVE = {False: 1.8, True: 2.8}
 CHUNKED_SCORE = 2.0
 #: bf16/fp16 forward without a mask: SDPA's half-precision CPU kernel reaches only about a third
-#: of bf16 matmul throughput, and chunked's plain bf16 matmuls beat it (dense, Hq=2, T=2048 /
-#: 4096 / 8192: 10.6 / 43.9 / 307 ms vs SDPA 14.0 / 58.9 / 353 ms). With a mask, chunked's
-#: per-piece masking costs more than this gain (causal bf16 T=2048: 24 ms vs SDPA 10 ms).
+#: of bf16 matmul throughput, and chunked's plain bf16 matmuls beat it while chunked's float32
+#: score buffer per piece (B·Hq·BLOCK_Q·min(Tk, MAX_KEYS)·4 bytes) stays in cache. Measured
+#: (ms, chunked vs SDPA): Hq=2, T=2048/4096/8192 (2-8 MB): 10.6/43.9/307 vs 14.0/58.9/353;
+#: Hq=4, T=2048 (8 MB): 25 vs 31; Hq=4, T=4096/8192 (16 MB): 211/858 vs 122/480.
 CHUNKED_HALF_DENSE = 0.85
+CHUNKED_HALF_DENSE_MAX_BUFFER = 8 << 20
 #: Below this many (query × key) pairs, or fewer queries than one Flex tile, compile time
 #: outweighs any kernel speedup.
 FLEX_MIN_PAIRS = 512 * 512
@@ -83,7 +85,11 @@ def estimated_costs(call: AttentionCall) -> dict[str, tuple[float, str]]:
 
     live = _live_fraction(call, BLOCK_Q, BLOCK_K)
     chunked = CHUNKED_PER_LIVE[grad] * live * (1.0 if plain else CHUNKED_SCORE)
-    if plain and call.mask is None and not grad and call.dtype in (torch.bfloat16, torch.float16):
+    half = call.dtype in (torch.bfloat16, torch.float16)
+    in_cache = (
+        call.B * call.Hq * BLOCK_Q * min(call.Tk, MAX_KEYS) * 4 <= CHUNKED_HALF_DENSE_MAX_BUFFER
+    )
+    if plain and call.mask is None and not grad and half and in_cache:
         chunked = CHUNKED_HALF_DENSE
     costs["chunked"] = (chunked, f"computes {live:.0%} of {BLOCK_Q}x{BLOCK_K} tiles")
     return costs

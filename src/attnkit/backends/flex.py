@@ -140,6 +140,10 @@ def build_block_mask(
         BLOCK_SIZE=BLOCK_SIZE,
         mask_mod=_mask_mod(predicate, Tk, anchor_key),
         seq_lengths=(Tq, Tk + int(anchor_key)),
+        # The transposed (query-block) indices serve only the backward pass, which
+        # FlexAttention lacks on the CPU; skipping them makes the build 4x cheaper
+        # (0.35 vs 1.55 ms for sinks + window at T=8192).
+        compute_q_blocks=device.type != "cpu",
     )
 
 

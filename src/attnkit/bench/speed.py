@@ -83,11 +83,11 @@ class SpeedConfig:
     """What to run.
 
     The default grid is the core issue's: 8 mechanisms × T = 1k…8k × fp32/bf16, at B=1,
-    Hq=Hkv=2, D=64. Two heads keep ``attnkit bench`` near 7 minutes on the project's 2-core
+    Hq=Hkv=4, D=64. Four heads keep ``attnkit bench`` to a few minutes on the project's 2-core
     CPU when inductor's on-disk cache is warm; FlexAttention compiles once per shape (64
-    variants, ~3 s each warm, 5-8 s cold), so a first run on a fresh machine takes ~11.
-    Ratios do not depend on the head count; at T=1024 the per-call overhead of attnkit
-    (~0.1 ms) shows a little more than it would with more heads.
+    variants, ~3 s each warm, 5-8 s cold), so a first run on a fresh machine takes longer.
+    Fewer heads make calls so short that fixed per-call costs (attnkit's ~0.1-0.2 ms dispatch,
+    FlexAttention's ~1 ms BlockMask constructor) stop being representative of real models.
 
     ``repeats`` is the minimum number of timed rounds per cell; short cells get more rounds
     (up to ``max_repeats``) until a cell's rounds take ``round_budget_s``. A candidate far
@@ -102,7 +102,7 @@ class SpeedConfig:
     lengths: tuple[int, ...] = (1024, 2048, 4096, 8192)
     dtypes: tuple[str, ...] = ("float32", "bfloat16")
     B: int = 1
-    Hq: int = 2
+    Hq: int = 4
     Hkv: int | None = None
     D: int = 64
     repeats: int = 3
