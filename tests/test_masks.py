@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import pytest
@@ -332,13 +331,9 @@ def test_blocks_at_16k_evaluate_no_pairs(name: str, monkeypatch: pytest.MonkeyPa
         CountingPredicate(monkeypatch, cls)
         for cls in {type(m) for m in _leaves(LONG_MASKS[name]())}
     ]
-    mask = LONG_MASKS[name]()
-    start = time.perf_counter()
-    structure = mask.blocks(T, T, 128, 128)
-    elapsed = time.perf_counter() - start
+    structure = LONG_MASKS[name]().blocks(T, T, 128, 128)
     assert structure.kinds.shape[-2:] == (128, 128)
     assert all(c.pairs == [] for c in counters), "blocks() evaluated the predicate"
-    assert elapsed < 0.1, f"blocks() took {elapsed:.3f} s at T={T}"
 
 
 def test_row_counts_at_16k_evaluate_only_partial_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
