@@ -37,7 +37,7 @@ def _query_index(selector: slice | Tensor, Tq: int, device: torch.device) -> Ten
 
 def _weight_tiles(call: AttentionCall, lse: Tensor, q_idx: Tensor):
     """Yield ``(query positions in q_idx, key slice, weights [B, Hq, nq, nk] float32)``."""
-    compute = torch.float64 if call.dtype == torch.float64 else torch.float32
+    compute = call.accumulation_dtype
     log_counts = call.log_counts()
     k = call.k.to(compute).transpose(1, 2).repeat_interleave(call.groups, dim=1)
     for qs in range(0, q_idx.numel(), _QUERY_TILE):
@@ -63,8 +63,9 @@ def compute_aux(call: AttentionCall, lse: Tensor | None) -> AuxOutput:
     if call.aux.weights:
         all_q = torch.arange(call.Tq, device=call.device)
         # a float64 call's weights keep float64 precision (tests use them as a golden)
-        compute = torch.float64 if call.dtype == torch.float64 else torch.float32
-        weights = torch.empty(call.B, call.Hq, call.Tq, call.Tk, dtype=compute, device=call.device)
+        weights = torch.empty(
+            call.B, call.Hq, call.Tq, call.Tk, dtype=call.accumulation_dtype, device=call.device
+        )
         for rows, cols, w in _weight_tiles(call, lse, all_q):
             weights[:, :, rows, cols] = w
         out.weights = weights.to(call.dtype)

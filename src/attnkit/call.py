@@ -118,6 +118,12 @@ class AttentionCall:
         return self.q.device
 
     @property
+    def accumulation_dtype(self) -> torch.dtype:
+        """Dtype for scores, sums and the lse: float64 for float64 inputs, else float32
+        (half-precision inputs accumulate in float32)."""
+        return torch.float64 if self.dtype == torch.float64 else torch.float32
+
+    @property
     def needs_grad(self) -> bool:
         """True if autograd will differentiate through this call."""
         if not torch.is_grad_enabled():

@@ -74,7 +74,7 @@ def _query_block(
     q_idx = torch.arange(row_start, row_start + bq, device=q_rows.device)
     # Without autograd the score buffer is updated in place: one buffer, three passes over it.
     in_place = not torch.is_grad_enabled()
-    acc = torch.float64 if v.dtype == torch.float64 else torch.float32
+    acc = call.accumulation_dtype
     out = lse = None
     for k_start, k_stop, needs_mask in pieces:
         k_idx = torch.arange(k_start, k_stop, device=q_rows.device)

@@ -60,7 +60,7 @@ from torch.nn.attention.flex_attention import AuxRequest, BlockMask, flex_attent
 
 from attnkit.backends.base import Backend
 from attnkit.call import AttentionCall
-from attnkit.masks.base import EMPTY, FULL, PARTIAL, Mask
+from attnkit.masks.base import EMPTY, FULL, PARTIAL, Mask, aligned_query_positions
 from attnkit.scores import Softmax
 
 #: Tile size of the BlockMasks (FlexAttention's default sparse block size).
@@ -243,7 +243,7 @@ def _make_score_mod(
 
     def score_mod(s: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         if bias is not None:
-            s = s + bias.value(h, q_idx + (Tk - Tq), kv_idx).to(s.dtype)
+            s = s + bias.value(h, aligned_query_positions(q_idx, Tq, Tk), kv_idx).to(s.dtype)
         s = score.cap(s)
         counts = log_counts
         if isinstance(log_counts, Tensor):
@@ -355,11 +355,6 @@ def _anchored_kv(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     return k_out, v_out
 
 
-def _lse_dtype(call: AttentionCall) -> torch.dtype:
-    # float64 calls keep a float64 lse, as the reference does, so exp(lse) stays exact.
-    return torch.float64 if call.dtype == torch.float64 else torch.float32
-
-
 def _run(call: AttentionCall) -> tuple[Tensor, Tensor | None]:
     cpu = call.device.type == "cpu"
     anchored = _lse_by_anchor(call)
@@ -370,7 +365,7 @@ def _run(call: AttentionCall) -> tuple[Tensor, Tensor | None]:
         q, k, v = q.detach(), k.detach(), v.detach()
     if anchored:
         # The anchor columns are divided out below; float32 keeps that division exact.
-        compute = torch.float32 if call.dtype in (torch.float16, torch.bfloat16) else call.dtype
+        compute = call.accumulation_dtype
         q = q.to(compute)
         k, v = _anchored_kv(k.to(compute), v.to(compute))
     block_mask = cached_block_mask(call.mask, call.Tq, call.Tk, call.device, anchored)
@@ -390,7 +385,7 @@ def _run(call: AttentionCall) -> tuple[Tensor, Tensor | None]:
         )
     if native_lse:
         out, aux = result
-        return out.transpose(1, 2), aux.lse.transpose(1, 2).to(_lse_dtype(call))
+        return out.transpose(1, 2), aux.lse.transpose(1, 2).to(call.accumulation_dtype)
     out = result.transpose(1, 2)  # [B, Tq, Hq, Dv (+ 2)]
     if not anchored:
         return out, None
@@ -402,7 +397,7 @@ def _run(call: AttentionCall) -> tuple[Tensor, Tensor | None]:
         seen.unsqueeze(-1), values / weight_sum.unsqueeze(-1), torch.zeros_like(values)
     )
     lse = torch.log(weight_sum) - torch.log(anchor)
-    return normalized.to(call.dtype), lse.to(_lse_dtype(call))
+    return normalized.to(call.dtype), lse.to(call.accumulation_dtype)
 
 
 BACKEND = Backend(

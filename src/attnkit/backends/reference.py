@@ -35,9 +35,7 @@ def reference_forward(
     otherwise; ``attnkit.testing`` passes the input dtype to measure a same-precision baseline.
     """
     if compute_dtype is None:
-        compute_dtype = (
-            torch.float32 if call.dtype in (torch.float16, torch.bfloat16) else call.dtype
-        )
+        compute_dtype = call.accumulation_dtype
     q = call.q.to(compute_dtype).transpose(1, 2)  # [B, Hq, Tq, D]
     k = call.k.to(compute_dtype).transpose(1, 2).repeat_interleave(call.groups, dim=1)
     v = call.v.to(compute_dtype).transpose(1, 2).repeat_interleave(call.groups, dim=1)
