@@ -15,6 +15,7 @@ chunked prefill). Every positional pattern uses this one alignment, defined here
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -54,6 +55,11 @@ class BlockStructure:
 
     def live_fraction(self) -> float:
         """Fraction of tiles that must be computed (partial or full)."""
+        return self._live_fraction
+
+    @functools.cached_property
+    def _live_fraction(self) -> float:
+        # Read by ``auto`` on every call; the structure is immutable and cached per mask.
         return (self.kinds != EMPTY).float().mean().item()
 
     def union_over_batch_heads(self) -> Tensor:
