@@ -223,3 +223,26 @@ def test_cases_cover_the_design_list() -> None:
         "causal_cross",
         "noncausal_cross",
     }
+
+
+def test_check_function_accepts_an_equal_function_and_rejects_a_wrong_one():
+    x, w = torch.randn(3, 5), torch.randn(5, 4)
+
+    def reference(x, w):
+        return (x[:, :, None] * w).sum(1)
+
+    report = testing.check_function(lambda x, w: x @ w, reference, {"x": x, "w": w})
+    assert [c.name for c in report.comparisons] == ["out", "dx", "dw"]
+    report.assert_ok()
+    wrong = testing.check_function(lambda x, w: x @ w + 1e-3, reference, {"x": x, "w": w})
+    assert not wrong.ok
+
+
+def test_check_function_skips_integer_inputs_and_needs_a_float_one():
+    x, idx = torch.randn(6), torch.tensor([0, 2])
+    report = testing.check_function(
+        lambda x, idx: x[idx], lambda x, idx: x[idx], {"x": x, "idx": idx}
+    )
+    assert [c.name for c in report.comparisons] == ["out", "dx"]
+    with pytest.raises(ValueError, match="floating-point"):
+        testing.check_function(lambda idx: idx, lambda idx: idx, {"idx": idx})

@@ -230,6 +230,17 @@ def check_against_reference(
     # A parameter's gradient is no more precise than the parameter: a float32 bias table in a
     # float64 call gets the float32 floor.
     floors = [floor] * 4 + [max(floor, FLOORS.get(p.dtype, floor)) for p in params]
+    return _compare(dtype, names, tested, baseline, golden, floors)
+
+
+def _compare(
+    dtype: torch.dtype,
+    names: list[str],
+    tested: list[Tensor],
+    baseline: list[Tensor],
+    golden: list[Tensor],
+    floors: list[float],
+) -> CheckReport:
     comparisons = []
     for name, t, b, gold, f in zip(names, tested, baseline, golden, floors, strict=False):
         ref_err = _max_err(b, gold)
@@ -237,6 +248,58 @@ def check_against_reference(
         bound = 2 * ref_err + f * magnitude
         comparisons.append(Comparison(name, _max_err(t, gold), ref_err, bound))
     return CheckReport(dtype, comparisons)
+
+
+def check_function(
+    fn: Callable[..., Tensor],
+    reference: Callable[..., Tensor],
+    inputs: dict[str, Tensor],
+    *,
+    grads: bool = True,
+    floor: float | None = None,
+    seed: int = 0,
+) -> CheckReport:
+    """Compare ``fn(**inputs)`` with ``reference(**inputs)`` under the 2× rule.
+
+    The general form of ``check_against_reference`` for anything that is not a plain attention
+    call (a positional scheme, a head layout, a whole layer): pass every tensor that matters,
+    weights included, in ``inputs`` (for an ``nn.Module`` use ``torch.func.functional_call``
+    with its parameters as inputs). The golden is ``reference`` on float64 copies of the
+    floating-point inputs; the baseline is ``reference`` in the inputs' own dtypes. With
+    ``grads``, gradients of a fixed random upstream gradient w.r.t. every floating-point
+    input are checked too. The floor is that of the first floating-point input's dtype.
+    """
+    floating = [name for name, t in inputs.items() if t.is_floating_point()]
+    if not floating:
+        raise ValueError("check_function needs at least one floating-point input")
+    dtype = inputs[floating[0]].dtype
+    floor = FLOORS[dtype] if floor is None else floor
+
+    def run(f: Callable[..., Tensor], to64: bool) -> list[Tensor]:
+        leaves = {
+            name: (t.detach().double() if to64 else t.detach()).requires_grad_(grads)
+            if name in floating
+            else t
+            for name, t in inputs.items()
+        }
+        out = f(**leaves)
+        if not grads:
+            return [out.detach()]
+        g = torch.Generator().manual_seed(seed)
+        dout = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.dtype)
+        wrt = [leaves[name] for name in floating]
+        got = torch.autograd.grad(out, wrt, dout, allow_unused=True)
+        return [out.detach()] + [
+            torch.zeros_like(i) if gi is None else gi for gi, i in zip(got, wrt, strict=True)
+        ]
+
+    golden = run(reference, True)
+    baseline = run(reference, False)
+    with nan_filled_outputs():
+        tested = run(fn, False)
+    names = ["out"] + ([f"d{name}" for name in floating] if grads else [])
+    floors = [floor] + [max(floor, FLOORS.get(inputs[n].dtype, floor)) for n in floating]
+    return _compare(dtype, names, tested, baseline, golden, floors)
 
 
 @contextlib.contextmanager
