@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import create_mask
 
 import attnkit
-from attnkit import masks
+from attnkit import masks, testing
 from attnkit.masks import EMPTY, FULL, PARTIAL, Mask
 
 MaskFactory = Callable[[int, int], Mask]
@@ -52,6 +53,14 @@ PRIMITIVES: dict[str, MaskFactory] = {
     "key_padding_left": lambda Tq, Tk: masks.key_padding(torch.tensor([3, Tk, 0]), side="left"),
     "documents_segment_ids": documents_for,
     "documents_cu_seqlens": documents_from_cu_seqlens,
+    "keys_with_holes": lambda Tq, Tk: masks.keys(torch.arange(Tk).view(1, Tk) % 5 != 2),
+    "keys_per_batch": lambda Tq, Tk: masks.keys(
+        torch.stack([torch.arange(Tk) >= 9, torch.zeros(Tk, dtype=torch.bool)])
+    ),
+    "from_dense_random": lambda Tq, Tk: masks.from_dense(
+        torch.rand(2, 3, Tq, Tk, generator=torch.Generator().manual_seed(Tq + Tk)) < 0.7
+    ),
+    "from_dense_causal_blocks": lambda Tq, Tk: masks.from_dense(masks.causal().dense(Tq, Tk)),
 }
 
 # Compositions: the tile classification must be sound (FULL => all true, EMPTY => all false).
@@ -375,3 +384,30 @@ def test_union_over_batch_heads() -> None:
     union = mask.blocks(8, 32, 8, 8).union_over_batch_heads()
     assert union.tolist() == [[PARTIAL, PARTIAL, EMPTY, EMPTY]]
     assert mask.blocks(8, 32, 8, 8).live_fraction() == pytest.approx(2 / 8)
+
+
+def test_keys_and_from_dense_refuse_wrong_inputs() -> None:
+    with pytest.raises(ValueError, match=r"bool tensor \[B, Tk\].*\.bool\(\)"):
+        masks.keys(torch.ones(2, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"bool tensor \[B, H, Tq, Tk\]"):
+        masks.from_dense(torch.ones(5, 5, dtype=torch.bool))
+    q = torch.randn(1, 4, 2, 8)
+    with pytest.raises(ValueError, match="covers 5 keys but this call has Tk=4"):
+        attnkit.attention(q, q, q, mask=masks.keys(torch.ones(1, 5, dtype=torch.bool)))
+    with pytest.raises(ValueError, match=r"is \(4, 5\) but this call has Tq=4, Tk=4"):
+        attnkit.attention(q, q, q, mask=masks.from_dense(torch.ones(1, 1, 4, 5, dtype=torch.bool)))
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "chunked", "flex"])
+def test_keys_and_from_dense_run_on_every_backend(backend: str) -> None:
+    B, T, H, D = 2, 40, 2, 16
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, T, H, D, generator=g) for _ in range(3))
+    keep = torch.ones(B, T, dtype=torch.bool)
+    keep[0, :7], keep[1, 20:25] = False, False
+    allowed = (torch.rand(1, H, T, T, generator=g) < 0.5) | torch.eye(T, dtype=torch.bool)
+    for mask in (masks.keys(keep) & masks.causal(), masks.from_dense(allowed)):
+        report = testing.check_against_reference(
+            partial(attnkit.attention, backend=backend), q, k, v, mask=mask, grads=backend != "flex"
+        )
+        report.assert_ok()

@@ -12,6 +12,11 @@ from torch import Tensor
 from attnkit.masks.base import EMPTY, FULL, PARTIAL, Mask, aligned_query_positions
 
 
+def _broadcast_index(i: Tensor, size: int) -> Tensor:
+    """``i`` for a tensor dimension of ``size`` that may be 1 (shared by every index)."""
+    return i if size > 1 else torch.zeros_like(i)
+
+
 def _kinds(full: Tensor, empty: Tensor) -> Tensor:
     return torch.where(full, FULL, torch.where(empty, EMPTY, PARTIAL)).to(torch.int8)
 
@@ -196,6 +201,95 @@ class Documents(Mask):
         return _kinds(full, empty)
 
 
+class KeySet(Mask):
+    """Keys ``k`` with ``keep[b, k]``: an arbitrary per-batch set of visible keys.
+
+    ``keep`` is a bool tensor ``[B, Tk]`` (a Hugging Face 2-D ``attention_mask``: padding on
+    either side or holes). Tile rule from prefix sums of ``keep``: full when every key of the
+    tile is kept, empty when none is.
+    """
+
+    def __init__(self, keep: Tensor):
+        if keep.dim() != 2 or keep.dtype != torch.bool:
+            raise ValueError(
+                f"keys() needs a bool tensor [B, Tk], got {keep.dtype} {tuple(keep.shape)}; "
+                "convert a 0/1 attention mask with .bool()"
+            )
+        self.keep = keep
+        self.name = f"keys(B={keep.shape[0]}, Tk={keep.shape[1]})"
+
+    @property
+    def batch_size(self) -> int:
+        return self.keep.shape[0]
+
+    def check(self, B, H, Tq, Tk, device):
+        super().check(B, H, Tq, Tk, device)
+        if self.keep.shape[1] != Tk:
+            raise ValueError(f"{self!r} covers {self.keep.shape[1]} keys but this call has Tk={Tk}")
+        if self.keep.device != torch.device(device):
+            raise ValueError(f"{self!r} lives on {self.keep.device}, the call on {device}")
+
+    def predicate(self, b, h, q, k, Tq, Tk):
+        return self.keep[_broadcast_index(b, self.batch_size), k] & (q >= 0)
+
+    def tile_kinds(self, q_lo, q_hi, k_lo, k_hi, Tq, Tk):
+        kept = torch.nn.functional.pad(self.keep.long().cumsum(1), (1, 0))
+        lo, hi = k_lo.flatten(), k_hi.flatten()
+        count = (kept[:, hi + 1] - kept[:, lo])[:, None, None, :]
+        return _kinds((count == hi - lo + 1) & (q_lo >= 0), (count == 0) & (q_lo >= 0))
+
+
+class DenseMask(Mask):
+    """A mask given as a bool tensor ``[B or 1, H or 1, Tq, Tk]`` (True = may attend).
+
+    The escape hatch for patterns no built-in describes (e.g. a Hugging Face mask function
+    evaluated on its index grid). Tile kinds come from a 2-D prefix sum of the matrix, so the
+    block structure is exact but costs O(Tq·Tk) once per mask and tile size.
+    """
+
+    def __init__(self, allowed: Tensor):
+        if allowed.dim() != 4 or allowed.dtype != torch.bool:
+            raise ValueError(
+                f"from_dense() needs a bool tensor [B, H, Tq, Tk] (B and H may be 1), "
+                f"got {allowed.dtype} {tuple(allowed.shape)}"
+            )
+        self.allowed = allowed
+        self.name = f"dense{tuple(allowed.shape)}"
+
+    @property
+    def batch_size(self) -> int:
+        return self.allowed.shape[0]
+
+    @property
+    def num_heads(self) -> int:
+        return self.allowed.shape[1]
+
+    def check(self, B, H, Tq, Tk, device):
+        super().check(B, H, Tq, Tk, device)
+        if tuple(self.allowed.shape[2:]) != (Tq, Tk):
+            raise ValueError(
+                f"{self!r} is {tuple(self.allowed.shape[2:])} but this call has Tq={Tq}, Tk={Tk}"
+            )
+        if self.allowed.device != torch.device(device):
+            raise ValueError(f"{self!r} lives on {self.allowed.device}, the call on {device}")
+
+    def predicate(self, b, h, q, k, Tq, Tk):
+        b = _broadcast_index(b, self.batch_size)
+        return self.allowed[b, _broadcast_index(h, self.num_heads), q, k]
+
+    def tile_kinds(self, q_lo, q_hi, k_lo, k_hi, Tq, Tk):
+        table = torch.nn.functional.pad(self.allowed.long().cumsum(2).cumsum(3), (1, 0, 1, 0))
+        qlo, qhi = q_lo.flatten(), q_hi.flatten() + 1
+        klo, khi = k_lo.flatten(), k_hi.flatten() + 1
+
+        def at(rows: Tensor, cols: Tensor) -> Tensor:
+            return table[:, :, rows][:, :, :, cols]
+
+        count = at(qhi, khi) - at(qlo, khi) - at(qhi, klo) + at(qlo, klo)
+        area = (qhi - qlo).view(-1, 1) * (khi - klo).view(1, -1)
+        return _kinds(count == area, count == 0)
+
+
 # -- public factories ---------------------------------------------------------------------
 
 
@@ -272,3 +366,16 @@ def documents(
         segment_ids = torch.repeat_interleave(ids, lengths)[None]
     assert segment_ids is not None
     return Documents(segment_ids, segment_ids if kv_segment_ids is None else kv_segment_ids)
+
+
+def keys(keep: Tensor) -> Mask:
+    """Only the keys with ``keep[b, k]`` (bool ``[B, Tk]``): general key padding, e.g. a
+    Hugging Face 2-D ``attention_mask``. Use ``key_padding`` when the kept keys are a prefix
+    or suffix."""
+    return KeySet(keep)
+
+
+def from_dense(allowed: Tensor) -> Mask:
+    """A mask from a bool matrix ``[B or 1, H or 1, Tq, Tk]`` (True = may attend). Prefer a
+    built-in pattern when one fits: its block structure costs nothing to build."""
+    return DenseMask(allowed)
