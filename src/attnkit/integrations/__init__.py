@@ -1,0 +1,2 @@
+"""Integrations with other libraries, imported on demand:
+``from attnkit.integrations import hf``."""
