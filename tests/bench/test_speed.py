@@ -21,6 +21,7 @@ from attnkit.bench import (
     write_report,
 )
 from attnkit.bench.measure import peak_rss_increase_mb
+from attnkit.bench.report import paired_ratio
 from attnkit.bench.speed import (
     allowed_pairs,
     attention_flops,
@@ -86,6 +87,7 @@ def test_cell_records_contain_baseline_auto_and_ratios() -> None:
     assert baseline.role == "baseline" and baseline.ratio == 1.0
     assert baseline.runs_on == "sdpa(is_causal)"
     assert by_backend["auto"].runs_on.split(":")[0] in backends.BACKENDS
+    assert 0 < by_backend["auto"].dispatch_ms < by_backend["auto"].median_ms
     assert set(backends.BACKENDS) <= set(by_backend)
     for r in records:
         if r.status == "skipped":
@@ -202,8 +204,23 @@ def test_targets_from_synthetic_records() -> None:
         row("chunked", "backend", 50.0, ratio=10.0),
         row("auto", "auto", 30.0, ratio=500 / 30, runs_on="flex: cheapest", mask_ms=1.2),
     ]
+    records[-1].dispatch_ms = 0.5
     dense, window, auto_vs_best, mask = targets(SpeedResults({}, records))
     assert dense.passed is None  # no dense cell in this grid
     assert window.passed is True and window.value == "20.00×" and window.detail == "flex"
-    assert auto_vs_best.passed is False and auto_vs_best.value == "1.20"
+    # auto runs flex, the best backend: its cost is its decision, 0.5 ms of 25 ms
+    assert auto_vs_best.passed is True and auto_vs_best.value == "1.02"
     assert mask.passed is True and mask.value == "4.0%"
+    records[-1].runs_on = "chunked: cheapest"
+    auto_vs_best = targets(SpeedResults({}, records))[2]
+    assert auto_vs_best.passed is False and auto_vs_best.value == "2.02"
+
+
+def test_paired_ratio_uses_rounds_and_falls_back_to_medians() -> None:
+    fast = Record("m", 1024, "float32", "a", "backend", "ok", median_ms=10.0)
+    slow = Record("m", 1024, "float32", "b", "backend", "ok", median_ms=12.0)
+    # a disturbed round slows both: per-round ratios stay 1.1, medians would say 1.2
+    fast.times_ms, slow.times_ms = [10.0, 10.0, 30.0], [11.0, 11.0, 33.0]
+    assert paired_ratio(slow, fast) == pytest.approx(1.1)
+    slow.times_ms = [12.0]
+    assert paired_ratio(slow, fast) == pytest.approx(1.2)

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import attnkit
-from attnkit import backends, catalog
+from attnkit import api, backends, catalog
 from attnkit.bench.measure import median, peak_rss_increase_mb, release_memory, timed
 from attnkit.call import AttentionCall
 from attnkit.masks.base import Mask, row_counts
@@ -163,6 +163,8 @@ class Record:
     peak_mb: float | None = None
     first_call_s: float | None = None
     mask_ms: float | None = None
+    #: For auto: the median time of its decision alone (validation + backend selection).
+    dispatch_ms: float | None = None
     verified: bool | None = None
     verified_at_T: int | None = None
     check: str | None = None
@@ -422,6 +424,7 @@ def _candidates(
         skipped.append(record("auto", "auto", "skipped", runs_on=chosen, reason=reason))
     else:
         auto = record("auto", "auto", runs_on=f"{chosen}: {explanation.why}")
+        auto.dispatch_ms = _dispatch_ms(inputs, kwargs, config.backward)
         live.append(_Candidate(auto, attention_fn("auto"), builders.get(chosen), True, chosen))
 
     # Nothing caches dense masks or biases on these fresh objects, so building the
@@ -439,6 +442,23 @@ def _candidates(
         )
     live.append(_Candidate(base, _baseline_fn(kwargs, attn_mask, call.scale), None, same))
     return live, skipped
+
+
+def _dispatch_ms(
+    inputs: tuple[Tensor, Tensor, Tensor], kwargs: dict[str, Any], grad: bool
+) -> float:
+    """Median time of auto's decision alone: building the call and selecting its backend.
+
+    Timed apart from the attention itself because auto's total minus its backend's total is
+    the difference of two noisy medians of nearly equal numbers."""
+
+    def decide() -> object:
+        call = AttentionCall(*inputs, **kwargs)
+        return api._select(call, "auto")  # exactly what attention() does before running
+
+    with torch.enable_grad() if grad else torch.no_grad():
+        decide()  # warm any per-mask caches the first decision fills
+        return median([timed(decide) for _ in range(25)]) * 1e3
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
