@@ -278,3 +278,121 @@ def capture(
         yield record
     finally:
         _RECORDER.reset(token)
+
+
+# -- replacing a model's attention layers ----------------------------------------------------
+
+
+@dataclass
+class _HFCache:
+    """A transformers ``Cache`` seen through ``attnkit.nn.Cache`` (``[B, T, H, D]`` layout)."""
+
+    cache: Any
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        k, v = self.cache.update(k.transpose(1, 2), v.transpose(1, 2), layer)
+        return k.transpose(1, 2), v.transpose(1, 2)
+
+    def seen(self, layer: int) -> int:
+        return self.cache.get_seq_length(layer)
+
+
+class HFAttention(nn.Module):
+    """A transformers self-attention module backed by an ``attnkit.nn.Attention`` layer.
+
+    It takes the keyword arguments transformers' decoder layers pass (``hidden_states``,
+    ``attention_mask``, ``position_ids``, ``past_key_values``) and returns ``(out, None)``.
+    The model's mask (an attnkit mask when the model's implementation is registered with
+    ``register``) is ANDed with the layer's mechanism; keys and values go into the model's
+    cache, so ``generate`` works unchanged.
+    """
+
+    def __init__(self, attention: nn.Module, layer_idx: int):
+        super().__init__()
+        self.attention = attention
+        self.layer_idx = layer_idx
+
+    def forward(
+        self,
+        hidden_states: Tensor,
+        attention_mask: Mask | Tensor | None = None,
+        position_ids: Tensor | None = None,
+        past_key_values: Any = None,
+        **kwargs: Any,
+    ) -> tuple[Tensor, None]:
+        T = hidden_states.shape[1]
+        if position_ids is not None and position_ids.shape[0] == 1:
+            position_ids = position_ids[0]
+        cache = None if past_key_values is None else _HFCache(past_key_values)
+        out = self.attention(
+            hidden_states,
+            positions=position_ids,
+            cache=cache,
+            layer=self.layer_idx,
+            mask=_as_mask(attention_mask, True, T),
+        )
+        return out, None
+
+
+def from_llama_attention(module: nn.Module, config: Any) -> nn.Module:
+    """An ``attnkit.nn.Attention`` (GQA layout, the model's RoPE) with the weights of a
+    Llama-style transformers attention module (``q_proj``, ``k_proj``, ``v_proj``,
+    ``o_proj``). Its mechanism is plain softmax: the model's mask arrives per call."""
+    from attnkit.nn import Attend, Attention, AttentionConfig, Positional
+    from attnkit.positional import Rotary
+
+    missing = [
+        name for name in ("q_proj", "k_proj", "v_proj", "o_proj") if not hasattr(module, name)
+    ]
+    if missing:
+        raise TypeError(
+            f"{type(module).__name__} has no {', '.join(missing)}: only Llama-style attention "
+            "modules (separate q/k/v/o projections, RoPE) can be converted"
+        )
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    layer = Attention(
+        AttentionConfig(
+            d_model=config.hidden_size,
+            n_heads=config.num_attention_heads,
+            n_kv_heads=config.num_key_value_heads,
+            head_dim=head_dim,
+            layout="gqa",
+            mechanism=Attend(scale=getattr(module, "scaling", None)),
+            positional=Positional(rotary=Rotary.from_hf_config(config)),
+            bias=module.q_proj.bias is not None,
+        )
+    )
+    with torch.no_grad():
+        for name in ("q_proj", "k_proj", "v_proj"):
+            getattr(layer.heads, name).load_state_dict(getattr(module, name).state_dict())
+        layer.o_proj.load_state_dict(module.o_proj.state_dict())
+    return layer.to(module.q_proj.weight.dtype)
+
+
+def swap_attention(model: nn.Module, convert: Any = None) -> nn.Module:
+    """Replace every decoder layer's ``self_attn`` of a Llama-style model by an attnkit layer
+    (``from_llama_attention``), optionally transformed by ``convert(layer) -> layer`` (e.g. a
+    GQA→MLA conversion). Returns the model, changed in place."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        raise TypeError(f"{type(model).__name__} has no model.layers: not a decoder-only model")
+    for index, block in enumerate(layers):
+        layer = from_llama_attention(block.self_attn, model.config)
+        if convert is not None:
+            layer = convert(layer)
+        block.self_attn = HFAttention(layer, index)
+    return model
+
+
+def perplexity(model: nn.Module, input_ids: Tensor, implementation: str | None = None) -> float:
+    """Perplexity of a causal LM on ``input_ids [B, T]`` (teacher forcing, one forward):
+    ``exp(mean next-token cross-entropy)``. With ``implementation``, the model's attention
+    implementation is switched to it first (and left so)."""
+    if input_ids.dim() != 2 or input_ids.shape[1] < 2:
+        raise ValueError(f"input_ids must be [B, T] with T >= 2, got {tuple(input_ids.shape)}")
+    if implementation is not None:
+        model.set_attn_implementation(implementation)
+    with torch.no_grad():
+        logits = model(input_ids=input_ids).logits[:, :-1].float()
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), input_ids[:, 1:].flatten())
+    return float(torch.exp(loss))
