@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import attnkit
+import attnkit.testing
 from attnkit import masks, positional, scores
+from attnkit.backends import BACKENDS
+from attnkit.call import AttentionCall
 from attnkit.scores import _log_softplus
 from attnkit.testing import CASES
 
@@ -169,3 +173,169 @@ def test_describe_names_the_parameters() -> None:
     assert scores.sigmoid(bias=-2.0, softcap=5.0).describe() == "sigmoid(bias=-2, softcap=5)"
     assert scores.softplus_l1().describe() == "softplus_l1"
     assert scores.softplus_l1(length_scale=False).describe() == "softplus_l1(length_scale=False)"
+
+
+# -- Cog attention (signed weights) -------------------------------------------------------
+
+
+def cog_formula(q, k, v, allowed=None):
+    """Lv et al. (2024/2025), written out in float64: w_ij = sign(s_ij) e^|s_ij| / sum_k e^|s_ik|
+    over the keys query i sees (0 for a query that sees none)."""
+    q, k, v = q.detach().double(), k.detach().double(), v.detach().double()
+    groups = q.shape[2] // k.shape[2]
+    k, v = k.repeat_interleave(groups, 2), v.repeat_interleave(groups, 2)
+    s = torch.einsum("bihd,bjhd->bhij", q, k) / math.sqrt(q.shape[-1])
+    magnitude = torch.exp(s.abs())
+    if allowed is not None:
+        magnitude = magnitude * allowed
+    z = magnitude.sum(-1, keepdim=True)
+    w = torch.where(z > 0, torch.sign(s) * magnitude / torch.where(z > 0, z, 1.0), 0.0)
+    return torch.einsum("bhij,bjhd->bihd", w, v)
+
+
+def cog_masks(case) -> dict[str, masks.Mask | None]:
+    """One of each mask family, with a fully masked batch row in ``empty_row``."""
+    B, Tq, Tk = case.B, case.Tq, case.Tk
+    ids = torch.repeat_interleave(torch.arange(4), torch.tensor([5, 9, 2, Tk]))[:Tk]
+    lengths = torch.tensor([Tk - 3, Tk // 3, Tk, 1][:B])
+    return {
+        "none": None,
+        "causal": masks.causal(),
+        "window_5_3": masks.sliding_window(5, 3),
+        "sinks_window": masks.causal() & (masks.sinks(3) | masks.sliding_window(6)),
+        "prefix_lm": masks.prefix_lm(torch.tensor([5, Tk // 2, 3, 1][:B])),
+        "documents": masks.documents(
+            ids[Tk - Tq :].expand(B, -1), kv_segment_ids=ids.expand(B, -1)
+        ),
+        "padding_left": masks.key_padding(lengths, side="left"),
+        "empty_row": masks.causal() & masks.key_padding(torch.tensor([Tk // 2, 0, 3, 4][:B])),
+    }
+
+
+def test_cog_reference_is_the_signexp_formula() -> None:
+    q, k, v = inputs("gqa_8_2")
+    expected = cog_formula(q, k, v, allowed=causal_allowed(48, 48))
+    oracle = attnkit.testing.reference_attention(q, k, v, mask=masks.causal(), score=scores.cog())
+    torch.testing.assert_close(oracle, expected)
+    # attention() runs the signed score as two merged positive passes, on every backend
+    got = reference(q, k, v, mask=masks.causal(), score=scores.cog())
+    torch.testing.assert_close(got, expected)
+
+
+def test_cog_with_bias_and_softcap_signs_the_capped_score() -> None:
+    q, k, v = inputs()
+    bias = positional.alibi(4)
+    cap = 2.0
+    s = torch.einsum("bihd,bjhd->bhij", q, k) / math.sqrt(32) + bias.dense(17, 65).double()
+    capped = cap * torch.tanh(s / cap)
+    w = torch.sign(capped) * torch.exp(capped.abs())
+    expected = torch.einsum("bhij,bjhd->bihd", w / w.abs().sum(-1, keepdim=True), v)
+    for backend in ("reference", "chunked"):
+        got = attnkit.attention(q, k, v, score=scores.cog(softcap=cap), bias=bias, backend=backend)
+        torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize(
+    "case", ["self_odd_63", "cross_17x65_b2", "gqa_8_2", "mqa_b2", "decode_1x70"]
+)
+def test_cog_chunked_matches_the_formula_for_every_mask(case: str) -> None:
+    q, k, v = inputs(case)
+    c = CASES[case]
+    for name, mask in cog_masks(c).items():
+        allowed = None if mask is None else mask.dense(c.Tq, c.Tk)
+        expected = cog_formula(q, k, v, allowed=allowed)
+        got = attnkit.attention(q, k, v, mask=mask, score=scores.cog(), backend="chunked")
+        torch.testing.assert_close(got, expected, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize(
+    ("case", "mask", "dtype"),
+    [
+        ("gqa_8_2", "causal", torch.float32),
+        ("cross_17x65_b2", "documents", torch.float32),
+        ("mqa_b2", "empty_row", torch.float32),
+        ("value_dim_48", "sinks_window", torch.float32),
+        ("gqa_8_2", "prefix_lm", torch.bfloat16),
+        ("cross_17x65_b2", "padding_left", torch.bfloat16),
+    ],
+)
+def test_cog_forward_and_backward_under_the_2x_rule(case: str, mask: str, dtype) -> None:
+    q, k, v = CASES[case].make(dtype)
+    options = {"mask": cog_masks(CASES[case])[mask], "score": scores.cog()}
+    for backend in ("chunked", "reference"):
+        fn = partial(attnkit.attention, backend=backend)
+        attnkit.testing.check_against_reference(fn, q, k, v, **options).assert_ok()
+
+
+def test_cog_fully_masked_rows_give_zero_and_zero_gradients() -> None:
+    q, k, v = CASES["cross_17x65_b2"].make(torch.float32)
+    mask = masks.key_padding(torch.tensor([65, 0]))
+    out = attnkit.attention(q, k, v, mask=mask, score=scores.cog(), backend="chunked")
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    out.sum().backward()
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad).all()
+    assert torch.equal(q.grad[1], torch.zeros_like(q.grad[1]))
+
+
+def test_cog_zero_scores_weigh_nothing_but_count_in_the_normaliser() -> None:
+    """sign(0) = 0: a zero query gives out = 0 and lse = log(Tk) (each key adds e^0 = 1)."""
+    _, k, v = inputs()
+    q = torch.zeros(2, 17, 4, 32, dtype=torch.float64)
+    for backend in ("reference", "chunked"):
+        out, aux = attnkit.attention(
+            q, k, v, score=scores.cog(), backend=backend, aux=attnkit.Aux(lse=True)
+        )
+        assert torch.equal(out, torch.zeros_like(out))
+        torch.testing.assert_close(aux.lse, torch.full_like(aux.lse, math.log(65)))
+
+
+def test_cog_lse_is_the_log_of_the_magnitude_sum() -> None:
+    q, k, v = inputs("gqa_8_2")
+    s = torch.einsum("bihd,bjhd->bhij", q, k.repeat_interleave(4, 2)) / math.sqrt(32)
+    expected = torch.logsumexp(s.abs(), dim=-1).transpose(1, 2)  # [B, Tq, Hq]
+    _, aux = attnkit.attention(
+        q, k, v, score=scores.cog(), backend="chunked", aux=attnkit.Aux(lse=True)
+    )
+    torch.testing.assert_close(aux.lse, expected)
+
+
+def test_cog_can_give_negative_weights_softmax_cannot() -> None:
+    """With v = 1 every softmax output is 1; Cog's is sum_j w_ij, which lies in [-1, 1]."""
+    q, k, _ = inputs()
+    v = torch.ones(2, 65, 4, 1, dtype=torch.float64)
+    out = reference(q, k, v, score=scores.cog())
+    assert (out < 0).any() and (out > 0).any() and (out.abs() <= 1).all()
+
+
+def test_fast_backends_that_cannot_run_cog_say_why() -> None:
+    q, k, v = CASES["gqa_8_2"].make(torch.float32, requires_grad=False)
+    for backend, phrase in (("sdpa", "only softmax"), ("flex", "log-sum-exp")):
+        with pytest.raises(ValueError, match=phrase) as error:
+            attnkit.attention(q, k, v, score=scores.cog(), backend=backend)
+        assert "two positive-weight passes" in str(error.value)
+    assert attnkit.explain(q, k, v, score=scores.cog()).chosen == "chunked"
+    # asked directly (as the catalog and the backend matrix do), backends agree
+    call = AttentionCall(q, k, v, score=scores.cog())
+    able = [name for name, backend in BACKENDS.items() if backend.supports(call) is None]
+    assert set(able) >= {"reference", "chunked"} and not {"sdpa", "flex"} & set(able)
+
+
+def test_cog_refuses_unsigned_aux_weights() -> None:
+    q, k, v = inputs()
+    for aux in (attnkit.Aux(weights=True), attnkit.Aux(key_sums=slice(None))):
+        with pytest.raises(ValueError, match="would lose the sign"):
+            attnkit.attention(q, k, v, score=scores.cog(), aux=aux)
+
+
+def test_cog_part_sign_must_be_one_or_minus_one() -> None:
+    with pytest.raises(ValueError, match="sign must be 1 or -1"):
+        scores.CogPart(sign=0)
+
+
+def test_cog_describe() -> None:
+    assert scores.cog().describe() == "cog"
+    assert scores.cog(softcap=5.0).describe() == "cog(softcap=5)"
+    positive, negative = scores.cog(softcap=5.0).halves()
+    assert positive.describe() == "cog(positive part, softcap=5)"
+    assert negative.describe() == "cog(negative part, softcap=5)"

@@ -12,6 +12,7 @@ from attnkit.backends import BACKENDS, Backend
 from attnkit.call import AttentionCall, Aux, AuxOutput
 from attnkit.dispatch import auto_preferences
 from attnkit.masks.base import Mask
+from attnkit.merge import merge
 from attnkit.positional import Bias
 from attnkit.scores import ScoreFunction, Softmax
 
@@ -32,10 +33,37 @@ class Explanation:
         return "\n".join(lines)
 
 
+def _refusal(backend: Backend, call: AttentionCall) -> str | None:
+    """Why ``backend`` cannot run ``call`` (each of its passes), or None."""
+    for part in call.passes():
+        reason = backend.supports(part)
+        if reason and part is not call:
+            return (
+                f"{reason} (the signed score {call.score.describe()} runs as two "
+                "positive-weight passes, each returning its log-sum-exp)"
+            )
+        if reason:
+            return reason
+    return None
+
+
+def _run(backend: Backend, call: AttentionCall) -> tuple[Tensor, Tensor | None]:
+    """Run ``call`` on ``backend``. A signed score (Cog) runs as its two positive-weight
+    halves, merged with the negative half's sign flipped:
+    ``out = (Z+ o+ - Z- o-) / (Z+ + Z-)``, ``lse = log(Z+ + Z-)`` (the LSE merge of
+    DESIGN.md fact 1 applied to ``o+`` and ``-o-``)."""
+    if not call.score.signed:
+        return backend.run(call)
+    (pos, lse_pos), (neg, lse_neg) = (backend.run(part) for part in call.passes())
+    acc = call.accumulation_dtype
+    out, lse = merge(pos.to(acc), lse_pos, -neg.to(acc), lse_neg)
+    return out.to(call.dtype), lse
+
+
 def _select(call: AttentionCall, backend: str) -> tuple[Backend, Explanation]:
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of: auto, {', '.join(BACKENDS)}")
-    rejected = {name: reason for name, b in BACKENDS.items() if (reason := b.supports(call))}
+    rejected = {name: reason for name, b in BACKENDS.items() if (reason := _refusal(b, call))}
     if backend != "auto":
         if backend in rejected:
             able = [n for n in BACKENDS if n not in rejected]
@@ -89,7 +117,8 @@ def attention(
             the fast backends); ``Dv`` may differ from ``D``; ``Tq`` may differ from ``Tk``.
         mask: an ``attnkit.masks`` pattern (``causal()``, ``sliding_window(255) | sinks(4)``, ...).
             Positions are bottom-right aligned: with ``Tq < Tk`` the last query sees the last key.
-        score: an ``attnkit.scores`` function (softmax by default; sigmoid, softplus_l1, softcap).
+        score: an ``attnkit.scores`` function (softmax by default; sigmoid, softplus_l1, softcap,
+            cog). Signed scores (cog) run as two positive-weight passes on the chosen backend.
         bias: an additive ``attnkit.positional`` bias (ALiBi, learned relative bias).
         scale: score scale, ``1 / sqrt(D)`` by default.
         backend: ``"auto"`` or one of ``reference``, ``sdpa``, ``flex``, ``chunked``; a forced
@@ -104,7 +133,7 @@ def attention(
     chosen, explanation = _select(call, backend)
     if backend == "auto":
         _warn_slow_once(explanation)
-    out, lse = chosen.run(call)
+    out, lse = _run(chosen, call)
     out = call.finalize(out, lse)
     if aux is None:
         return out

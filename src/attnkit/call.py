@@ -7,6 +7,7 @@ output becomes the final one (``finalize``), so backends differ only in how they
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -133,8 +134,9 @@ class AttentionCall:
 
     @property
     def needs_lse(self) -> bool:
-        """True if the backend must return the log-normaliser (for the score or for aux)."""
-        return self.aux.needs_lse or not self.score.normalized
+        """True if the backend must return the log-normaliser (for the score or for aux; a
+        signed score's halves are merged by their lse)."""
+        return self.aux.needs_lse or not self.score.normalized or self.score.signed
 
     # -- validation -----------------------------------------------------------------------
     def _validate(self) -> None:
@@ -203,6 +205,11 @@ class AttentionCall:
             self.bias.check(self.Hq, self.device)
         if not isinstance(self.aux, Aux):
             raise TypeError(f"aux must be attnkit.Aux(...), got {type(self.aux).__name__}")
+        if self.score.signed and (self.aux.weights or self.aux.key_sums is not None):
+            raise ValueError(
+                f"aux weights/key_sums are not available for the signed score "
+                f"{self.score.describe()} (they would lose the sign); ask for aux=Aux(lse=True)"
+            )
 
     # -- the score pipeline (shared by every backend) -------------------------------------
     def log_counts(self) -> Tensor | None:
@@ -214,6 +221,15 @@ class AttentionCall:
         else:
             counts = row_counts(self.mask, self.Tq, self.Tk, self.device)
         return torch.log(counts.clamp_min(1).float())
+
+    def scores(self, s: Tensor, q_idx: Tensor, k_idx: Tensor) -> Tensor:
+        """What the score function weighs: scaled scores ``s = scale * q.k`` of shape
+        ``[B, Hq, len(q_idx), len(k_idx)]`` plus the bias, then soft-capped."""
+        if self.bias is not None:
+            h = torch.arange(self.Hq, device=s.device).view(1, -1, 1, 1)
+            pos = aligned_query_positions(q_idx.view(1, 1, -1, 1), self.Tq, self.Tk)
+            s = s + self.bias.value(h, pos, k_idx.view(1, 1, 1, -1)).to(s.dtype)
+        return self.score.cap(s)
 
     def log_weights(
         self,
@@ -227,13 +243,9 @@ class AttentionCall:
         ``[B, Hq, len(q_idx), len(k_idx)]``; ``q_idx``/``k_idx`` are the raw query/key
         indices of the tile. Masked pairs get ``-inf``. ``log_counts`` is ``self.log_counts()``
         (pass it in to compute it once per call)."""
-        h = torch.arange(self.Hq, device=s.device).view(1, -1, 1, 1)
         q = q_idx.view(1, 1, -1, 1)
         k = k_idx.view(1, 1, 1, -1)
-        if self.bias is not None:
-            pos = aligned_query_positions(q, self.Tq, self.Tk)
-            s = s + self.bias.value(h, pos, k).to(s.dtype)
-        s = self.score.cap(s)
+        s = self.scores(s, q_idx, k_idx)
         counts = None
         if self.score.needs_row_counts:
             lc = self.log_counts() if log_counts is None else log_counts
@@ -253,3 +265,13 @@ class AttentionCall:
             return out
         assert lse is not None, "unnormalised scores need the backend's lse"
         return out * torch.exp(lse).unsqueeze(-1).to(out.dtype)
+
+    def passes(self) -> list[AttentionCall]:
+        """The calls a backend runs for this one: the call itself, or for a signed score
+        (Cog) one call per half (``score.halves()``), each asking for its lse so that
+        ``attention`` can merge them."""
+        if not self.score.signed:
+            return [self]
+        return [
+            dataclasses.replace(self, score=half, aux=Aux(lse=True)) for half in self.score.halves()
+        ]

@@ -10,6 +10,15 @@ with ``lse_i = log sum_j w(s_ij)``. This is DESIGN.md fact 2: any positive weigh
 softmax kernel by feeding it ``log w(s)`` as the score, and the unnormalised forms rescale the
 result by ``exp(lse)``. Backends therefore need only ``log_weight`` and ``normalized``.
 
+Signed weights (Cog attention, ``signed = True``) multiply each weight by ``sign(s)``:
+
+    signed:        out_i = sum_j sign(s_ij) exp(log w(s_ij) - lse_i) v_j
+
+No softmax kernel can produce a negative weight, so ``attnkit.attention`` runs a signed score as
+two positive-weight passes, its ``halves()`` (the positive and the negative part, each with its
+own lse), and merges them with the negative part's sign flipped (``attnkit.merge``). The dense
+reference applies the sign directly.
+
 The score ``s`` a score function sees is ``scale * q.k + bias``, then soft-capped
 (``cap * tanh(s / cap)``) if ``softcap`` is set.
 """
@@ -39,6 +48,9 @@ class ScoreFunction:
     normalized = True
     #: True if ``log_weight`` needs the per-query number of visible keys (``row_counts``).
     needs_row_counts = False
+    #: True if weights carry the score's sign, ``w = sign(s) exp(log_weight(s))`` (Cog); such
+    #: a score also defines ``halves()``.
+    signed = False
 
     def __post_init__(self) -> None:
         if self.softcap is not None and not self.softcap > 0:
@@ -133,6 +145,63 @@ class SoftplusL1(ScoreFunction):
         return f"softplus_l1({', '.join(args)})" if args else "softplus_l1"
 
 
+_LOG2 = math.log(2.0)
+
+
+@dataclass(frozen=True)
+class Cog(ScoreFunction):
+    """Cog attention: signed weights normalised by their magnitudes ("SignExp").
+
+    "More Expressive Attention with Negative Weights" (Lv et al., 2024/2025):
+
+        w_ij = sign(s_ij) exp(|s_ij|) / sum_k exp(|s_ik|),    out_i = sum_j w_ij v_j
+
+    over the keys query ``i`` may see (the authors' code masks ``|s|`` with ``-inf`` before a
+    softmax and multiplies by ``sign(s)``). A key with ``s = 0`` gets weight 0 but still adds
+    ``exp(0) = 1`` to the normaliser; ``lse_i = log sum_k exp(|s_ik|)``. A query that sees no
+    key gets 0. One head can copy (``w > 0``), delete (``w < 0``) and keep out (``w ~ 0``).
+
+    Fast backends run it as ``halves()``: two positive-weight passes over the same keys whose
+    weights ``e^|s| (1 + sign s) / 2`` and ``e^|s| (1 - sign s) / 2`` add up to ``e^|s|`` and
+    differ by ``sign(s) e^|s|``, merged as ``(Z+ o+ - Z- o-) / (Z+ + Z-)``.
+    """
+
+    name = "cog"
+    signed = True
+
+    def log_weight(self, s, Tk, log_counts):
+        return s.abs()
+
+    def halves(self) -> tuple[CogPart, CogPart]:
+        """The positive-score and the negative-score part, each a positive-weight score."""
+        return CogPart(softcap=self.softcap, sign=1), CogPart(softcap=self.softcap, sign=-1)
+
+
+@dataclass(frozen=True)
+class CogPart(ScoreFunction):
+    """One half of ``Cog``: ``w = e^|s| (1 + sign * sign(s)) / 2``, i.e. ``e^|s|`` on the keys
+    whose score has sign ``sign``, ``1/2`` on zero scores (so the halves' normalisers add up to
+    Cog's) and 0 elsewhere. Used by ``attnkit.attention``; not meant to be called directly."""
+
+    sign: int = 1
+    name = "cog_part"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.sign not in (1, -1):
+            raise ValueError(f"CogPart sign must be 1 or -1, got {self.sign!r}")
+
+    def log_weight(self, s, Tk, log_counts):
+        own = s * self.sign  # |s| where the score has this half's sign
+        half = torch.where(own == 0, own - _LOG2, torch.full_like(own, float("-inf")))
+        return torch.where(own > 0, own, half)
+
+    def describe(self) -> str:
+        part = "positive" if self.sign > 0 else "negative"
+        cap = "" if self.softcap is None else f", softcap={self.softcap:g}"
+        return f"cog({part} part{cap})"
+
+
 def softmax(softcap: float | None = None) -> ScoreFunction:
     """Softmax attention (the default). ``softcap`` enables tanh logit capping (Gemma 2)."""
     return Softmax(softcap=softcap)
@@ -146,6 +215,12 @@ def sigmoid(bias: float | None = None, softcap: float | None = None) -> ScoreFun
 def softplus_l1(length_scale: bool = True, softcap: float | None = None) -> ScoreFunction:
     """Softplus + l1 attention with log-length scaling (LSSA). See ``SoftplusL1``."""
     return SoftplusL1(softcap=softcap, length_scale=length_scale)
+
+
+def cog(softcap: float | None = None) -> ScoreFunction:
+    """Cog attention with signed weights ``sign(s) e^|s| / sum e^|s|`` (Lv et al., 2024/2025).
+    See ``Cog``."""
+    return Cog(softcap=softcap)
 
 
 def softcap(cap: float) -> ScoreFunction:

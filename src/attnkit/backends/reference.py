@@ -4,6 +4,7 @@ s    = scale * q k^T                      [B, Hq, Tq, Tk]  (k/v heads repeated f
 lw   = log w(softcap(s + bias)), -inf where the mask forbids
 lse  = logsumexp_j lw                     [B, Hq, Tq]
 p    = exp(lw - lse)                      (0 on masked pairs and fully masked rows)
+p    = sign(softcap(s + bias)) * p        (signed scores only: Cog)
 out  = p v, times exp(lse) for unnormalised scores (sigmoid)
 """
 
@@ -16,12 +17,15 @@ from attnkit.backends.base import Backend
 from attnkit.call import AttentionCall
 
 
-def normalize_rows(lw: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+def normalize_rows(lw: Tensor, v: Tensor, sign: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Row-normalised output and log-normaliser for log-weights ``lw [..., Tq, Tk]`` and values
-    ``v [..., Tk, Dv]``. Rows with no finite entry give ``out = 0``, ``lse = -inf``."""
+    ``v [..., Tk, Dv]``; ``sign`` (like ``lw``) multiplies the weights of signed scores. Rows
+    with no finite entry give ``out = 0``, ``lse = -inf``."""
     lse = torch.logsumexp(lw, dim=-1)
     lse_safe = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
     p = torch.exp(lw - lse_safe.unsqueeze(-1))
+    if sign is not None:
+        p = p * sign
     return p @ v, lse
 
 
@@ -43,7 +47,8 @@ def reference_forward(
     q_idx = torch.arange(call.Tq, device=call.device)
     k_idx = torch.arange(call.Tk, device=call.device)
     lw = call.log_weights(s, q_idx, k_idx)
-    out, lse = normalize_rows(lw, v)
+    sign = torch.sign(call.scores(s, q_idx, k_idx)) if call.score.signed else None
+    out, lse = normalize_rows(lw, v, sign)
     lse_dtype = torch.float64 if compute_dtype == torch.float64 else torch.float32
     return out.transpose(1, 2).to(call.dtype), lse.transpose(1, 2).to(lse_dtype)
 
