@@ -321,11 +321,22 @@ def test_fast_backends_that_cannot_run_cog_say_why() -> None:
     assert set(able) >= {"reference", "chunked"} and not {"sdpa", "flex"} & set(able)
 
 
-def test_cog_refuses_unsigned_aux_weights() -> None:
+def test_cog_aux_weights_keep_their_sign_and_reproduce_the_output() -> None:
     q, k, v = inputs()
-    for aux in (attnkit.Aux(weights=True), attnkit.Aux(key_sums=slice(None))):
-        with pytest.raises(ValueError, match="would lose the sign"):
-            attnkit.attention(q, k, v, score=scores.cog(), aux=aux)
+    out, extra = attnkit.attention(
+        q,
+        k,
+        v,
+        mask=masks.causal(),
+        score=scores.cog(),
+        aux=attnkit.Aux(weights=True, key_sums=slice(-3, None)),
+    )
+    w = extra.weights  # [B, Hq, Tq, Tk], signed
+    assert (w < 0).any() and (w > 0).any()
+    groups = q.shape[2] // v.shape[2]
+    expected = torch.einsum("bhqk,bkhd->bqhd", w, v.repeat_interleave(groups, dim=2))
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(extra.key_sums, w[:, :, -3:].sum(2).float(), atol=1e-5, rtol=1e-5)
 
 
 def test_cog_part_sign_must_be_one_or_minus_one() -> None:

@@ -1,7 +1,8 @@
 """Aux outputs computed from a backend's log-normaliser, tile by tile.
 
 Given ``lse_i``, the weight of pair (i, j) is ``exp(log w_ij - lse_i)`` (normalised scores) or
-``exp(log w_ij)`` (unnormalised), so weights and per-key sums need only a second pass over
+``exp(log w_ij)`` (unnormalised), times ``sign(s_ij)`` for signed scores (Cog: weights and
+per-key sums keep their sign), so weights and per-key sums need only a second pass over
 ``q k^T`` for the queries asked about — never a stored ``Tq × Tk`` matrix (except when the
 weights themselves are requested).
 """
@@ -50,6 +51,8 @@ def _weight_tiles(call: AttentionCall, lse: Tensor, q_idx: Tensor):
             s = (q @ k[:, :, cols].transpose(-1, -2)) * call.scale
             lw = call.log_weights(s, rows, cols, log_counts=log_counts)
             w = torch.exp(lw - row_lse) if call.score.normalized else torch.exp(lw)
+            if call.score.signed:
+                w = w * torch.sign(call.scores(s, rows, cols))
             yield slice(qs, qs + rows.numel()), slice(ks, ks + cols.numel()), w
 
 

@@ -205,11 +205,6 @@ class AttentionCall:
             self.bias.check(self.Hq, self.device)
         if not isinstance(self.aux, Aux):
             raise TypeError(f"aux must be attnkit.Aux(...), got {type(self.aux).__name__}")
-        if self.score.signed and (self.aux.weights or self.aux.key_sums is not None):
-            raise ValueError(
-                f"aux weights/key_sums are not available for the signed score "
-                f"{self.score.describe()} (they would lose the sign); ask for aux=Aux(lse=True)"
-            )
 
     # -- the score pipeline (shared by every backend) -------------------------------------
     def log_counts(self) -> Tensor | None:

@@ -92,6 +92,11 @@ def estimated_costs(call: AttentionCall) -> dict[str, tuple[float, str]]:
     if plain and call.mask is None and not grad and half and in_cache:
         chunked = CHUNKED_HALF_DENSE
     costs["chunked"] = (chunked, f"computes {live:.0%} of {BLOCK_Q}x{BLOCK_K} tiles")
+    passes = len(call.passes())
+    if passes > 1:  # a signed score runs once per sign
+        costs = {
+            name: (cost * passes, f"{why}, {passes} passes") for name, (cost, why) in costs.items()
+        }
     return costs
 
 
