@@ -1,0 +1,90 @@
+"""Positional schemes: additive score biases and rotary embeddings.
+
+Biases (``Bias`` subclasses, passed as ``attnkit.attention(..., bias=...)``; they run on every
+backend):
+
+- ``alibi`` — ALiBi (Press et al., 2022)
+- ``relative_bias`` — learned scalar per clipped offset (Shaw et al., 2018)
+- ``t5_bias`` — T5's bucketed relative bias (Raffel et al., 2020)
+- ``kerple`` — KERPLE power / log kernels (Chi et al., 2022)
+- ``grid_position_bias`` — ConViT's positional scores on a patch grid (d'Ascoli et al., 2021)
+
+Applied to q/k or wrapping attention:
+
+- ``Rotary`` — RoPE (Su et al., 2021) with linear / NTK / dynamic NTK / YaRN scaling
+- ``relative_attention`` — Music Transformer relative attention with the skew (Huang et al., 2018)
+- ``gated_positional_attention`` / ``GPSA`` — ConViT's gated positional self-attention
+"""
+
+# The base class first: attnkit.api (imported by gpsa) reads Bias from this package.
+from attnkit.positional.bias import Bias  # isort: skip
+from attnkit.positional.alibi import ALiBi, alibi, alibi_slopes
+from attnkit.positional.gpsa import (
+    GPSA,
+    GridPositionBias,
+    gated_positional_attention,
+    gated_positional_attention_reference,
+    grid_position_bias,
+    grid_relative_positions,
+    locality_init,
+)
+from attnkit.positional.kerple import KERNELS, Kerple, kerple
+from attnkit.positional.learned import (
+    RelativePositionBias,
+    T5RelativeBias,
+    relative_bias,
+    t5_bias,
+    t5_relative_bucket,
+)
+from attnkit.positional.relative import (
+    relative_attention,
+    relative_attention_reference,
+    relative_logits,
+    relative_logits_gather,
+)
+from attnkit.positional.rotary import (
+    HF_ROPE_TYPES,
+    LAYOUTS,
+    SCALINGS,
+    DynamicNTKScaling,
+    LinearScaling,
+    NTKScaling,
+    Rotary,
+    YaRNScaling,
+    rotary_reference,
+)
+
+__all__ = [
+    "GPSA",
+    "HF_ROPE_TYPES",
+    "KERNELS",
+    "LAYOUTS",
+    "SCALINGS",
+    "ALiBi",
+    "Bias",
+    "DynamicNTKScaling",
+    "GridPositionBias",
+    "Kerple",
+    "LinearScaling",
+    "NTKScaling",
+    "RelativePositionBias",
+    "Rotary",
+    "T5RelativeBias",
+    "YaRNScaling",
+    "alibi",
+    "alibi_slopes",
+    "gated_positional_attention",
+    "gated_positional_attention_reference",
+    "grid_position_bias",
+    "grid_relative_positions",
+    "kerple",
+    "locality_init",
+    "relative_attention",
+    "relative_attention_reference",
+    "relative_bias",
+    "relative_logits",
+    "relative_logits_gather",
+    "rotary_reference",
+    "t5_bias",
+    "t5_relative_bucket",
+]
