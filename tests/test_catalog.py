@@ -10,7 +10,7 @@ import torch
 
 import attnkit
 from attnkit import catalog
-from attnkit.testing import check_against_reference
+from attnkit.testing import check_against_reference, check_function
 
 SPECS = {
     "self": catalog.InputSpec(B=2, Tq=48, Tk=48, Hq=4, Hkv=2, D=16),
@@ -18,8 +18,12 @@ SPECS = {
 }
 
 
+def _of_kind(kind: str) -> list[str]:
+    return [name for name, m in catalog.MECHANISMS.items() if m.kind == kind]
+
+
 @pytest.mark.parametrize("shape", SPECS)
-@pytest.mark.parametrize("name", list(catalog.MECHANISMS))
+@pytest.mark.parametrize("name", _of_kind("attention"))
 def test_mechanism_matches_reference(name: str, shape: str) -> None:
     mechanism = catalog.get(name)
     spec = SPECS[shape]
@@ -27,6 +31,45 @@ def test_mechanism_matches_reference(name: str, shape: str) -> None:
     backend = mechanism.backend or "reference"
     fn = partial(attnkit.attention, backend=backend)
     check_against_reference(fn, q, k, v, grads=False, **mechanism.build(spec)).assert_ok()
+
+
+@pytest.mark.parametrize("shape", SPECS)
+@pytest.mark.parametrize("name", _of_kind("function"))
+def test_function_mechanism_matches_its_reference(name: str, shape: str) -> None:
+    mechanism = catalog.get(name)
+    spec = SPECS[shape]
+    q, k, v = spec.make_inputs()
+    fast, reference = mechanism.run(spec), mechanism.reference(spec)
+    report = check_function(fast, reference, {"q": q, "k": k, "v": v})
+    report.assert_ok()
+
+
+@pytest.mark.parametrize("name", _of_kind("layer"))
+def test_layer_mechanism_maps_tokens_to_tokens_with_gradients(name: str) -> None:
+    spec = SPECS["self"]
+    torch.manual_seed(0)
+    layer = catalog.get(name).layer(spec)
+    x = torch.randn(spec.B, spec.Tq, spec.Hq * spec.D, requires_grad=True)
+    out = layer(x)
+    assert out.shape == x.shape and out.isfinite().all()
+    out.square().sum().backward()
+    assert x.grad.isfinite().all() and x.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in layer.parameters() if p.requires_grad)
+
+
+def test_register_needs_exactly_one_kind() -> None:
+    def paper(name: str) -> catalog.Mechanism:
+        return catalog.Mechanism(name, "exact", "T — A (2020)", "s")
+
+    with pytest.raises(ValueError, match="exactly one of build"):
+        catalog.register(paper("nothing"))
+    with pytest.raises(ValueError, match="exactly one of build"):
+        catalog.register(
+            catalog.Mechanism("two", "exact", "T — A (2020)", "s", build=dict, layer=dict)
+        )
+    with pytest.raises(ValueError, match="needs both run and reference"):
+        catalog.register(catalog.Mechanism("half", "exact", "T — A (2020)", "s", run=dict))
+    assert not {"nothing", "two", "half"} & set(catalog.MECHANISMS)
 
 
 @pytest.mark.parametrize("name", list(catalog.MECHANISMS))
@@ -100,9 +143,10 @@ def test_register_adds_a_mechanism() -> None:
 
 
 def test_backends_for_probes_supports() -> None:
-    for name in catalog.MECHANISMS:
+    for name, mechanism in catalog.MECHANISMS.items():
         for grad in (False, True):
-            assert "reference" in catalog.backends_for(catalog.get(name), grad=grad)
+            found = catalog.backends_for(mechanism, grad=grad)
+            assert ("reference" in found) == (mechanism.kind == "attention"), name
     # SDPA computes softmax only.
     assert "sdpa" in catalog.backends_for(catalog.get("causal"))
     assert "sdpa" not in catalog.backends_for(catalog.get("sigmoid"))

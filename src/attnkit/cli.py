@@ -74,13 +74,12 @@ def list_mechanisms(
     for mechanism in catalog.MECHANISMS.values():
         if family is not None and mechanism.family != family:
             continue
-        table.add_row(
-            mechanism.name,
-            mechanism.family,
-            mechanism.paper,
-            ", ".join(catalog.backends_for(mechanism, grad=False)) or "none",
-            ", ".join(catalog.backends_for(mechanism, grad=True)) or "none",
-        )
+        if mechanism.kind == "attention":
+            forward = ", ".join(catalog.backends_for(mechanism, grad=False)) or "none"
+            backward = ", ".join(catalog.backends_for(mechanism, grad=True)) or "none"
+        else:  # its own code, calling attention with backend="auto" where it attends
+            forward = backward = f"own {mechanism.kind}"
+        table.add_row(mechanism.name, mechanism.family, mechanism.paper, forward, backward)
     _console().print(table)
 
 

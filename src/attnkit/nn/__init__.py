@@ -1,5 +1,33 @@
-"""Layers built on ``attnkit.attention``: ``Attend`` (the per-head attention call)."""
+"""Layers built on ``attnkit.attention``: a configurable ``Attention`` layer, a Llama-style
+``TransformerBlock`` and a small decoder ``TinyLM``; every part is chosen by name.
+
+    from attnkit import nn as ak
+    config = ak.AttentionConfig(d_model=256, n_heads=8, n_kv_heads=2, mechanism="sliding_window")
+    model = ak.TinyLM(ak.TinyLMConfig(vocab_size=256, n_layers=4, attention=config))
+"""
 
 from attnkit.nn.attend import Attend
+from attnkit.nn.attention import (
+    POSITIONAL,
+    Attention,
+    AttentionConfig,
+    Cache,
+    DenseCache,
+    Positional,
+    mechanism_attend,
+)
+from attnkit.nn.model import TinyLM, TinyLMConfig, TransformerBlock
 
-__all__ = ["Attend"]
+__all__ = [
+    "POSITIONAL",
+    "Attend",
+    "Attention",
+    "AttentionConfig",
+    "Cache",
+    "DenseCache",
+    "Positional",
+    "TinyLM",
+    "TinyLMConfig",
+    "TransformerBlock",
+    "mechanism_attend",
+]

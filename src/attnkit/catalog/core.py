@@ -1,131 +1,14 @@
-"""The catalog: named attention mechanisms as data.
-
-Each ``Mechanism`` says where it comes from (paper) and how to ask ``attnkit.attention`` for it:
-``build(spec)`` returns the keyword arguments (``mask``, ``score``, ``bias``) for inputs of the
-sizes in ``spec``. The CLI (``attnkit list``), the benchmarks and the tests all read this table,
-so a mechanism added with ``register`` is listed, benchmarked and checked like the built-ins.
-
-    from attnkit import catalog
-    mech = catalog.get("sliding_window")
-    spec = catalog.InputSpec(B=1, Tq=1024, Tk=1024, Hq=8)
-    q, k, v = spec.make_inputs()
-    out = attnkit.attention(q, k, v, **mech.build(spec))
-
-Families follow the sections of the project's mechanism catalog (``FAMILIES``).
-"""
+"""Catalog entries of the core: exact attention, masks, score functions and biases."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from attnkit import masks, positional, scores
-from attnkit.backends import BACKENDS
-from attnkit.call import AttentionCall
-
-#: Family key -> catalog section it comes from.
-FAMILIES: dict[str, str] = {
-    "exact": "Exact kernels and execution (same output as dense softmax attention)",
-    "score": "Score functions and normalisers",
-    "positional": "Positional schemes (additive score biases)",
-    "static sparse": "Static sparse patterns (masks)",
-}
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """Sizes of one attention call: ``q [B, Tq, Hq, D]``, ``k``/``v`` ``[B, Tk, Hkv, D]``."""
-
-    B: int = 1
-    Tq: int = 256
-    Tk: int = 256
-    Hq: int = 4
-    Hkv: int | None = None
-    D: int = 64
-    dtype: torch.dtype = torch.float32
-    device: str = "cpu"
-
-    @property
-    def kv_heads(self) -> int:
-        return self.Hq if self.Hkv is None else self.Hkv
-
-    def make_inputs(
-        self, seed: int = 0, requires_grad: bool = False
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """Seeded ``randn`` q, k, v of these sizes (drawn in float32, then cast)."""
-        g = torch.Generator().manual_seed(seed)
-
-        def draw(T: int, H: int) -> Tensor:
-            x = torch.randn(self.B, T, H, self.D, generator=g).to(self.dtype).to(self.device)
-            return x.requires_grad_(requires_grad)
-
-        return draw(self.Tq, self.Hq), draw(self.Tk, self.kv_heads), draw(self.Tk, self.kv_heads)
-
-
-@dataclass(frozen=True)
-class Mechanism:
-    """A named mechanism of the catalog.
-
-    Attributes:
-        name: registry key (``attnkit list``, ``attnkit bench --mechanisms``).
-        family: a key of ``FAMILIES``.
-        paper: title, authors and year of the paper it comes from.
-        summary: one line on what it computes here.
-        build: ``build(spec) -> dict`` of ``attnkit.attention`` keyword arguments
-            (``mask``/``score``/``bias``) for inputs of the sizes in ``spec``. Every call
-            builds fresh objects, so per-mask caches start empty.
-        backend: the backend the mechanism is defined by, if any (e.g. the memory-efficient
-            chunked algorithm); None means ``"auto"``.
-    """
-
-    name: str
-    family: str
-    paper: str
-    summary: str
-    build: Callable[[InputSpec], dict[str, Any]]
-    backend: str | None = None
-
-
-MECHANISMS: dict[str, Mechanism] = {}
-
-
-def register(mechanism: Mechanism) -> Mechanism:
-    """Add ``mechanism`` to ``MECHANISMS`` (names are unique). Returns it."""
-    if mechanism.name in MECHANISMS:
-        raise ValueError(f"a mechanism named {mechanism.name!r} is already registered")
-    if mechanism.family not in FAMILIES:
-        raise ValueError(
-            f"unknown family {mechanism.family!r} for {mechanism.name!r}; "
-            f"use one of: {', '.join(FAMILIES)}"
-        )
-    MECHANISMS[mechanism.name] = mechanism
-    return mechanism
-
-
-def get(name: str) -> Mechanism:
-    """The mechanism called ``name``; ``KeyError`` lists the known names."""
-    try:
-        return MECHANISMS[name]
-    except KeyError:
-        raise KeyError(
-            f"no mechanism named {name!r}; known mechanisms: {', '.join(sorted(MECHANISMS))}"
-        ) from None
-
-
-def backends_for(mechanism: Mechanism, grad: bool = False) -> list[str]:
-    """Backends whose ``supports`` accepts ``mechanism`` on a small float32 call here
-    (``B=1, T=256, H=4, D=64``), with inputs that require grad when ``grad`` is True."""
-    spec = InputSpec()
-    q, k, v = spec.make_inputs(requires_grad=grad)
-    # Forward-only use runs under no_grad, which also hides learnable bias parameters.
-    with torch.enable_grad() if grad else torch.no_grad():
-        call = AttentionCall(q, k, v, **mechanism.build(spec))
-        return [name for name, backend in BACKENDS.items() if backend.supports(call) is None]
-
+from attnkit.catalog import InputSpec, Mechanism, register
 
 # -- deterministic ingredients for masks that need data --------------------------------------
 
