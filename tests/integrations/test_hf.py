@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -193,3 +195,44 @@ def test_minilm_embeddings_equal_its_sdpa_implementation() -> None:
     expected = embed("sdpa")
     got = embed(hf.register("attnkit"))
     assert (got - expected).abs().max().item() <= 1e-5
+
+
+# -- attnkit layers inside the model: the GQA layers as attnkit.nn, then converted to MLA ------
+
+
+def test_swapped_attnkit_layers_and_their_transmla_conversion_keep_the_logits(
+    smollm2, padded_batch
+) -> None:
+    from attnkit.heads import mla_from_gqa
+
+    model, _ = smollm2
+    expected = logits_with(model, "sdpa", padded_batch)
+    real = padded_batch["attention_mask"].bool()
+    swapped = hf.swap_attention(copy.deepcopy(model))
+    assert isinstance(swapped.model.layers[0].self_attn, hf.HFAttention)
+    got = logits_with(swapped, hf.register("attnkit"), padded_batch)
+    assert (got - expected)[real].abs().max().item() <= 1e-4
+
+    def to_mla(layer):
+        layer.heads = mla_from_gqa(layer.heads)
+        return layer
+
+    converted = hf.swap_attention(copy.deepcopy(model), convert=to_mla)
+    mla = converted.model.layers[0].self_attn.attention.heads
+    gqa_cache = 2 * model.config.num_key_value_heads * model.config.head_dim
+    assert sum(mla.kv_cache_dims().values()) == gqa_cache  # TransMLA: same cache size
+    got = logits_with(converted, hf.register("attnkit"), padded_batch)
+    assert (got - expected)[real].abs().max().item() <= 1e-4
+    with torch.no_grad():
+        converted.set_attn_implementation("attnkit")
+        generated = converted.generate(**padded_batch, max_new_tokens=8, do_sample=False)
+        model.set_attn_implementation("sdpa")
+        reference = model.generate(**padded_batch, max_new_tokens=8, do_sample=False)
+    assert torch.equal(generated, reference)
+
+
+def test_swap_attention_refuses_models_it_cannot_convert() -> None:
+    with pytest.raises(TypeError, match="not a decoder-only model"):
+        hf.swap_attention(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="only Llama-style attention"):
+        hf.from_llama_attention(torch.nn.Linear(2, 2), None)
