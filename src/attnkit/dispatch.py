@@ -14,6 +14,12 @@ T=1024-8192; medians of 3):
 - chunked: forward ~1.4-1.8x dense SDPA per live tile, ~2x more with a score function or bias
   computed in plain PyTorch (sigmoid causal T=1024: 39 vs 18 ms on Flex); with gradients
   ~2.8x dense SDPA's forward+backward per live tile (window 256, T=4096: 254 vs 855 ms).
+- blocksparse (plain softmax): per live tile, float32 ~1.25x dense SDPA forward and ~1.2x
+  forward+backward (SDPA's float32 kernel already runs at ~150-170 of this CPU's ~180 GFLOPS
+  float32 matmul peak); bfloat16 ~0.55x forward and ~0.8x forward+backward (bf16 matmuls reach
+  ~800 GFLOPS, SDPA's bf16 kernel ~165); float16 matmuls have no fast path here (20x slower).
+  Its fixed cost (~0.2 ms of Python and small ops per call) is charged as the pairs dense SDPA
+  would process in that time, so short calls and decoding stay on SDPA.
 - Flex compiles once per shape (seconds), so it is not chosen for short query blocks
   (decoding) or small problems, where compile time would dominate.
 """
@@ -24,6 +30,7 @@ import math
 
 import torch
 
+from attnkit.backends import blocksparse
 from attnkit.backends.chunked import BLOCK_K, BLOCK_Q, MAX_KEYS
 from attnkit.backends.sdpa import is_plain_causal
 from attnkit.call import AttentionCall
@@ -43,6 +50,14 @@ CHUNKED_SCORE = 2.0
 #: Hq=4, T=2048 (8 MB): 25 vs 31; Hq=4, T=4096/8192 (16 MB): 211/858 vs 122/480.
 CHUNKED_HALF_DENSE = 0.85
 CHUNKED_HALF_DENSE_MAX_BUFFER = 8 << 20
+BLOCKSPARSE_PER_LIVE = {  # keyed by (half precision, needs_grad)
+    (False, False): 1.25,
+    (False, True): 1.2,
+    (True, False): 0.55,
+    (True, True): 0.8,
+}
+BLOCKSPARSE_FLOAT16 = 20.0
+BLOCKSPARSE_OVERHEAD_PAIRS = 1.3e5
 #: Below this many (query × key) pairs, or fewer queries than one Flex tile, compile time
 #: outweighs any kernel speedup.
 FLEX_MIN_PAIRS = 512 * 512
@@ -92,6 +107,17 @@ def estimated_costs(call: AttentionCall) -> dict[str, tuple[float, str]]:
     if plain and call.mask is None and not grad and half and in_cache:
         chunked = CHUNKED_HALF_DENSE
     costs["chunked"] = (chunked, f"computes {live:.0%} of {BLOCK_Q}x{BLOCK_K} tiles")
+    live = _live_fraction(call, blocksparse.BLOCK_Q, blocksparse.BLOCK_K)
+    if call.dtype == torch.float16:
+        per_live = BLOCKSPARSE_FLOAT16
+    else:
+        per_live = BLOCKSPARSE_PER_LIVE[call.dtype == torch.bfloat16, grad]
+    overhead = BLOCKSPARSE_OVERHEAD_PAIRS / (call.B * call.Hq * call.Tq * call.Tk)
+    costs["blocksparse"] = (
+        per_live * live + overhead,
+        f"computes {live:.0%} of {blocksparse.BLOCK_Q}x{blocksparse.BLOCK_K} tiles as batched "
+        "matmuls",
+    )
     passes = len(call.passes())
     if passes > 1:  # a signed score runs once per sign
         costs = {

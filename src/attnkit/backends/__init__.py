@@ -6,14 +6,17 @@
 | sdpa        | torch scaled_dot_product_attention, dense softmax                     |
 | flex        | compiled FlexAttention with analytic, cached BlockMasks (forward-only on CPU) |
 | chunked     | online softmax over live key blocks in plain PyTorch, any score, autograd |
+| blocksparse | softmax over live tiles as batched matmuls, explicit backward — CPU speed |
 """
 
 from __future__ import annotations
 
-from attnkit.backends import chunked, flex, reference, sdpa
+from attnkit.backends import blocksparse, chunked, flex, reference, sdpa
 from attnkit.backends.base import Backend
 
-BACKENDS: dict[str, Backend] = {b.BACKEND.name: b.BACKEND for b in (reference, sdpa, flex, chunked)}
+BACKENDS: dict[str, Backend] = {
+    b.BACKEND.name: b.BACKEND for b in (reference, sdpa, flex, chunked, blocksparse)
+}
 
 
 def register_backend(backend: Backend) -> None:

@@ -1,0 +1,275 @@
+"""Block-sparse softmax attention at matmul speed on the CPU, forward and backward.
+
+The FlashAttention algorithm (Dao et al., 2022; FlashAttention-2, Dao, 2023) restricted to the
+live tiles of the mask's block structure (the idea of block-sparse FlashAttention and of
+"Generalized Neighborhood Attention", Hassani et al., 2025: speed-up = 1 / live fraction),
+written as a few large batched matmuls per query block so that MKL/oneDNN do the work:
+
+    for each query block (BLOCK_Q rows, the query heads of a KV group stacked as rows):
+        for each run of consecutive live key tiles (at most MAX_KEYS keys):
+            S  = scale · Q Kᵀ                     one bmm
+            S += tile masks                       only on PARTIAL tiles (cached 0/-inf tiles)
+            P  = exp(S - shift)                   one in-place pass
+            acc += P · V,  sums += rowsum(P)      one bmm and one reduction
+        out = acc / sums,  lse = shift + log(sums)
+
+The shift. Softmax is invariant to a per-row shift; kernels use the running row max, which
+costs a reduction pass and a rescale of the accumulator per key run. Here the shift is 0
+whenever every score is provably in [-BOUND, BOUND] (Cauchy–Schwarz:
+``|s_ij| <= scale·|q_i|·|k_j|``, checked once per call from the row norms): then exp neither
+overflows nor underflows in float32, all runs share one shift and their contributions are just
+summed. Calls whose bound is larger use the running max (online softmax), still exact.
+
+The backward pass (a custom autograd function) recomputes P per tile from the saved
+log-sum-exp, ``P = exp(S - lse)``, and forms ``dV += Pᵀ dO``, ``dS = P ⊙ (dO Vᵀ - Δ)`` with
+``Δ = rowsum(dO ⊙ O)``, ``dQ += dS K``, ``dK += dSᵀ Q`` — FlashAttention-2's backward. GQA
+needs no expansion: a group's query heads are rows of the same matmul, so ``Pᵀ dO`` and
+``dSᵀ Q`` sum over the group by themselves.
+
+Scores: plain softmax (no soft-capping, no bias) — the call pattern of every sparse pattern in
+the catalog. Other score functions run on ``chunked``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from attnkit.backends.base import Backend
+from attnkit.call import AttentionCall
+from attnkit.masks.base import EMPTY, FULL, PARTIAL
+from attnkit.scores import Softmax
+
+#: Tile sizes of the block structure; a query block's score buffer is at most
+#: ``B · Hq · BLOCK_Q · MAX_KEYS`` floats.
+BLOCK_Q = 256
+BLOCK_K = 128
+MAX_KEYS = 512
+#: Largest |score| for which exp needs no shift: e^60 · 2^40 keys stays below float32's max.
+BOUND = 60.0
+
+
+def _runs(kinds_row: list[int]) -> list[tuple[int, int, list[int]]]:
+    """Consecutive live tiles of one query block: ``(first tile, stop tile, partial tiles)``
+    runs of at most ``MAX_KEYS // BLOCK_K`` tiles."""
+    runs: list[tuple[int, int, list[int]]] = []
+    longest = max(1, MAX_KEYS // BLOCK_K)
+    start = None
+    partial: list[int] = []
+    for j, kind in enumerate([*kinds_row, EMPTY]):
+        if start is not None and (kind == EMPTY or j - start == longest):
+            runs.append((start, j, partial))
+            start = None
+        if kind != EMPTY:
+            if start is None:
+                start, partial = j, []
+            if kind == PARTIAL:
+                partial.append(j)
+    return runs
+
+
+class _Plan:
+    """What a call's mask means for this backend: the runs of each query block and, for its
+    partial tiles, which pairs are kept — as a 0/1 factor applied after exp (exact zeros) and
+    as a 0/-inf term for the running max — shaped to broadcast over ``[B, Hkv, G, bq, bk]``."""
+
+    def __init__(self, call: AttentionCall):
+        Tq, Tk = call.Tq, call.Tk
+        n_q, n_k = -(-Tq // BLOCK_Q), -(-Tk // BLOCK_K)
+        self.keep: dict[tuple[int, int], Tensor] = {}
+        self.blocked: dict[tuple[int, int], Tensor] = {}
+        if call.mask is None:
+            self.runs = [_runs([FULL] * n_k) for _ in range(n_q)]
+            return
+        structure = call.mask.blocks(Tq, Tk, BLOCK_Q, BLOCK_K, call.device)
+        self.runs = [_runs(row) for row in structure.union_over_batch_heads().tolist()]
+        mask, device, acc = call.mask, call.device, call.accumulation_dtype
+        Bm, Hm = mask.batch_size, mask.num_heads
+        b = torch.arange(Bm, device=device).view(-1, 1, 1, 1)
+        h = torch.arange(Hm, device=device).view(1, -1, 1, 1)
+        heads = (call.Hkv, call.groups) if Hm > 1 else (1, 1)
+        for i, runs in enumerate(self.runs):
+            for *_, tiles in runs:
+                for j in tiles:  # only partial tiles are evaluated pair by pair
+                    rows = torch.arange(i * BLOCK_Q, min((i + 1) * BLOCK_Q, Tq), device=device)
+                    cols = torch.arange(j * BLOCK_K, min((j + 1) * BLOCK_K, Tk), device=device)
+                    tile = mask.predicate(
+                        b, h, rows.view(1, 1, -1, 1), cols.view(1, 1, 1, -1), Tq, Tk
+                    ).expand(Bm, Hm, rows.numel(), cols.numel())
+                    tile = tile.reshape(Bm, *heads, rows.numel(), cols.numel())
+                    self.keep[i, j] = tile.to(acc)
+                    self.blocked[i, j] = torch.zeros_like(self.keep[i, j]).masked_fill_(
+                        ~tile, float("-inf")
+                    )
+
+
+def _plan(call: AttentionCall) -> _Plan:
+    if call.mask is None:
+        return _Plan(call)
+    key = ("blocksparse", call.Tq, call.Tk, str(call.device), call.accumulation_dtype,
+           call.Hkv, call.groups)  # fmt: skip
+    return call.mask.cached(key, lambda: _Plan(call))
+
+
+def _apply(s: Tensor, tiles: dict[tuple[int, int], Tensor], i: int, run, op: str) -> Tensor:
+    """``s [B, Hkv, G, bq, L]`` with each partial tile of ``run`` combined (``op``: ``add_``
+    or ``mul_``) with its entry of ``tiles``."""
+    first, _, partial = run
+    for j in partial:
+        tile = tiles[i, j]
+        lo = (j - first) * BLOCK_K
+        getattr(s[..., lo : lo + tile.shape[-1]], op)(tile)
+    return s
+
+
+def _scores(q_rows: Tensor, k: Tensor, run) -> Tensor:
+    """Scores ``[B, Hkv, G, bq, L]`` (input dtype) of a query block against a run of tiles."""
+    B, Hkv, G, bq, _ = q_rows.shape
+    keys = k[:, :, run[0] * BLOCK_K : run[1] * BLOCK_K]
+    return (q_rows.reshape(B, Hkv, G * bq, -1) @ keys.transpose(-1, -2)).view(B, Hkv, G, bq, -1)
+
+
+#: exp is ~10x slower on inputs whose result underflows or is -inf (a scalar fallback), so
+#: arguments are clamped here: e^-80 is below every kept weight's rounding, and masked pairs
+#: are zeroed exactly by their 0/1 factor afterwards.
+_EXP_FLOOR = -80.0
+
+
+def _forward(
+    q: Tensor, k: Tensor, v: Tensor, plan: _Plan, shifted: bool, acc: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """``q [B, Hkv, G, Tq, D]`` (pre-scaled), ``k``/``v`` ``[B, Hkv, Tk, D|Dv]`` ->
+    ``out [B, Hkv, G, Tq, Dv]`` (input dtype) and ``lse [B, Hkv, G, Tq]`` (``acc``)."""
+    B, Hkv, G, Tq, _ = q.shape
+    Dv = v.shape[-1]
+    out = torch.empty(B, Hkv, G, Tq, Dv, dtype=v.dtype, device=v.device)
+    lse = torch.empty(B, Hkv, G, Tq, dtype=acc, device=v.device)
+    for i, runs in enumerate(plan.runs):
+        rows = slice(i * BLOCK_Q, min((i + 1) * BLOCK_Q, Tq))
+        q_rows = q[:, :, :, rows]
+        bq = q_rows.shape[3]
+        total = torch.zeros(B, Hkv, G * bq, Dv, dtype=acc, device=v.device)
+        sums = torch.zeros(B, Hkv, G * bq, 1, dtype=acc, device=v.device)
+        # The running max of each row's kept scores (-inf until it sees one); unshifted: 0.
+        shift = torch.full(
+            (B, Hkv, G, bq, 1), -math.inf if shifted else 0.0, dtype=acc, device=v.device
+        )
+        for run in runs:
+            s = _scores(q_rows, k, run)
+            if shifted:
+                s = _apply(s.to(acc), plan.blocked, i, run, "add_")
+                new_shift = torch.maximum(shift, s.amax(dim=-1, keepdim=True))
+                finite = new_shift.nan_to_num(neginf=0.0)
+                rescale = torch.exp(shift - finite).view(B, Hkv, G * bq, 1)
+                total.mul_(rescale)
+                sums.mul_(rescale)
+                shift = new_shift
+                s = s.sub_(finite).clamp_(min=_EXP_FLOOR)
+            # Unshifted scores lie in ±BOUND (masked pairs included), so exp runs in the
+            # input dtype (bfloat16 keeps float32's exponent range) without conversions.
+            p = _apply(s.exp_(), plan.keep, i, run, "mul_").view(B, Hkv, G * bq, -1)
+            sums += p.sum(dim=-1, keepdim=True, dtype=acc)
+            total += (p.to(v.dtype) @ v[:, :, run[0] * BLOCK_K : run[1] * BLOCK_K]).to(acc)
+        sums = sums.view(B, Hkv, G, bq, 1)
+        out[:, :, :, rows] = (
+            total.view(B, Hkv, G, bq, Dv) / sums.clamp_min(torch.finfo(acc).tiny)
+        ).to(v.dtype)
+        lse[:, :, :, rows] = (shift.nan_to_num(neginf=0.0) + torch.log(sums)).squeeze(-1)
+    return out, lse
+
+
+def _backward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    grad_out: Tensor,
+    plan: _Plan,
+    acc: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients w.r.t. the pre-scaled ``q`` and ``k``, ``v`` (shapes as in ``_forward``)."""
+    B, Hkv, G, Tq, D = q.shape
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    dk = torch.zeros(k.shape, dtype=acc, device=q.device)
+    dv = torch.zeros(v.shape, dtype=acc, device=q.device)
+    delta = (grad_out.to(acc) * out.to(acc)).sum(-1, keepdim=True)  # [B, Hkv, G, Tq, 1]
+    finite_lse = torch.where(torch.isneginf(lse), 0.0, lse).unsqueeze(-1)
+    for i, runs in enumerate(plan.runs):
+        rows = slice(i * BLOCK_Q, min((i + 1) * BLOCK_Q, Tq))
+        q_rows, d_rows = q[:, :, :, rows], grad_out[:, :, :, rows]
+        bq = q_rows.shape[3]
+        q_flat = q_rows.reshape(B, Hkv, G * bq, D)
+        d_flat = d_rows.reshape(B, Hkv, G * bq, -1)
+        for run in runs:
+            cols = slice(run[0] * BLOCK_K, run[1] * BLOCK_K)
+            # Kept pairs have s - lse <= 0; masked ones may exceed it, hence the upper clamp
+            # before they are zeroed.
+            s = _scores(q_rows, k, run).to(acc).sub_(finite_lse[:, :, :, rows])
+            p = _apply(s.clamp_(_EXP_FLOOR, -_EXP_FLOOR).exp_(), plan.keep, i, run, "mul_")
+            dp = (d_flat @ v[:, :, cols].transpose(-1, -2)).to(acc).view(p.shape)
+            ds = dp.sub_(delta[:, :, :, rows]).mul_(p).view(B, Hkv, G * bq, -1)
+            p = p.view(B, Hkv, G * bq, -1).to(v.dtype)
+            dv[:, :, cols] += (p.transpose(-1, -2) @ d_flat).to(acc)
+            ds = ds.to(q.dtype)
+            dq[:, :, :, rows] += (ds @ k[:, :, cols]).to(acc).view(B, Hkv, G, bq, D)
+            dk[:, :, cols] += (ds.transpose(-1, -2) @ q_flat).to(acc)
+    return dq, dk, dv
+
+
+class _BlockSparseAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, plan, shifted, acc):  # type: ignore[override]
+        out, lse = _forward(q, k, v, plan, shifted, acc)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.plan, ctx.acc = plan, acc
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):  # type: ignore[override]
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _backward(q, k, v, out, lse, grad_out.contiguous(), ctx.plan, ctx.acc)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+
+
+def needs_shift(call: AttentionCall) -> bool:
+    """True unless every score is provably within ``±BOUND`` (then exp needs no shift) and the
+    input dtype has float32's exponent range (float16 would overflow at e^11)."""
+    if call.dtype == torch.float16:
+        return True
+    with torch.no_grad():
+        q_norm = call.q.detach().float().norm(dim=-1).max()
+        k_norm = call.k.detach().float().norm(dim=-1).max()
+    return bool(call.scale * q_norm * k_norm > BOUND) or not math.isfinite(call.scale)
+
+
+def blocksparse_forward(call: AttentionCall) -> tuple[Tensor, Tensor]:
+    """Run ``call``. Returns ``out [B, Tq, Hq, Dv]`` and ``lse [B, Tq, Hq]``."""
+    B, Hkv, G, Tq = call.B, call.Hkv, call.groups, call.Tq
+    acc = call.accumulation_dtype
+    q = (call.q * call.scale).transpose(1, 2).reshape(B, Hkv, G, Tq, call.D)
+    k = call.k.transpose(1, 2).contiguous()
+    v = call.v.transpose(1, 2).contiguous()
+    out, lse = _BlockSparseAttention.apply(q, k, v, _plan(call), needs_shift(call), acc)
+    out = out.reshape(B, call.Hq, Tq, call.Dv).transpose(1, 2)
+    lse = lse.reshape(B, call.Hq, Tq).transpose(1, 2)
+    return out, lse
+
+
+def _supports(call: AttentionCall) -> str | None:
+    if type(call.score) is not Softmax or call.score.softcap is not None:
+        return f"blocksparse computes plain softmax only (this call uses {call.score.describe()})"
+    if call.bias is not None:
+        return "blocksparse takes no additive bias (use chunked or flex)"
+    return None
+
+
+BACKEND = Backend(
+    name="blocksparse",
+    summary="softmax over live tiles with batched matmuls and an explicit backward (CPU)",
+    supports=_supports,
+    run=blocksparse_forward,
+)
