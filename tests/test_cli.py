@@ -82,3 +82,20 @@ def test_explain_prints_the_chosen_backend(grad: bool) -> None:
 def test_explain_unknown_mechanism_lists_names() -> None:
     result = runner.invoke(app, ["explain", "--mechanism", "nope"], env=WIDE)
     assert result.exit_code != 0 and "sliding_window" in result.output
+
+
+def test_bench_variants_runs_a_tiny_grid(tmp_path) -> None:
+    result = CliRunner().invoke(
+        app,
+        ["bench", "variants", "--lengths", "64", "--mechanisms", "rope,gqa", "--repeats", "1",
+         "--out", str(tmp_path)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "rope" in result.output and (tmp_path / "variants.json").exists()
+    bad = CliRunner().invoke(app, ["bench", "variants", "--mechanisms", "causal"])
+    assert bad.exit_code != 0 and "attnkit bench --mechanisms causal" in bad.output
+
+
+def test_bench_points_layer_mechanisms_to_the_variants_bench(tmp_path) -> None:
+    result = CliRunner().invoke(app, ["bench", "--quick", "--mechanisms", "mla"])
+    assert result.exit_code != 0 and "attnkit bench variants --mechanisms mla" in result.output

@@ -2,6 +2,7 @@
 
 attnkit list [--family "static sparse"]
 attnkit bench [--quick] [--lengths 1024,2048] [--dtypes float32] [--backward] [--out DIR]
+attnkit bench variants [--lengths 1024,4096] [--mechanisms rope,mla] [--backward]
 attnkit explain --mechanism sliding_window --length 4096 [--dtype float32] [--grad]
 """
 
@@ -31,6 +32,12 @@ from attnkit.bench import (
     write_report,
 )
 from attnkit.bench.speed import DTYPES
+from attnkit.bench.variants import (
+    VariantsConfig,
+    run_variants_bench,
+    variants_table,
+    write_variants,
+)
 
 #: The default speed grid; ``explain`` defaults to its sizes.
 _GRID = SpeedConfig()
@@ -108,8 +115,15 @@ def _bench_config(
         raise typer.BadParameter(str(error).strip("'\"")) from None
 
 
-@app.command()
+bench_app = typer.Typer(
+    help="Benchmarks. Without a subcommand: the speed grid of the attention backends."
+)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.callback(invoke_without_command=True)
 def bench(
+    ctx: typer.Context,
     out: Annotated[str, typer.Option(help="folder for bench.json, bench.png, report.md")] = (
         "bench-out"
     ),
@@ -123,6 +137,8 @@ def bench(
     ] = False,
 ) -> None:
     """Time every backend, auto and the SDPA baseline on the speed grid; write a report."""
+    if ctx.invoked_subcommand is not None:
+        return
     config = _bench_config(quick, lengths, dtypes, mechanisms, repeats, backward)
     console = _console()
     console.print(
@@ -154,6 +170,40 @@ def bench(
         f"wrote {paths['json']}, {paths['plot']}, {paths['report']} "
         f"in {time.perf_counter() - start:.0f} s"
     )
+
+
+@bench_app.command("variants")
+def bench_variants(
+    out: Annotated[str, typer.Option(help="folder for variants.json")] = "bench-out",
+    lengths: Annotated[str, typer.Option(help="comma list, e.g. 1024,4096")] = "1024,4096",
+    dtype: Annotated[str, typer.Option(help=", ".join(DTYPES))] = "float32",
+    mechanisms: Annotated[
+        str | None, typer.Option(help="comma list (default: every function/layer mechanism)")
+    ] = None,
+    repeats: Annotated[int, typer.Option(help="timed rounds per cell")] = 5,
+    backward: Annotated[bool, typer.Option(help="time forward+backward")] = False,
+) -> None:
+    """Time the function and layer mechanisms (RoPE, head layouts, gates, ...) against plain
+    causal attention / a plain GQA layer on the same inputs."""
+    overrides: dict = {}
+    if mechanisms is not None:
+        overrides["mechanisms"] = tuple(_split(mechanisms) or [])
+    try:
+        config = VariantsConfig(
+            lengths=tuple(int(t) for t in _split(lengths) or []),
+            dtype=dtype,
+            repeats=repeats,
+            backward=backward,
+            **overrides,
+        )
+    except (KeyError, ValueError) as error:
+        raise typer.BadParameter(str(error).strip("'\"")) from None
+    console = _console()
+    start = time.perf_counter()
+    records = run_variants_bench(config)
+    console.print(variants_table(records))
+    path = write_variants(records, config, out)
+    console.print(f"wrote {path} in {time.perf_counter() - start:.0f} s")
 
 
 @app.command()

@@ -119,7 +119,12 @@ class SpeedConfig:
 
     def __post_init__(self) -> None:
         for name in self.mechanisms:
-            catalog.get(name)
+            kind = catalog.get(name).kind
+            if kind != "attention":
+                raise ValueError(
+                    f"{name!r} is a {kind} mechanism: time it with `attnkit bench variants "
+                    f"--mechanisms {name}`"
+                )
         for dtype in self.dtypes:
             if dtype not in DTYPES:
                 raise ValueError(f"unknown dtype {dtype!r}; use one of: {', '.join(DTYPES)}")
