@@ -92,10 +92,10 @@ def test_bench_variants_runs_a_tiny_grid(tmp_path) -> None:
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "rope" in result.output and (tmp_path / "variants.json").exists()
-    bad = CliRunner().invoke(app, ["bench", "variants", "--mechanisms", "causal"])
+    bad = CliRunner().invoke(app, ["bench", "variants", "--mechanisms", "causal"], env=WIDE)
     assert bad.exit_code != 0 and "attnkit bench --mechanisms causal" in bad.output
 
 
 def test_bench_points_layer_mechanisms_to_the_variants_bench(tmp_path) -> None:
-    result = CliRunner().invoke(app, ["bench", "--quick", "--mechanisms", "mla"])
+    result = CliRunner().invoke(app, ["bench", "--quick", "--mechanisms", "mla"], env=WIDE)
     assert result.exit_code != 0 and "attnkit bench variants --mechanisms mla" in result.output
