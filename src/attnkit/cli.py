@@ -3,6 +3,7 @@
 attnkit list [--family "static sparse"]
 attnkit bench [--quick] [--lengths 1024,2048] [--dtypes float32] [--backward] [--out DIR]
 attnkit bench variants [--lengths 1024,4096] [--mechanisms rope,mla] [--backward]
+attnkit bench sparse [--lengths 4096,8192] [--dtypes float32] [--patterns causal,window_256]
 attnkit explain --mechanism sliding_window --length 4096 [--dtype float32] [--grad]
 """
 
@@ -30,6 +31,14 @@ from attnkit.bench import (
     targets,
     targets_table,
     write_report,
+)
+from attnkit.bench.sparse import (
+    PATTERNS,
+    SparseConfig,
+    run_sparse_bench,
+    sparse_table,
+    sparse_targets,
+    write_sparse,
 )
 from attnkit.bench.speed import DTYPES
 from attnkit.bench.variants import (
@@ -204,6 +213,54 @@ def bench_variants(
     console.print(variants_table(records))
     path = write_variants(records, config, out)
     console.print(f"wrote {path} in {time.perf_counter() - start:.0f} s")
+
+
+@bench_app.command("sparse")
+def bench_sparse(
+    out: Annotated[str, typer.Option(help="folder for sparse.json and sparse.png")] = "bench-out",
+    lengths: Annotated[str, typer.Option(help="comma list")] = "4096,8192,16384,32768",
+    dtypes: Annotated[str, typer.Option(help="comma list")] = "float32,bfloat16",
+    patterns: Annotated[
+        str | None, typer.Option(help=f"comma list of: {', '.join(PATTERNS)}")
+    ] = None,
+    repeats: Annotated[int, typer.Option(help="timed rounds per candidate")] = 3,
+) -> None:
+    """Block-sparse path vs FlexAttention vs SDPA on masks of every density, T = 4k…32k."""
+    overrides: dict = {}
+    if patterns is not None:
+        overrides["patterns"] = tuple(_split(patterns) or [])
+    try:
+        config = SparseConfig(
+            lengths=tuple(int(t) for t in _split(lengths) or []),
+            dtypes=tuple(_split(dtypes) or []),
+            repeats=repeats,
+            **overrides,
+        )
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
+    console = _console()
+    start = time.perf_counter()
+    with Progress(TextColumn("{task.description:<32}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console, transient=True) as progress:  # fmt: skip
+        task = progress.add_task("starting", total=None)
+        cells = run_sparse_bench(
+            config,
+            lambda done, total, label: progress.update(
+                task, completed=done, total=total, description=label
+            ),
+        )
+    console.print(sparse_table(cells))
+    table = Table(title="targets (computed from this run, not asserted)")
+    for column in ("target", "goal", "measured", "verdict", "detail"):
+        table.add_column(column, overflow="fold")
+    for t in sparse_targets(cells):
+        verdict = "n/a" if t.passed is None else "PASS" if t.passed else "FAIL"
+        table.add_row(
+            t.name, t.goal, "—" if t.value is None else f"{t.value:.2f}", verdict, t.detail
+        )
+    console.print(table)
+    paths = write_sparse(cells, config, out)
+    console.print(f"wrote {paths['json']}, {paths['plot']} in {time.perf_counter() - start:.0f} s")
 
 
 @app.command()

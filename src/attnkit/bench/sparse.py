@@ -1,0 +1,334 @@
+"""The block-sparse benchmark: attnkit's block-sparse path vs FlexAttention vs SDPA, T = 4k…32k.
+
+For each pattern, length and dtype, on the same ``q, k, v`` (``B=1, Hq=Hkv=4, D=64``):
+
+- ``blocksparse`` and ``flex``: ``attnkit.attention(..., backend=...)`` with the pattern's mask
+  (Flex gets attnkit's analytic BlockMask);
+- ``sdpa_mask``: SDPA with the pattern as a dense boolean mask (skipped above
+  ``sdpa_mask_max_T``: the mask alone is T² bytes);
+- ``sdpa_dense``: SDPA without a mask — the throughput yardstick (timed once per length and
+  dtype, shared by the patterns); for ``causal`` also ``sdpa_causal`` (``is_causal``);
+- ``local_attention`` (the PyPI package of the same name, if installed) on the window pattern.
+
+Candidates are timed in interleaved rounds; one whose first call takes over ``slow_call_s`` is
+timed once. Derived per cell: the live fraction of the block-sparse tiles, the GNA-style upper
+bound on the speed-up over dense (1 / live fraction), the achieved speed-up
+(``sdpa_dense / blocksparse``) and the efficiency per live tile (their ratio: 1.0 = every live
+tile computed at dense SDPA's throughput).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from rich.table import Table
+from torch import Tensor
+
+from attnkit import catalog, masks
+from attnkit.api import attention
+from attnkit.backends import blocksparse
+from attnkit.bench.measure import median, release_memory, timed
+from attnkit.bench.speed import DTYPES
+from attnkit.masks.base import Mask
+
+
+def _documents(T: int) -> Mask:
+    return catalog.get("documents").build(catalog.InputSpec(Tq=T, Tk=T))["mask"]
+
+
+def _blocks(T: int, size: int = 512) -> Mask:
+    """Block-diagonal attention (chunked local attention): bidirectional inside blocks."""
+    return masks.documents(torch.arange(T).div(size, rounding_mode="floor")[None])
+
+
+#: Pattern name -> mask factory for length T (None = dense).
+PATTERNS: dict[str, Callable[[int], Mask | None]] = {
+    "dense": lambda T: None,
+    "causal": lambda T: masks.causal(),
+    "window_256": lambda T: masks.sliding_window(255),
+    "blocks_512": _blocks,
+    "documents": _documents,
+}
+
+#: Patterns of the "≥ 1.5× faster than Flex" goal.
+FLEX_GOAL_PATTERNS = ("window_256", "blocks_512", "documents")
+
+
+@dataclass(frozen=True)
+class SparseConfig:
+    patterns: tuple[str, ...] = tuple(PATTERNS)
+    lengths: tuple[int, ...] = (4096, 8192, 16384, 32768)
+    dtypes: tuple[str, ...] = ("float32", "bfloat16")
+    B: int = 1
+    H: int = 4
+    D: int = 64
+    repeats: int = 3
+    slow_call_s: float = 2.0
+    sdpa_mask_max_T: int = 16384
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in self.patterns:
+            if name not in PATTERNS:
+                raise ValueError(f"unknown pattern {name!r}; known: {', '.join(PATTERNS)}")
+        for dtype in self.dtypes:
+            if dtype not in DTYPES:
+                raise ValueError(f"unknown dtype {dtype!r}; use one of: {', '.join(DTYPES)}")
+
+
+@dataclass
+class SparseCell:
+    pattern: str
+    T: int
+    dtype: str
+    live_fraction: float
+    times_ms: dict[str, float] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def ms(self, name: str) -> float | None:
+        return self.times_ms.get(name)
+
+    @property
+    def upper_bound(self) -> float:
+        """GNA-style bound on the speed-up over dense: 1 / fraction of live tiles."""
+        return 1.0 / self.live_fraction
+
+    def speedup(self, over: str, of: str = "blocksparse") -> float | None:
+        a, b = self.ms(over), self.ms(of)
+        return None if a is None or b is None else a / b
+
+    @property
+    def efficiency(self) -> float | None:
+        """Achieved speed-up over dense SDPA / the upper bound (1.0 = dense throughput per
+        live tile)."""
+        achieved = self.speedup("sdpa_dense")
+        return None if achieved is None else achieved / self.upper_bound
+
+
+def _local_attention(q: Tensor, k: Tensor, v: Tensor) -> Callable[[], object] | None:
+    if importlib.util.find_spec("local_attention") is None:
+        return None
+    from local_attention import LocalAttention
+
+    # window_size=w with exact_windowsize is attnkit's sliding_window(w): w + 1 keys
+    module = LocalAttention(
+        window_size=255, causal=True, look_backward=1, exact_windowsize=True,
+        use_rotary_pos_emb=False, autopad=True,
+    )  # fmt: skip
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+    return lambda: module(qt, kt, vt)
+
+
+def _candidates(
+    pattern: str, mask: Mask | None, q: Tensor, k: Tensor, v: Tensor, config: SparseConfig
+) -> tuple[dict[str, Callable[[], object]], dict[str, str]]:
+    T = q.shape[1]
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+    calls: dict[str, Callable[[], object]] = {
+        "blocksparse": lambda: attention(q, k, v, mask=mask, backend="blocksparse"),
+        "flex": lambda: attention(q, k, v, mask=mask, backend="flex"),
+    }
+    skipped: dict[str, str] = {}
+    if pattern == "causal":
+        calls["sdpa_causal"] = lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
+    elif mask is not None and config.sdpa_mask_max_T >= T:
+        dense = mask.dense(T, T)
+        calls["sdpa_mask"] = lambda: F.scaled_dot_product_attention(qt, kt, vt, attn_mask=dense)
+    elif mask is not None:
+        skipped["sdpa_mask"] = f"a dense mask at T={T} is {T * T / 2**30:.1f} GiB"
+    if pattern == "window_256":
+        local = _local_attention(q, k, v)
+        if local is None:
+            skipped["local_attention"] = "package local-attention not installed"
+        else:
+            calls["local_attention"] = local
+    return calls, skipped
+
+
+def _dense_sdpa(q: Tensor, k: Tensor, v: Tensor) -> Callable[[], object]:
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+    return lambda: F.scaled_dot_product_attention(qt, kt, vt)
+
+
+def _time(calls: dict[str, Callable[[], object]], config: SparseConfig) -> dict[str, float]:
+    first = {}
+    for name, call in calls.items():
+        call()  # compiles Flex, builds block masks and plans
+        first[name] = timed(call)
+    rounds = [n for n in calls if first[n] <= config.slow_call_s]
+    times = {n: [first[n]] for n in calls}
+    for _ in range(config.repeats - 1):
+        for name in rounds:
+            times[name].append(timed(calls[name]))
+    return {name: median(values) * 1e3 for name, values in times.items()}
+
+
+def run_sparse_bench(
+    config: SparseConfig, progress: Callable[[int, int, str], None] | None = None
+) -> list[SparseCell]:
+    cells: list[SparseCell] = []
+    total = len(config.patterns) * len(config.lengths) * len(config.dtypes)
+    for dtype in config.dtypes:
+        for T in config.lengths:
+            g = torch.Generator().manual_seed(config.seed + T)
+            q, k, v = (
+                torch.randn(config.B, T, config.H, config.D, generator=g).to(DTYPES[dtype])
+                for _ in range(3)
+            )
+            with torch.no_grad():
+                dense_ms = _time({"sdpa_dense": _dense_sdpa(q, k, v)}, config)
+                for pattern in config.patterns:
+                    if progress is not None:
+                        progress(len(cells), total, f"{pattern} T={T} {dtype}")
+                    mask = PATTERNS[pattern](T)
+                    live = (
+                        1.0
+                        if mask is None
+                        else mask.blocks(
+                            T, T, blocksparse.BLOCK_Q, blocksparse.BLOCK_K
+                        ).live_fraction()
+                    )
+                    cell = SparseCell(pattern, T, dtype, live)
+                    calls, cell.skipped = _candidates(pattern, mask, q, k, v, config)
+                    cell.times_ms = dense_ms | _time(calls, config)
+                    cells.append(cell)
+                    release_memory()
+    return cells
+
+
+# -- targets, table, plot ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SparseTarget:
+    name: str
+    goal: str
+    value: float | None
+    passed: bool | None
+    detail: str
+
+
+def sparse_targets(cells: list[SparseCell]) -> list[SparseTarget]:
+    """The issue's goals, computed from ``cells`` (worst cell for each)."""
+
+    def worst(rows: list[tuple[float, str]], name: str, goal: str, bar: float) -> SparseTarget:
+        if not rows:
+            return SparseTarget(name, goal, None, None, "no cell measured")
+        value, where = min(rows)
+        return SparseTarget(name, goal, value, value >= bar, f"worst: {where}")
+
+    def label(c: SparseCell) -> str:
+        return f"{c.pattern} T={c.T} {c.dtype}"
+
+    vs_flex = [
+        (s, label(c))
+        for c in cells
+        if c.pattern in FLEX_GOAL_PATTERNS and (s := c.speedup("flex")) is not None
+    ]
+    efficiency = [
+        (e, label(c)) for c in cells if c.pattern != "dense" and (e := c.efficiency) is not None
+    ]
+    causal32 = [
+        (s, label(c))
+        for c in cells
+        if c.pattern == "causal" and c.dtype == "float32" and (s := c.speedup("sdpa_causal"))
+    ]
+    half = [
+        (s, label(c))
+        for c in cells
+        if c.dtype == "bfloat16"
+        and c.pattern in ("dense", "causal")
+        and (s := c.speedup("sdpa_dense" if c.pattern == "dense" else "sdpa_causal"))
+    ]
+    return [
+        worst(vs_flex, "blocksparse vs Flex (window, blocks, documents)", "≥ 1.5×", 1.5),
+        worst(efficiency, "throughput per live tile vs dense SDPA", "≥ 0.70", 0.7),
+        worst(causal32, "causal fp32: blocksparse vs SDPA is_causal", "≥ 1.3×", 1.3),
+        worst(half, "dense and causal bf16: blocksparse vs SDPA bf16", "≥ 1.5×", 1.5),
+    ]
+
+
+def sparse_table(cells: list[SparseCell]) -> Table:
+    names = list(dict.fromkeys(n for c in cells for n in c.times_ms))
+    table = Table(title="block-sparse attention, ms (forward)")
+    for column in ("pattern", "T", "dtype", "live", *names, "vs flex", "bound", "achieved", "eff"):
+        table.add_column(column, justify="left" if column in ("pattern", "dtype") else "right")
+
+    def fmt(x: float | None, spec: str = ".1f") -> str:
+        return "—" if x is None else format(x, spec)
+
+    for c in cells:
+        table.add_row(
+            c.pattern,
+            str(c.T),
+            c.dtype,
+            f"{c.live_fraction:.3f}",
+            *(fmt(c.ms(n)) for n in names),
+            fmt(c.speedup("flex"), ".2f"),
+            fmt(c.upper_bound, ".1f"),
+            fmt(c.speedup("sdpa_dense"), ".1f"),
+            fmt(c.efficiency, ".2f"),
+        )
+    return table
+
+
+def plot_density(cells: list[SparseCell], path: Path) -> None:
+    """Time vs density at the largest length, one panel per dtype: the ideal line (dense SDPA
+    × density), blocksparse, Flex, SDPA with the mask, and dense SDPA."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dtypes = list(dict.fromkeys(c.dtype for c in cells))
+    fig, axes = plt.subplots(1, len(dtypes), figsize=(6 * len(dtypes), 4.2), squeeze=False)
+    for ax, dtype in zip(axes.flat, dtypes, strict=True):
+        T = max(c.T for c in cells if c.dtype == dtype)
+        rows = sorted(
+            (c for c in cells if c.dtype == dtype and c.T == T), key=lambda c: c.live_fraction
+        )
+        dense = rows[0].ms("sdpa_dense")
+        density = [c.live_fraction for c in rows]
+        if dense is not None:
+            ax.plot([0, 1], [0, dense], "k--", label="ideal: dense SDPA × density")
+            ax.axhline(dense, color="gray", linewidth=1, label="SDPA dense")
+        for name, marker in (("blocksparse", "o"), ("flex", "s"), ("sdpa_mask", "^")):
+            points = [(c.live_fraction, c.ms(name)) for c in rows if c.ms(name) is not None]
+            if points:
+                ax.plot(*zip(*points, strict=True), marker=marker, linestyle="-", label=name)
+        for c in rows:
+            ax.annotate(c.pattern, (c.live_fraction, c.ms("blocksparse") or 0), fontsize=7)
+        ax.set_xlabel("density (live 256×128 tiles)")
+        ax.set_ylabel("ms (forward)")
+        ax.set_yscale("log")
+        ax.set_xlim(0, 1.05 if density else 1)
+        ax.set_title(f"T={T}, {dtype}")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_sparse(cells: list[SparseCell], config: SparseConfig, out: str | Path) -> dict[str, Path]:
+    """Write ``sparse.json`` and ``sparse.png`` into ``out``."""
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {"json": folder / "sparse.json", "plot": folder / "sparse.png"}
+    data: dict[str, Any] = {
+        "config": asdict(config),
+        "cells": [asdict(c) | {"efficiency": c.efficiency} for c in cells],
+        "targets": [asdict(t) for t in sparse_targets(cells)],
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+    paths["json"].write_text(json.dumps(data, indent=1))
+    plot_density(cells, paths["plot"])
+    return paths
