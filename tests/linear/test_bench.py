@@ -1,0 +1,53 @@
+"""The linear benchmark's machinery on a tiny grid (no timing assertions)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from attnkit.bench.linear import (
+    LinearBenchConfig,
+    crossing_point,
+    loglog_slope,
+    plot_linear,
+    quick_linear_config,
+    run_linear_bench,
+    write_linear,
+)
+
+
+def test_slope_and_crossing_point() -> None:
+    assert loglog_slope([(1024, 1.0), (2048, 4.0), (4096, 16.0)]) == pytest.approx(2.0)
+    # Ratio 0.5 at 1k, 2 at 4k: crosses 1 halfway on log axes, at 2k; never back below 1.
+    assert crossing_point([(1024, 0.5), (4096, 2.0), (8192, 3.0)]) == pytest.approx(2048)
+    assert crossing_point([(1024, 2.0), (2048, 0.9)]) is None
+    assert crossing_point([(1024, 1.5)]) == 1024
+
+
+def test_tiny_run_records_checks_and_plot(tmp_path) -> None:
+    config = quick_linear_config(
+        mechanisms=("retention",), lengths=(64, 128), peers=False, verify_T=32, decode_steps=2
+    )
+    results = run_linear_bench(config)
+    prefill = [r for r in results.records if r.phase == "prefill"]
+    decode = [r for r in results.records if r.phase == "decode"]
+    assert {(r.T, r.role) for r in prefill} == {
+        (64, "ours"), (128, "ours"), (64, "baseline"), (128, "baseline")
+    }  # fmt: skip
+    ours = [r for r in prefill if r.role == "ours"]
+    assert all(r.verified and r.check.startswith("passed") for r in ours)
+    assert all(r.median_ms > 0 and r.ratio > 0 for r in ours)
+    assert {r.candidate for r in decode} == {"recurrent", "sdpa over KV cache"}
+    (row,) = results.summary
+    assert row["mechanism"] == "retention" and math.isfinite(row["slope_ours"])
+    assert plot_linear(results, tmp_path / "linear.png").stat().st_size > 0
+    data, _ = write_linear(results, tmp_path / "out")
+    assert '"summary"' in data.read_text()
+
+
+def test_config_errors() -> None:
+    with pytest.raises(ValueError, match="not a causal mechanism with a chunked form"):
+        LinearBenchConfig(mechanisms=("agent_attention",))
+    with pytest.raises(ValueError, match="unknown dtype"):
+        LinearBenchConfig(dtypes=("float8",))
