@@ -99,3 +99,13 @@ def test_bench_variants_runs_a_tiny_grid(tmp_path) -> None:
 def test_bench_points_layer_mechanisms_to_the_variants_bench(tmp_path) -> None:
     result = CliRunner().invoke(app, ["bench", "--quick", "--mechanisms", "mla"], env=WIDE)
     assert result.exit_code != 0 and "attnkit bench variants --mechanisms mla" in result.output
+
+
+def test_bench_linear_runs_a_tiny_grid(tmp_path) -> None:
+    args = ["bench", "linear", "--lengths", "128", "--dtypes", "float32", "--mechanisms",
+            "linear_attention", "--repeats", "1", "--no-decode", "--out", str(tmp_path)]  # fmt: skip
+    result = runner.invoke(app, args, env=WIDE)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "linear.json").exists() and (tmp_path / "linear.png").exists()
+    bad = runner.invoke(app, ["bench", "linear", "--mechanisms", "agent_attention"], env=WIDE)
+    assert bad.exit_code != 0 and "not a causal mechanism" in bad.output

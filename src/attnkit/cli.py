@@ -4,6 +4,7 @@ attnkit list [--family "static sparse"]
 attnkit bench [--quick] [--lengths 1024,2048] [--dtypes float32] [--backward] [--out DIR]
 attnkit bench variants [--lengths 1024,4096] [--mechanisms rope,mla] [--backward]
 attnkit bench sparse [--lengths 4096,8192] [--dtypes float32] [--patterns causal,window_256]
+attnkit bench linear [--lengths 1024,8192] [--mechanisms gla,retention] [--no-decode]
 attnkit explain --mechanism sliding_window --length 4096 [--dtype float32] [--grad]
 """
 
@@ -32,6 +33,7 @@ from attnkit.bench import (
     targets_table,
     write_report,
 )
+from attnkit.bench.linear import LinearBenchConfig, run_linear_bench, write_linear
 from attnkit.bench.sparse import (
     PATTERNS,
     SparseConfig,
@@ -261,6 +263,81 @@ def bench_sparse(
     console.print(table)
     paths = write_sparse(cells, config, out)
     console.print(f"wrote {paths['json']}, {paths['plot']} in {time.perf_counter() - start:.0f} s")
+
+
+@bench_app.command("linear")
+def bench_linear(
+    out: Annotated[str, typer.Option(help="folder for linear.json and linear.png")] = "bench-out",
+    lengths: Annotated[str, typer.Option(help="comma list")] = (
+        "1024,2048,4096,8192,16384,32768,65536"
+    ),
+    dtypes: Annotated[str, typer.Option(help="comma list")] = "float32,bfloat16",
+    mechanisms: Annotated[str | None, typer.Option(help="comma list of linear mechanisms")] = None,
+    sdpa_max_t: Annotated[int, typer.Option(help="longest T for the SDPA baseline")] = 32768,
+    repeats: Annotated[int, typer.Option(help="timed rounds per candidate")] = 3,
+    decode: Annotated[bool, typer.Option(help="also time decoding per token")] = True,
+) -> None:
+    """Linear/recurrent chunked forms vs SDPA causal (and flash-linear-attention's reference
+    functions when installed): time, memory, crossing point, slopes, decode per token."""
+    overrides: dict = {}
+    if mechanisms is not None:
+        overrides["mechanisms"] = tuple(_split(mechanisms) or [])
+    try:
+        config = LinearBenchConfig(
+            lengths=tuple(int(t) for t in _split(lengths) or []),
+            dtypes=tuple(_split(dtypes) or []),
+            sdpa_max_T=sdpa_max_t,
+            repeats=repeats,
+            decode=decode,
+            **overrides,
+        )
+    except (KeyError, ValueError) as error:
+        raise typer.BadParameter(str(error).strip("'\"")) from None
+    console = _console()
+    start = time.perf_counter()
+    with Progress(TextColumn("{task.description:<40}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console, transient=True) as progress:  # fmt: skip
+        task = progress.add_task("starting", total=None)
+        results = run_linear_bench(
+            config,
+            lambda done, total, label: progress.update(
+                task, completed=done, total=total, description=label
+            ),
+        )
+    table = Table(title="linear/recurrent vs SDPA causal (ratio = SDPA ms / ms)")
+    for column in (
+        "phase",
+        "mechanism",
+        "T",
+        "dtype",
+        "candidate",
+        "ms",
+        "peak MB",
+        "ratio",
+        "note",
+    ):
+        table.add_column(column, overflow="fold")
+    for r in results.records:
+        table.add_row(
+            r.phase, r.mechanism, str(r.T), r.dtype, r.candidate,
+            "—" if r.median_ms is None else f"{r.median_ms:.2f}",
+            "—" if r.peak_mb is None else f"{r.peak_mb:.0f}",
+            "—" if r.ratio is None else f"{r.ratio:.2f}",
+            r.reason or "",
+        )  # fmt: skip
+    console.print(table)
+    summary = Table(title="summary per mechanism (goals: crossing ≤ 2048, ≥ 10× at 32k, slope ≈ 1)")
+    columns = ("mechanism", "dtype", "crossing_T", "ratio_at_32k", "slope_ours", "slope_sdpa",
+               "speedup_vs_peer_at_8k", "decode_slope")  # fmt: skip
+    for column in columns:
+        summary.add_column(column)
+    for row in results.summary:
+        summary.add_row(
+            *(f"{row[c]:.2f}" if isinstance(row[c], float) else str(row[c]) for c in columns)
+        )
+    console.print(summary)
+    data, plot = write_linear(results, out)
+    console.print(f"wrote {data}, {plot} in {time.perf_counter() - start:.0f} s")
 
 
 @app.command()

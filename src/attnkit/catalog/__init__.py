@@ -42,6 +42,7 @@ FAMILIES: dict[str, str] = {
     "positional": "Positional schemes (score biases and rotary embeddings)",
     "heads": "Head layouts (how heads share keys and values, route and mix)",
     "static sparse": "Static sparse patterns (masks)",
+    "linear": "Linear and recurrent attention (fixed-size states, latent/agent tokens)",
     "analysis": "Analysis, interpretability and inference-time calibration",
 }
 
@@ -97,6 +98,8 @@ class Mechanism:
         reference: kind ``function``: ``reference(spec) -> fn``, the readable form of ``run``.
         layer: kind ``layer``: ``layer(spec) -> nn.Module`` mapping ``x [B, Tq, Hq * D]`` to
             the same shape (``spec.kv_heads`` and ``spec.D`` set its heads and head size).
+        cross: False if the mechanism needs ``Tq == Tk`` (self-attention over one sequence,
+            e.g. the recurrent family).
     """
 
     name: str
@@ -108,6 +111,7 @@ class Mechanism:
     run: Callable[[InputSpec], Callable[[Tensor, Tensor, Tensor], Tensor]] | None = None
     reference: Callable[[InputSpec], Callable[[Tensor, Tensor, Tensor], Tensor]] | None = None
     layer: Callable[[InputSpec], Any] | None = None
+    cross: bool = True
 
     @property
     def kind(self) -> str:
@@ -167,7 +171,7 @@ def backends_for(mechanism: Mechanism, grad: bool = False) -> list[str]:
 
 
 # The entries register themselves on import; the order here is the order of `attnkit list`.
-from attnkit.catalog import core, heads, variants  # noqa: E402
+from attnkit.catalog import core, heads, linear, variants  # noqa: E402
 from attnkit.catalog.core import VASWANI, document_segments, padding_lengths  # noqa: E402
 
 __all__ = [
@@ -182,6 +186,7 @@ __all__ = [
     "document_segments",
     "get",
     "heads",
+    "linear",
     "padding_lengths",
     "register",
     "variants",

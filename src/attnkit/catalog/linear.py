@@ -1,0 +1,47 @@
+"""Catalog entries for the linear and recurrent family (issue 5): each runs its chunked form
+(``run``) against its quadratic reference (``reference``) on plain ``q, k, v``; gates, latents
+and feature maps come seeded from the family's registry (``attnkit.linear.MECHANISMS``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import Tensor
+
+from attnkit import linear
+from attnkit.catalog import InputSpec, Mechanism, register
+
+
+def _form(
+    name: str, form: str
+) -> Callable[[InputSpec], Callable[[Tensor, Tensor, Tensor], Tensor]]:
+    def make(spec: InputSpec) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+        mechanism = linear.get(name)
+
+        def run(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            if name.startswith("flare") and k.shape[2] != q.shape[2]:
+                # FLARE's keys act as queries of the latents: one key head per query head
+                groups = q.shape[2] // k.shape[2]
+                k, v = k.repeat_interleave(groups, 2), v.repeat_interleave(groups, 2)
+            return mechanism.run(q, k, v, form=form)
+
+        return run
+
+    return make
+
+
+#: Mechanisms whose queries are their own (a learned query, agents, latents): any Tq works.
+_OWN_QUERIES = {"aaren", "agent_attention", "flare", "flare_causal"}
+
+for _name, _mechanism in linear.MECHANISMS.items():
+    register(
+        Mechanism(
+            _name,
+            "linear",
+            _mechanism.paper,
+            _mechanism.summary,
+            run=_form(_name, "chunked"),
+            reference=_form(_name, "reference"),
+            cross=_name in _OWN_QUERIES,
+        )
+    )
