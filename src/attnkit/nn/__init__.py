@@ -14,8 +14,10 @@ from attnkit.nn.attention import (
     Cache,
     DenseCache,
     Positional,
+    StateCache,
     mechanism_attend,
 )
+from attnkit.nn.linear import LinearAttend
 from attnkit.nn.model import TinyLM, TinyLMConfig, TransformerBlock
 
 __all__ = [
@@ -25,7 +27,9 @@ __all__ = [
     "AttentionConfig",
     "Cache",
     "DenseCache",
+    "LinearAttend",
     "Positional",
+    "StateCache",
     "TinyLM",
     "TinyLMConfig",
     "TransformerBlock",

@@ -30,9 +30,10 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from attnkit import catalog, heads, positional, variants
+from attnkit import catalog, heads, linear, positional, variants
 from attnkit.masks.base import Mask
 from attnkit.nn.attend import Attend
+from attnkit.nn.linear import LinearAttend
 from attnkit.positional import Bias
 
 #: ``name`` or ``(name, options)``: how every part of a layer is chosen.
@@ -58,22 +59,47 @@ class Cache(Protocol):
         ...
 
 
+class StateCache(Protocol):
+    """What a layer with a recurrent mechanism (``attnkit.linear``) needs from a cache."""
+
+    def state(self, layer: int) -> Any:
+        """The layer's carried state (None before the first step)."""
+        ...
+
+    def set_state(self, layer: int, state: Any, new_tokens: int) -> None:
+        """Store the layer's state after ``new_tokens`` more tokens."""
+        ...
+
+    def seen(self, layer: int) -> int: ...
+
+
 @dataclass
 class DenseCache:
-    """A KV cache that keeps every key and value (concatenation per layer)."""
+    """A decoding cache for ``attnkit.nn`` models: every key and value of softmax layers
+    (concatenation per layer) and the fixed-size state of recurrent layers."""
 
     keys: dict[int, Tensor] = field(default_factory=dict)
     values: dict[int, Tensor] = field(default_factory=dict)
+    states: dict[int, Any] = field(default_factory=dict)
+    lengths: dict[int, int] = field(default_factory=dict)
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         if layer in self.keys:
             k = torch.cat([self.keys[layer], k], dim=1)
             v = torch.cat([self.values[layer], v], dim=1)
         self.keys[layer], self.values[layer] = k, v
+        self.lengths[layer] = k.shape[1]
         return k, v
 
     def seen(self, layer: int) -> int:
-        return self.keys[layer].shape[1] if layer in self.keys else 0
+        return self.lengths.get(layer, 0)
+
+    def state(self, layer: int) -> Any:
+        return self.states.get(layer)
+
+    def set_state(self, layer: int, state: Any, new_tokens: int) -> None:
+        self.states[layer] = state
+        self.lengths[layer] = self.seen(layer) + new_tokens
 
 
 @dataclass(frozen=True)
@@ -88,6 +114,20 @@ class _CachedAttend:
 
     def __getattr__(self, name: str) -> Any:  # layouts read mask/score/bias/scale
         return getattr(self.attend, name)
+
+
+@dataclass(frozen=True)
+class _StatefulAttend:
+    """A recurrent mechanism's attend, carrying its state in the cache between calls."""
+
+    attend: LinearAttend
+    cache: StateCache
+    layer: int
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        out, state = self.attend.step(q, k, v, self.cache.state(self.layer))
+        self.cache.set_state(self.layer, state, q.shape[1])
+        return out
 
 
 # -- positional schemes ----------------------------------------------------------------------
@@ -153,6 +193,8 @@ class AttentionConfig:
         head_dim: ``D``; None = ``d_model // n_heads``.
         layout: a name of ``attnkit.heads.LAYOUTS``, or ``(name, options)``.
         mechanism: a catalog name (``attnkit list``) or ``(name, {})``; or an ``Attend``.
+            Names of the linear/recurrent family (``attnkit.linear.MECHANISMS``) run as a
+            ``LinearAttend``: chunked for training, recurrent for decoding.
         positional: a name of ``POSITIONAL`` or ``(name, options)``; or a ``Positional``
             (e.g. ``Positional(rotary=Rotary.from_hf_config(config))``).
         gate: None, ``"headwise"`` or ``"elementwise"``.
@@ -226,6 +268,18 @@ def _positional(config: AttentionConfig, rotary_dim: int) -> Positional:
     return POSITIONAL[name](config.n_heads, rotary_dim, **options)
 
 
+def _linear_name(choice: Choice | Attend) -> str | None:
+    """The linear-family name ``choice`` selects, or None."""
+    if isinstance(choice, Attend):
+        return None
+    name, options = _split(choice)
+    if name not in linear.MECHANISMS:
+        return None
+    if options:
+        raise ValueError(f"linear mechanisms take no options here (got {sorted(options)})")
+    return name
+
+
 class Attention(nn.Module):
     """An attention layer built from an ``AttentionConfig``: ``x [B, T, C] -> [B, T, C]``.
 
@@ -255,6 +309,18 @@ class Attention(nn.Module):
         self.bias_parameters = nn.ParameterList(
             [] if self.positional.bias is None else self.positional.bias.parameters()
         )
+        recurrent = _linear_name(config.mechanism)
+        if recurrent is not None:
+            if self.positional.bias is not None:
+                raise ValueError(
+                    f"{recurrent} has no score matrix to add a positional bias to; "
+                    "use positional='rope' or 'none'"
+                )
+            self.attend = LinearAttend(
+                recurrent, config.n_heads, config.kv_heads, config.dim_per_head
+            )
+            self._init_output(config)
+            return
         attend = mechanism_attend(config.mechanism, config.n_heads, config.backend)
         if self.positional.bias is not None:
             if attend.bias is not None:
@@ -264,6 +330,9 @@ class Attention(nn.Module):
                 )
             attend = replace(attend, bias=self.positional.bias)
         self.attend = attend
+        self._init_output(config)
+
+    def _init_output(self, config: AttentionConfig) -> None:
         value_dim = getattr(self.heads, "value_dim", config.dim_per_head)
         self.gate = (
             None
@@ -285,9 +354,16 @@ class Attention(nn.Module):
         if positions is None:
             positions = torch.arange(past, past + T, device=x.device)
         attend = self.attend
+        if mask is not None and isinstance(attend, LinearAttend):
+            raise ValueError(
+                f"{attend.mechanism.name} takes no mask (its recurrence fixes what each token "
+                "sees); pad on the right and ignore the padded outputs instead"
+            )
         if mask is not None:
             attend = attend.with_options(mask=mask if attend.mask is None else attend.mask & mask)
-        if cache is not None:
+        if cache is not None and isinstance(attend, LinearAttend):
+            attend = _StatefulAttend(attend, cache, layer)
+        elif cache is not None:
             if not self.heads.supports_kv_cache:
                 raise ValueError(
                     f"layout {type(self.heads).__name__} cannot decode with a KV cache (it "
