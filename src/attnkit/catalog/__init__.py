@@ -171,7 +171,7 @@ def backends_for(mechanism: Mechanism, grad: bool = False) -> list[str]:
 
 
 # The entries register themselves on import; the order here is the order of `attnkit list`.
-from attnkit.catalog import core, heads, linear, variants  # noqa: E402
+from attnkit.catalog import core, heads, linear, sparse, variants  # noqa: E402
 from attnkit.catalog.core import VASWANI, document_segments, padding_lengths  # noqa: E402
 
 __all__ = [
@@ -189,5 +189,6 @@ __all__ = [
     "linear",
     "padding_lengths",
     "register",
+    "sparse",
     "variants",
 ]

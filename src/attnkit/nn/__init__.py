@@ -18,6 +18,13 @@ from attnkit.nn.attention import (
     mechanism_attend,
 )
 from attnkit.nn.linear import LinearAttend
+from attnkit.nn.neighborhood import (
+    NeighborhoodAttention,
+    NeighborhoodAttention1d,
+    NeighborhoodAttention2d,
+    NeighborhoodAttention3d,
+    NeighborhoodBias,
+)
 from attnkit.nn.model import TinyLM, TinyLMConfig, TransformerBlock
 
 __all__ = [
@@ -28,6 +35,11 @@ __all__ = [
     "Cache",
     "DenseCache",
     "LinearAttend",
+    "NeighborhoodAttention",
+    "NeighborhoodAttention1d",
+    "NeighborhoodAttention2d",
+    "NeighborhoodAttention3d",
+    "NeighborhoodBias",
     "Positional",
     "StateCache",
     "TinyLM",
