@@ -96,3 +96,15 @@ def median(values: list[float]) -> float:
     ordered = sorted(values)
     mid = len(ordered) // 2
     return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def paired_ratio(numerator: list[float], denominator: list[float]) -> float:
+    """Median over rounds of ``numerator[i] / denominator[i]``.
+
+    Candidates are timed in interleaved rounds, so one round's pair saw the same machine state
+    (another process, a frequency change); the median of per-round ratios is steadier than
+    the ratio of two medians. Lists of different lengths were not timed in the same rounds:
+    then the ratio of medians."""
+    if len(numerator) != len(denominator) or not numerator:
+        return median(numerator) / median(denominator)
+    return median([a / b for a, b in zip(numerator, denominator, strict=True)])

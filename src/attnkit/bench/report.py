@@ -10,7 +10,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from attnkit.bench.measure import median
+from attnkit.bench.measure import paired_ratio
 from attnkit.bench.speed import Record, SpeedResults
 
 JSON_NAME, PLOT_NAME, REPORT_NAME = "bench.json", "bench.png", "report.md"
@@ -168,17 +168,6 @@ def _window_speedup(results: SpeedResults) -> Target:
     return Target(name, goal, f"{best.ratio:.2f}×", best.ratio >= 5, f"{best.backend}")
 
 
-def paired_ratio(slow: Record, fast: Record) -> float:
-    """Median over rounds of ``slow``'s time / ``fast``'s time in the same round.
-
-    Candidates are timed in interleaved rounds, so a round's pair saw the same machine state;
-    the median of per-round ratios is steadier than the ratio of two medians. Falls back to
-    the ratio of medians when the two were not timed in the same rounds."""
-    if len(slow.times_ms) != len(fast.times_ms) or not slow.times_ms:
-        return slow.median_ms / fast.median_ms
-    return median([a / b for a, b in zip(slow.times_ms, fast.times_ms, strict=True)])
-
-
 def _auto_vs_best(results: SpeedResults) -> Target:
     """Auto's time over the best backend's, as two measured parts: the cost of its choice
     (its backend's time over the best's, paired per round) and its decision overhead
@@ -196,7 +185,7 @@ def _auto_vs_best(results: SpeedResults) -> Target:
         chosen = next((r for r in rows if r.role == "backend" and r.backend == chosen_name), None)
         if chosen is None:
             continue
-        choice = paired_ratio(chosen, best)
+        choice = paired_ratio(chosen.times_ms, best.times_ms)
         overhead = (auto.dispatch_ms or 0.0) / best.median_ms
         slowdown = choice + overhead
         if worst is None or slowdown > worst[0]:

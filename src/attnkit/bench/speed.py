@@ -21,7 +21,8 @@ For each cell (mechanism × length T × dtype):
   float64 reference with ``attnkit.testing.check_against_reference`` (the 2× rule). A ratio to
   the baseline is reported only for verified candidates.
 
-Derived numbers: ``ratio = baseline_ms / ms`` (> 1: faster than the baseline), and
+Derived numbers: ``ratio`` = the median over rounds of baseline time / candidate time in the
+same round (> 1: faster than the baseline; ``measure.paired_ratio``), and
 density-adjusted GFLOP/s ``= 2 (D + Dv) · allowed (q, k) pairs over batch and heads / time``
 (forward; × 3.5 for forward + backward), so a kernel that computes masked-out pairs gets no
 credit for them.
@@ -43,7 +44,13 @@ from torch import Tensor
 
 import attnkit
 from attnkit import api, backends, catalog
-from attnkit.bench.measure import median, peak_rss_increase_mb, release_memory, timed
+from attnkit.bench.measure import (
+    median,
+    paired_ratio,
+    peak_rss_increase_mb,
+    release_memory,
+    timed,
+)
 from attnkit.call import AttentionCall
 from attnkit.masks.base import Mask, row_counts
 from attnkit.masks.patterns import Band
@@ -566,21 +573,21 @@ def run_cell(
             c.record.verified, c.record.check, c.record.verified_at_T = verified[key]
 
     flops = attention_flops(kwargs.get("mask"), spec, config.backward)
-    baseline_ms = None
+    baseline = None
     for c in live:
         r = c.record
         r.median_ms = median(r.times_ms)
         r.first_call_s = max(0.0, c.first_s - r.median_ms / 1e3)
         r.gflops = flops / (r.median_ms / 1e3) / 1e9
         if r.role == "baseline":
-            baseline_ms = r.median_ms
+            baseline = r
     fastest_ms = min((c.record.median_ms for c in peers), default=None)
     for c in live:
         r = c.record
         if r.role == "baseline":
             r.ratio = 1.0
-        elif baseline_ms is not None and r.verified:
-            r.ratio = baseline_ms / r.median_ms
+        elif baseline is not None and r.verified:
+            r.ratio = paired_ratio(baseline.times_ms, r.times_ms)
         if r.role == "backend" and fastest_ms:
             history = state.slowdowns.setdefault((mechanism.name, dtype, r.backend), {})
             history[T] = r.median_ms / fastest_ms
