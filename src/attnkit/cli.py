@@ -5,6 +5,7 @@ attnkit bench [--quick] [--lengths 1024,2048] [--dtypes float32] [--backward] [-
 attnkit bench variants [--lengths 1024,4096] [--mechanisms rope,mla] [--backward]
 attnkit bench sparse [--lengths 4096,8192] [--dtypes float32] [--patterns causal,window_256]
 attnkit bench linear [--lengths 1024,8192] [--mechanisms gla,retention] [--no-decode]
+attnkit bench kv [--policies snapkv,streaming_llm] [--budgets 0.2,128]
 attnkit explain --mechanism sliding_window --length 4096 [--dtype float32] [--grad]
 """
 
@@ -33,6 +34,7 @@ from attnkit.bench import (
     targets_table,
     write_report,
 )
+from attnkit.bench.kv import POLICY_NAMES, KVBenchConfig, kv_table, run_kv_bench, write_kv
 from attnkit.bench.linear import LinearBenchConfig, run_linear_bench, write_linear
 from attnkit.bench.sparse import (
     PATTERNS,
@@ -338,6 +340,41 @@ def bench_linear(
     console.print(summary)
     data, plot = write_linear(results, out)
     console.print(f"wrote {data}, {plot} in {time.perf_counter() - start:.0f} s")
+
+
+@bench_app.command("kv")
+def bench_kv(
+    out: Annotated[str, typer.Option(help="folder for kv.json and kv.png")] = "bench-out",
+    policies: Annotated[
+        str | None, typer.Option(help=f"comma list of: {', '.join(POLICY_NAMES)}")
+    ] = None,
+    budgets: Annotated[
+        str, typer.Option(help="comma list: fractions of the prompt (0.2) or token counts (128)")
+    ] = "0.1,0.2,0.5,128,256",
+) -> None:
+    """KV-cache policies on SmolLM2-135M: perplexity, passkey retrieval, bytes kept, decode time."""
+    overrides: dict = {}
+    if policies is not None:
+        overrides["policies"] = tuple(_split(policies) or [])
+    try:
+        parsed = tuple(float(b) if "." in b else int(b) for b in _split(budgets) or [])
+        config = KVBenchConfig(budgets=parsed, **overrides)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
+    console = _console()
+    start = time.perf_counter()
+    with Progress(TextColumn("{task.description:<32}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console, transient=True) as progress:  # fmt: skip
+        task = progress.add_task("loading SmolLM2", total=None)
+        rows = run_kv_bench(
+            config,
+            lambda done, total, label: progress.update(
+                task, completed=done, total=total, description=label
+            ),
+        )
+    console.print(kv_table(rows, config))
+    paths = write_kv(rows, config, out)
+    console.print(f"wrote {paths['json']}, {paths['plot']} in {time.perf_counter() - start:.0f} s")
 
 
 @app.command()

@@ -9,14 +9,15 @@ T=1024-8192; medians of 3):
 - SDPA: causal on square inputs uses ``is_causal`` (~0.6 of dense); a dense mask ~1.1; an
   additive bias goes through a float mask, ~3.4x slower than ``is_causal`` (ALiBi T=1024:
   50 ms vs 10-15 ms) and ~1.6x with gradients.
-- FlexAttention (forward only on the CPU): ~1.7-2.4x dense SDPA per live tile (dense T=1024:
-  25 vs 15 ms; T=2048: 134 vs 56 ms); score functions other than plain softmax ~1.3x more.
+- FlexAttention (forward only on the CPU), per live 128x128 tile: ~1.35x dense SDPA in float32
+  and ~1.75x in bfloat16 with a sparse mask (window 256, causal, documents at T=8192), but
+  ~3.4x without a mask; score functions other than plain softmax ~1.3x more.
 - chunked: forward ~1.4-1.8x dense SDPA per live tile, ~2x more with a score function or bias
   computed in plain PyTorch (sigmoid causal T=1024: 39 vs 18 ms on Flex); with gradients
   ~2.8x dense SDPA's forward+backward per live tile (window 256, T=4096: 254 vs 855 ms).
-- blocksparse (plain softmax): per live tile, float32 ~1.25x dense SDPA forward and ~1.2x
+- blocksparse (plain softmax): per live 256x128 tile, float32 ~1.2x dense SDPA forward and ~1.2x
   forward+backward (SDPA's float32 kernel already runs at ~150-170 of this CPU's ~180 GFLOPS
-  float32 matmul peak); bfloat16 ~0.55x forward and ~0.8x forward+backward (bf16 matmuls reach
+  float32 matmul peak); bfloat16 ~0.6x forward and ~0.8x forward+backward (bf16 matmuls reach
   ~800 GFLOPS, SDPA's bf16 kernel ~165); float16 matmuls have no fast path here (20x slower).
   Its fixed cost (~0.2 ms of Python and small ops per call) is charged as the pairs dense SDPA
   would process in that time, so short calls and decoding stay on SDPA.
@@ -39,7 +40,10 @@ from attnkit.scores import Softmax
 SDPA_CAUSAL = 0.6
 SDPA_DENSE_MASK = 1.1
 SDPA_BIAS = {False: 3.4, True: 1.6}  # keyed by needs_grad
-FLEX_PER_LIVE = 2.0
+FLEX_PER_LIVE = {False: 1.35, True: 1.75}  # keyed by half precision
+#: Flex without a mask (every tile live) is ~2.5x slower per tile than with a sparse mask:
+#: dense T=8192 fp32 1583 ms vs SDPA 462 ms, where causal costs 290 ms at half the tiles.
+FLEX_DENSE = 2.5
 FLEX_SCORE = 1.3
 CHUNKED_PER_LIVE = {False: 1.8, True: 2.8}
 CHUNKED_SCORE = 2.0
@@ -51,11 +55,14 @@ CHUNKED_SCORE = 2.0
 CHUNKED_HALF_DENSE = 0.85
 CHUNKED_HALF_DENSE_MAX_BUFFER = 8 << 20
 BLOCKSPARSE_PER_LIVE = {  # keyed by (half precision, needs_grad)
-    (False, False): 1.25,
+    (False, False): 1.2,
     (False, True): 1.2,
-    (True, False): 0.55,
+    (True, False): 0.6,
     (True, True): 0.8,
 }
+#: Extra cost of a PARTIAL tile (its 0/1 factor, and shorter runs), per tile, keyed by half
+#: precision; fitted at T=8192 fp32 (causal 0.63, window 256 0.088 of dense SDPA).
+BLOCKSPARSE_PARTIAL = {False: 0.25, True: 0.125}
 BLOCKSPARSE_FLOAT16 = 20.0
 BLOCKSPARSE_OVERHEAD_PAIRS = 1.3e5
 #: Below this many (query × key) pairs, or fewer queries than one Flex tile, compile time
@@ -95,7 +102,10 @@ def estimated_costs(call: AttentionCall) -> dict[str, tuple[float, str]]:
         )
     else:
         live = _live_fraction(call, 128, 128)
-        flex = FLEX_PER_LIVE * live * (1.0 if plain else FLEX_SCORE)
+        half = call.dtype in (torch.bfloat16, torch.float16)
+        flex = FLEX_PER_LIVE[half] * live * (1.0 if plain else FLEX_SCORE)
+        if call.mask is None:
+            flex *= FLEX_DENSE
         costs["flex"] = (flex, f"computes {live:.0%} of 128x128 tiles in one compiled kernel")
 
     live = _live_fraction(call, BLOCK_Q, BLOCK_K)
@@ -107,14 +117,20 @@ def estimated_costs(call: AttentionCall) -> dict[str, tuple[float, str]]:
     if plain and call.mask is None and not grad and half and in_cache:
         chunked = CHUNKED_HALF_DENSE
     costs["chunked"] = (chunked, f"computes {live:.0%} of {BLOCK_Q}x{BLOCK_K} tiles")
-    live = _live_fraction(call, blocksparse.BLOCK_Q, blocksparse.BLOCK_K)
+    live, partial = 1.0, 0.0
+    if call.mask is not None:
+        tiles = call.mask.blocks(
+            call.Tq, call.Tk, blocksparse.BLOCK_Q, blocksparse.BLOCK_K, call.device
+        )
+        live, partial = tiles.live_fraction(), tiles.partial_fraction
+    bf16 = call.dtype == torch.bfloat16
     if call.dtype == torch.float16:
         per_live = BLOCKSPARSE_FLOAT16
     else:
-        per_live = BLOCKSPARSE_PER_LIVE[call.dtype == torch.bfloat16, grad]
+        per_live = BLOCKSPARSE_PER_LIVE[bf16, grad]
     overhead = BLOCKSPARSE_OVERHEAD_PAIRS / (call.B * call.Hq * call.Tq * call.Tk)
     costs["blocksparse"] = (
-        per_live * live + overhead,
+        per_live * live + BLOCKSPARSE_PARTIAL[bf16] * partial + overhead,
         f"computes {live:.0%} of {blocksparse.BLOCK_Q}x{blocksparse.BLOCK_K} tiles as batched "
         "matmuls",
     )

@@ -190,11 +190,19 @@ def _dense_sdpa(q: Tensor, k: Tensor, v: Tensor) -> Callable[[], object]:
     return lambda: F.scaled_dot_product_attention(qt, kt, vt)
 
 
-def _time(calls: dict[str, Callable[[], object]], config: SparseConfig) -> dict[str, float]:
+def _time(
+    calls: dict[str, Callable[[], object]], config: SparseConfig, failed: dict[str, str]
+) -> dict[str, float]:
+    """Median ms of each call; a call that raises is recorded in ``failed`` (e.g. inductor's
+    compiled Flex kernel runs out of memory at T=32k) and the others go on."""
     first = {}
-    for name, call in calls.items():
-        call()  # compiles Flex, builds block masks and plans
-        first[name] = timed(call)
+    for name, call in list(calls.items()):
+        try:
+            call()  # compiles Flex, builds block masks and plans
+            first[name] = timed(call)
+        except (RuntimeError, MemoryError) as error:
+            failed[name] = f"{type(error).__name__}: {error}"[:200]
+            del calls[name]
     rounds = [n for n in calls if first[n] <= config.slow_call_s]
     times = {n: [first[n]] for n in calls}
     for _ in range(config.repeats - 1):
@@ -216,7 +224,7 @@ def run_sparse_bench(
                 for _ in range(3)
             )
             with torch.no_grad():
-                dense_ms = _time({"sdpa_dense": _dense_sdpa(q, k, v)}, config)
+                dense_ms = _time({"sdpa_dense": _dense_sdpa(q, k, v)}, config, {})
                 for pattern in config.patterns:
                     if progress is not None:
                         progress(len(cells), total, f"{pattern} T={T} {dtype}")
@@ -230,7 +238,7 @@ def run_sparse_bench(
                     )
                     cell = SparseCell(pattern, T, dtype, live)
                     calls, cell.skipped = _candidates(pattern, mask, q, k, v, config)
-                    cell.times_ms = dense_ms | _time(calls, config)
+                    cell.times_ms = dense_ms | _time(calls, config, cell.skipped)
                     cells.append(cell)
                     release_memory()
     return cells

@@ -62,6 +62,11 @@ class BlockStructure:
         # Read by ``auto`` on every call; the structure is immutable and cached per mask.
         return (self.kinds != EMPTY).float().mean().item()
 
+    @functools.cached_property
+    def partial_fraction(self) -> float:
+        """Fraction of tiles that need the mask applied pair by pair (PARTIAL)."""
+        return (self.kinds == PARTIAL).float().mean().item()
+
     def union_over_batch_heads(self) -> Tensor:
         """``[nq, nk]`` kinds for a kernel that processes every batch and head together:
         a tile is live if any (b, h) needs it, and full only if it is full for all of them."""
