@@ -102,8 +102,9 @@ def test_bench_points_layer_mechanisms_to_the_variants_bench(tmp_path) -> None:
 
 
 def test_bench_linear_runs_a_tiny_grid(tmp_path) -> None:
-    args = ["bench", "linear", "--lengths", "128", "--dtypes", "float32", "--mechanisms",
-            "linear_attention", "--repeats", "1", "--no-decode", "--out", str(tmp_path)]  # fmt: skip
+    options = {"--lengths": "128", "--dtypes": "float32", "--mechanisms": "linear_attention"}
+    args = ["bench", "linear", *(x for item in options.items() for x in item)]
+    args += ["--repeats", "1", "--no-decode", "--out", str(tmp_path)]
     result = runner.invoke(app, args, env=WIDE)
     assert result.exit_code == 0, result.output
     assert (tmp_path / "linear.json").exists() and (tmp_path / "linear.png").exists()

@@ -18,6 +18,7 @@ from attnkit.nn.attention import (
     mechanism_attend,
 )
 from attnkit.nn.linear import LinearAttend
+from attnkit.nn.model import TinyLM, TinyLMConfig, TransformerBlock
 from attnkit.nn.neighborhood import (
     NeighborhoodAttention,
     NeighborhoodAttention1d,
@@ -25,7 +26,6 @@ from attnkit.nn.neighborhood import (
     NeighborhoodAttention3d,
     NeighborhoodBias,
 )
-from attnkit.nn.model import TinyLM, TinyLMConfig, TransformerBlock
 
 __all__ = [
     "POSITIONAL",
