@@ -14,8 +14,9 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import torch
 import typer
@@ -44,13 +45,15 @@ from attnkit.bench.sparse import (
     sparse_targets,
     write_sparse,
 )
-from attnkit.bench.speed import DTYPES
+from attnkit.bench.speed import DTYPES, ProgressFn
 from attnkit.bench.variants import (
     VariantsConfig,
     run_variants_bench,
     variants_table,
     write_variants,
 )
+
+T = TypeVar("T")
 
 #: The default speed grid; ``explain`` defaults to its sizes.
 _GRID = SpeedConfig()
@@ -68,6 +71,23 @@ def _console() -> Console:
     if sys.stdout.isatty() or "COLUMNS" in os.environ:
         return Console()
     return Console(width=200)
+
+
+def _with_progress(console: Console, run: Callable[[ProgressFn], T], first: str = "starting") -> T:
+    """``run(progress)`` under a transient progress bar; ``progress(done, total, label)``."""
+    columns = (
+        TextColumn("{task.description:<40}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task(first, total=None)
+        return run(
+            lambda done, total, label: bar.update(
+                task, completed=done, total=total, description=label
+            )
+        )
 
 
 def _split(text: str | None) -> list[str] | None:
@@ -162,19 +182,7 @@ def bench(
         f"{torch.get_num_threads()} threads"
     )
     start = time.perf_counter()
-    columns = (
-        TextColumn("{task.description:<32}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task("starting", total=None)
-
-        def on_cell(done: int, total: int, label: str) -> None:
-            progress.update(task, completed=done, total=total, description=label)
-
-        results = run_speed_bench(config, progress=on_cell)
+    results = _with_progress(console, lambda progress: run_speed_bench(config, progress=progress))
     console.print(rich_table(results))
     items = targets(results)
     console.print(targets_table(items))
@@ -244,15 +252,7 @@ def bench_sparse(
         raise typer.BadParameter(str(error)) from None
     console = _console()
     start = time.perf_counter()
-    with Progress(TextColumn("{task.description:<32}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=console, transient=True) as progress:  # fmt: skip
-        task = progress.add_task("starting", total=None)
-        cells = run_sparse_bench(
-            config,
-            lambda done, total, label: progress.update(
-                task, completed=done, total=total, description=label
-            ),
-        )
+    cells = _with_progress(console, lambda progress: run_sparse_bench(config, progress))
     console.print(sparse_table(cells))
     table = Table(title="targets (computed from this run, not asserted)")
     for column in ("target", "goal", "measured", "verdict", "detail"):
@@ -297,15 +297,7 @@ def bench_linear(
         raise typer.BadParameter(str(error).strip("'\"")) from None
     console = _console()
     start = time.perf_counter()
-    with Progress(TextColumn("{task.description:<40}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=console, transient=True) as progress:  # fmt: skip
-        task = progress.add_task("starting", total=None)
-        results = run_linear_bench(
-            config,
-            lambda done, total, label: progress.update(
-                task, completed=done, total=total, description=label
-            ),
-        )
+    results = _with_progress(console, lambda progress: run_linear_bench(config, progress))
     table = Table(title="linear/recurrent vs SDPA causal (ratio = SDPA ms / ms)")
     for column in (
         "phase",
@@ -363,15 +355,9 @@ def bench_kv(
         raise typer.BadParameter(str(error)) from None
     console = _console()
     start = time.perf_counter()
-    with Progress(TextColumn("{task.description:<32}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=console, transient=True) as progress:  # fmt: skip
-        task = progress.add_task("loading SmolLM2", total=None)
-        rows = run_kv_bench(
-            config,
-            lambda done, total, label: progress.update(
-                task, completed=done, total=total, description=label
-            ),
-        )
+    rows = _with_progress(
+        console, lambda progress: run_kv_bench(config, progress), first="loading SmolLM2"
+    )
     console.print(kv_table(rows, config))
     paths = write_kv(rows, config, out)
     console.print(f"wrote {paths['json']}, {paths['plot']} in {time.perf_counter() - start:.0f} s")
