@@ -319,20 +319,8 @@ class Attention(nn.Module):
             self.attend = LinearAttend(
                 recurrent, config.n_heads, config.kv_heads, config.dim_per_head
             )
-            self._init_output(config)
-            return
-        attend = mechanism_attend(config.mechanism, config.n_heads, config.backend)
-        if self.positional.bias is not None:
-            if attend.bias is not None:
-                raise ValueError(
-                    f"mechanism already has a bias ({attend.bias!r}); "
-                    f"choose positional='none' or 'rope' with it"
-                )
-            attend = replace(attend, bias=self.positional.bias)
-        self.attend = attend
-        self._init_output(config)
-
-    def _init_output(self, config: AttentionConfig) -> None:
+        else:
+            self.attend = self._softmax_attend(config)
         value_dim = getattr(self.heads, "value_dim", config.dim_per_head)
         self.gate = (
             None
@@ -340,6 +328,18 @@ class Attention(nn.Module):
             else variants.OutputGate(config.d_model, config.n_heads, value_dim, kind=config.gate)
         )
         self.o_proj = nn.Linear(config.n_heads * value_dim, config.d_model, bias=config.bias)
+
+    def _softmax_attend(self, config: AttentionConfig) -> Attend:
+        """The catalog mechanism's ``Attend``, carrying the positional bias if there is one."""
+        attend = mechanism_attend(config.mechanism, config.n_heads, config.backend)
+        if self.positional.bias is None:
+            return attend
+        if attend.bias is not None:
+            raise ValueError(
+                f"mechanism already has a bias ({attend.bias!r}); "
+                f"choose positional='none' or 'rope' with it"
+            )
+        return replace(attend, bias=self.positional.bias)
 
     def forward(
         self,
