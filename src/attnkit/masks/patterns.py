@@ -17,6 +17,16 @@ def _broadcast_index(i: Tensor, size: int) -> Tensor:
     return i if size > 1 else torch.zeros_like(i)
 
 
+def in_band(d: Tensor, lower: int | None, upper: int | None) -> Tensor:
+    """``lower <= d <= upper`` for key offsets ``d = k - position(q)`` (None = unbounded)."""
+    allowed = torch.ones_like(d, dtype=torch.bool)
+    if lower is not None:
+        allowed = allowed & (d >= lower)
+    if upper is not None:
+        allowed = allowed & (d <= upper)
+    return allowed
+
+
 def _kinds(full: Tensor, empty: Tensor) -> Tensor:
     return torch.where(full, FULL, torch.where(empty, EMPTY, PARTIAL)).to(torch.int8)
 
@@ -44,13 +54,7 @@ class Band(Mask):
         self.lower, self.upper, self.name = lower, upper, name
 
     def predicate(self, b, h, q, k, Tq, Tk):
-        d = k - aligned_query_positions(q, Tq, Tk)
-        allowed = torch.ones_like(d, dtype=torch.bool)
-        if self.lower is not None:
-            allowed = allowed & (d >= self.lower)
-        if self.upper is not None:
-            allowed = allowed & (d <= self.upper)
-        return allowed
+        return in_band(k - aligned_query_positions(q, Tq, Tk), self.lower, self.upper)
 
     def tile_kinds(self, q_lo, q_hi, k_lo, k_hi, Tq, Tk):
         d_min = k_lo - aligned_query_positions(q_hi, Tq, Tk)

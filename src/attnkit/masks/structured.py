@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from attnkit.masks.base import Mask, aligned_query_positions
-from attnkit.masks.patterns import _kinds
+from attnkit.masks.patterns import _kinds, in_band
 
 
 def _floordiv(a: Tensor, b: int) -> Tensor:
@@ -33,12 +33,7 @@ class DilatedBand(Mask):
 
     def predicate(self, b, h, q, k, Tq, Tk):
         d = k - aligned_query_positions(q, Tq, Tk)
-        allowed = d % self.dilation == 0
-        if self.lower is not None:
-            allowed = allowed & (d >= self.lower)
-        if self.upper is not None:
-            allowed = allowed & (d <= self.upper)
-        return allowed
+        return in_band(d, self.lower, self.upper) & (d % self.dilation == 0)
 
     def tile_kinds(self, q_lo, q_hi, k_lo, k_hi, Tq, Tk):
         d_min = k_lo - aligned_query_positions(q_hi, Tq, Tk)
