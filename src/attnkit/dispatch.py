@@ -6,18 +6,24 @@ must compute (the mask's analytic block structure). Constants come from ``attnki
 the measurements in the backends' docstrings (2-core CPU, torch 2.13, B=1, H=8, D=64,
 T=1024-8192; medians of 3):
 
-- SDPA: causal on square inputs uses ``is_causal`` (~0.6 of dense); a dense mask ~1.1; an
+- SDPA: causal on square inputs uses ``is_causal`` (~0.53-0.6 of dense); a dense mask ~1.1; an
   additive bias goes through a float mask, ~3.4x slower than ``is_causal`` (ALiBi T=1024:
   50 ms vs 10-15 ms) and ~1.6x with gradients.
 - FlexAttention (forward only on the CPU), per live 128x128 tile: ~1.35x dense SDPA in float32
   and ~1.75x in bfloat16 with a sparse mask (window 256, causal, documents at T=8192), but
-  ~3.4x without a mask; score functions other than plain softmax ~1.3x more.
+  ~3.4x without a mask; score functions other than plain softmax ~1.3x more. Grid masks
+  (neighborhoods, halos) cost ~3.5 more per partial tile: their predicate's index arithmetic
+  runs per pair inside the kernel (2-D 13x13 NA: 109 vs 40 ms at T=4096, 794 vs 236 ms at
+  T=16384 against blocksparse).
 - chunked: forward ~1.4-1.8x dense SDPA per live tile, ~2x more with a score function or bias
   computed in plain PyTorch (sigmoid causal T=1024: 39 vs 18 ms on Flex); with gradients
   ~2.8x dense SDPA's forward+backward per live tile (window 256, T=4096: 254 vs 855 ms).
-- blocksparse (plain softmax): per live 256x128 tile, float32 ~1.2x dense SDPA forward and ~1.2x
-  forward+backward (SDPA's float32 kernel already runs at ~150-170 of this CPU's ~180 GFLOPS
-  float32 matmul peak); bfloat16 ~0.6x forward and ~0.8x forward+backward (bf16 matmuls reach
+- blocksparse (plain softmax), per live tile of its own tile shape: float32 through its
+  compiled kernel ~1.05-1.15x dense SDPA forward and forward+backward (dense T=8192/16384:
+  422/1748 vs 400/1567 ms; SDPA's float32 kernel already runs at ~150-170 of this CPU's ~180
+  GFLOPS float32 matmul peak), plus ~0.4 per partial tile (window 256 at T=8192: 32 ms vs
+  Flex 29, documents 70 vs 69); float32 through batched matmuls
+  (no compiler) ~1.2x; bfloat16 ~0.6x forward and ~0.8x forward+backward (bf16 matmuls reach
   ~800 GFLOPS, SDPA's bf16 kernel ~165); float16 matmuls have no fast path here (20x slower).
   Its fixed cost (~0.2 ms of Python and small ops per call) is charged as the pairs dense SDPA
   would process in that time, so short calls and decoding stay on SDPA.
@@ -35,9 +41,10 @@ from attnkit.backends import blocksparse
 from attnkit.backends.chunked import BLOCK_K, BLOCK_Q, MAX_KEYS
 from attnkit.backends.sdpa import is_plain_causal
 from attnkit.call import AttentionCall
+from attnkit.masks.neighborhood import GridMask
 from attnkit.scores import Softmax
 
-SDPA_CAUSAL = 0.6
+SDPA_CAUSAL = 0.55
 SDPA_DENSE_MASK = 1.1
 SDPA_BIAS = {False: 3.4, True: 1.6}  # keyed by needs_grad
 FLEX_PER_LIVE = {False: 1.35, True: 1.75}  # keyed by half precision
@@ -45,6 +52,7 @@ FLEX_PER_LIVE = {False: 1.35, True: 1.75}  # keyed by half precision
 #: dense T=8192 fp32 1583 ms vs SDPA 462 ms, where causal costs 290 ms at half the tiles.
 FLEX_DENSE = 2.5
 FLEX_SCORE = 1.3
+FLEX_GRID_PARTIAL = 3.5
 CHUNKED_PER_LIVE = {False: 1.8, True: 2.8}
 CHUNKED_SCORE = 2.0
 #: bf16/fp16 forward without a mask: SDPA's half-precision CPU kernel reaches only about a third
@@ -54,15 +62,18 @@ CHUNKED_SCORE = 2.0
 #: Hq=4, T=2048 (8 MB): 25 vs 31; Hq=4, T=4096/8192 (16 MB): 211/858 vs 122/480.
 CHUNKED_HALF_DENSE = 0.85
 CHUNKED_HALF_DENSE_MAX_BUFFER = 8 << 20
-BLOCKSPARSE_PER_LIVE = {  # keyed by (half precision, needs_grad)
-    (False, False): 1.2,
-    (False, True): 1.2,
-    (True, False): 0.6,
-    (True, True): 0.8,
+BLOCKSPARSE_PER_LIVE = {  # keyed by (implementation, needs_grad)
+    ("kernel", False): 1.15,
+    ("kernel", True): 1.15,
+    ("float32", False): 1.2,
+    ("float32", True): 1.2,
+    ("bfloat16", False): 0.6,
+    ("bfloat16", True): 0.8,
 }
-#: Extra cost of a PARTIAL tile (its 0/1 factor, and shorter runs), per tile, keyed by half
-#: precision; fitted at T=8192 fp32 (causal 0.63, window 256 0.088 of dense SDPA).
-BLOCKSPARSE_PARTIAL = {False: 0.25, True: 0.125}
+#: Extra cost of a PARTIAL tile (its 0/1 factor, and shorter runs), per tile; fitted at T=8192
+#: (kernel: window 256 0.062, documents 0.155 of dense SDPA; batched float32: causal 0.63,
+#: window 256 0.088).
+BLOCKSPARSE_PARTIAL = {"kernel": 0.4, "float32": 0.25, "bfloat16": 0.125}
 BLOCKSPARSE_FLOAT16 = 20.0
 BLOCKSPARSE_OVERHEAD_PAIRS = 1.3e5
 #: Below this many (query × key) pairs, or fewer queries than one Flex tile, compile time
@@ -79,6 +90,27 @@ def _live_fraction(call: AttentionCall, block_q: int, block_k: int) -> float:
 
 def _plain_softmax(call: AttentionCall) -> bool:
     return type(call.score) is Softmax and call.score.softcap is None
+
+
+def _blocksparse_cost(call: AttentionCall) -> tuple[float, str]:
+    block_q, block_k = blocksparse.tile_shape(call)
+    live, partial = 1.0, 0.0
+    if call.mask is not None:
+        tiles = call.mask.blocks(call.Tq, call.Tk, block_q, block_k, call.device)
+        live, partial = tiles.live_fraction(), tiles.partial_fraction
+    overhead = BLOCKSPARSE_OVERHEAD_PAIRS / (call.B * call.Hq * call.Tq * call.Tk)
+    tiles = f"computes {live:.0%} of {block_q}x{block_k} tiles"
+    if call.dtype == torch.float16:
+        return BLOCKSPARSE_FLOAT16 * live + overhead, f"{tiles} as float16 matmuls (no fast path)"
+    if call.dtype == torch.bfloat16:
+        implementation, how = "bfloat16", "as batched bf16 matmuls"
+    elif blocksparse.uses_kernel(call):
+        implementation, how = "kernel", "in the compiled kernel"
+    else:
+        implementation, how = "float32", "as batched matmuls"
+    per_live = BLOCKSPARSE_PER_LIVE[implementation, call.needs_grad]
+    cost = per_live * live + BLOCKSPARSE_PARTIAL[implementation] * partial + overhead
+    return cost, f"{tiles} {how}"
 
 
 def estimated_costs(call: AttentionCall) -> dict[str, tuple[float, str]]:
@@ -106,6 +138,9 @@ def estimated_costs(call: AttentionCall) -> dict[str, tuple[float, str]]:
         flex = FLEX_PER_LIVE[half] * live * (1.0 if plain else FLEX_SCORE)
         if call.mask is None:
             flex *= FLEX_DENSE
+        elif isinstance(call.mask, GridMask):
+            tiles = call.mask.blocks(call.Tq, call.Tk, 128, 128, call.device)
+            flex += FLEX_GRID_PARTIAL * tiles.partial_fraction
         costs["flex"] = (flex, f"computes {live:.0%} of 128x128 tiles in one compiled kernel")
 
     live = _live_fraction(call, BLOCK_Q, BLOCK_K)
@@ -117,23 +152,7 @@ def estimated_costs(call: AttentionCall) -> dict[str, tuple[float, str]]:
     if plain and call.mask is None and not grad and half and in_cache:
         chunked = CHUNKED_HALF_DENSE
     costs["chunked"] = (chunked, f"computes {live:.0%} of {BLOCK_Q}x{BLOCK_K} tiles")
-    live, partial = 1.0, 0.0
-    if call.mask is not None:
-        tiles = call.mask.blocks(
-            call.Tq, call.Tk, blocksparse.BLOCK_Q, blocksparse.BLOCK_K, call.device
-        )
-        live, partial = tiles.live_fraction(), tiles.partial_fraction
-    bf16 = call.dtype == torch.bfloat16
-    if call.dtype == torch.float16:
-        per_live = BLOCKSPARSE_FLOAT16
-    else:
-        per_live = BLOCKSPARSE_PER_LIVE[bf16, grad]
-    overhead = BLOCKSPARSE_OVERHEAD_PAIRS / (call.B * call.Hq * call.Tq * call.Tk)
-    costs["blocksparse"] = (
-        per_live * live + BLOCKSPARSE_PARTIAL[bf16] * partial + overhead,
-        f"computes {live:.0%} of {blocksparse.BLOCK_Q}x{blocksparse.BLOCK_K} tiles as batched "
-        "matmuls",
-    )
+    costs["blocksparse"] = _blocksparse_cost(call)
     passes = len(call.passes())
     if passes > 1:  # a signed score runs once per sign
         costs = {

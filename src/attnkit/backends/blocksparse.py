@@ -26,36 +26,60 @@ log-sum-exp, ``P = exp(S - lse)``, and forms ``dV += Pᵀ dO``, ``dS = P ⊙ (dO
 needs no expansion: a group's query heads are rows of the same matmul, so ``Pᵀ dO`` and
 ``dSᵀ Q`` sum over the group by themselves.
 
+Two implementations of these steps share the plan of live tiles:
+
+- float32 on the CPU runs a compiled C++ kernel (``csrc/blocksparse_cpu.cpp``, built on first
+  use by :mod:`attnkit.backends.native`): one work item per query block and head, its mask, exp
+  and sums done in cache between two BLAS calls, as PyTorch's dense CPU flash kernel does. Per
+  live tile it reaches ~0.8-0.95 of dense SDPA's throughput, where the batched matmuls below
+  reach ~0.6-0.8 in float32 (each elementwise step is a pass over memory). It uses 128-row
+  query tiles instead of 256 when that cuts the live area by at least ``NARROW_GAIN`` (narrow
+  bands: window 256 at T=8192 computes 25% fewer pairs and runs 20% faster).
+- bfloat16 and float16 (and float32 where the kernel cannot be compiled) run the batched
+  matmuls, whose bf16 GEMMs already beat SDPA's bf16 kernel by ~2x.
+
 Scores: plain softmax (no soft-capping, no bias) — the call pattern of every sparse pattern in
 the catalog. Other score functions run on ``chunked``.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from types import ModuleType
 
 import torch
 from torch import Tensor
 
+from attnkit.backends import native
 from attnkit.backends.base import Backend
 from attnkit.call import AttentionCall
 from attnkit.masks.base import EMPTY, FULL, PARTIAL
 from attnkit.scores import Softmax
 
 #: Tile sizes of the block structure; a query block's score buffer is at most
-#: ``B · Hq · BLOCK_Q · MAX_KEYS`` floats.
+#: ``B · Hq · BLOCK_Q · MAX_KEYS`` floats (one head's ``BLOCK_Q · MAX_KEYS`` in the kernel).
 BLOCK_Q = 256
 BLOCK_K = 128
 MAX_KEYS = 512
+#: The compiled kernel's narrow query tile, chosen when its live area is at most
+#: ``NARROW_GAIN`` of the wide one's (measured at T=8192: window 256 0.75 -> 20% faster;
+#: documents 0.90 -> 7% faster; causal 0.985 -> 4% slower, as the shorter GEMMs cost more).
+NARROW_BLOCK_Q = 128
+NARROW_GAIN = 0.92
 #: Largest |score| for which exp needs no shift: e^60 · 2^40 keys stays below float32's max.
 BOUND = 60.0
 
 
+#: Tiles per run: consecutive live tiles computed by one GEMM.
+RUN_TILES = MAX_KEYS // BLOCK_K
+
+
 def _runs(kinds_row: list[int]) -> list[tuple[int, int, list[int]]]:
     """Consecutive live tiles of one query block: ``(first tile, stop tile, partial tiles)``
-    runs of at most ``MAX_KEYS // BLOCK_K`` tiles."""
+    runs of at most ``RUN_TILES`` tiles."""
     runs: list[tuple[int, int, list[int]]] = []
-    longest = max(1, MAX_KEYS // BLOCK_K)
+    longest = RUN_TILES
     start = None
     partial: list[int] = []
     for j, kind in enumerate([*kinds_row, EMPTY]):
@@ -70,20 +94,45 @@ def _runs(kinds_row: list[int]) -> list[tuple[int, int, list[int]]]:
     return runs
 
 
-class _Plan:
-    """What a call's mask means for this backend: the runs of each query block and, for its
-    partial tiles, which pairs are kept — as a 0/1 factor applied after exp (exact zeros) and
-    as a 0/-inf term for the running max — shaped to broadcast over ``[B, Hkv, G, bq, bk]``."""
+def _kernel(call: AttentionCall) -> ModuleType | None:
+    """The compiled kernel where it applies (float32 on the CPU and it compiles), else None."""
+    if call.dtype != torch.float32 or call.device.type != "cpu":
+        return None
+    return native.load("blocksparse_cpu")
 
-    def __init__(self, call: AttentionCall):
+
+def uses_kernel(call: AttentionCall) -> bool:
+    """True when ``call`` runs on the compiled kernel rather than the batched matmuls."""
+    return _kernel(call) is not None
+
+
+def tile_shape(call: AttentionCall) -> tuple[int, int]:
+    """``(block_q, block_k)`` of the tiles this backend computes for ``call``."""
+    if call.mask is None or not uses_kernel(call):
+        return BLOCK_Q, BLOCK_K
+    wide, narrow = (
+        call.mask.blocks(call.Tq, call.Tk, rows, BLOCK_K, call.device).live_fraction()
+        for rows in (BLOCK_Q, NARROW_BLOCK_Q)
+    )
+    return (NARROW_BLOCK_Q, BLOCK_K) if narrow <= NARROW_GAIN * wide else (BLOCK_Q, BLOCK_K)
+
+
+class _Plan:
+    """What a call's mask means for this backend: its tile shape, the runs of each query block
+    and, for its partial tiles, which pairs are kept — as a 0/1 factor applied after exp (exact
+    zeros) and as a 0/-inf term for the running max — shaped to broadcast over
+    ``[B, Hkv, G, bq, bk]``."""
+
+    def __init__(self, call: AttentionCall, block_q: int):
         Tq, Tk = call.Tq, call.Tk
-        n_q, n_k = -(-Tq // BLOCK_Q), -(-Tk // BLOCK_K)
+        self.block_q = block_q
+        n_q, n_k = -(-Tq // block_q), -(-Tk // BLOCK_K)
         self.keep: dict[tuple[int, int], Tensor] = {}
         self.blocked: dict[tuple[int, int], Tensor] = {}
         if call.mask is None:
             self.runs = [_runs([FULL] * n_k) for _ in range(n_q)]
             return
-        structure = call.mask.blocks(Tq, Tk, BLOCK_Q, BLOCK_K, call.device)
+        structure = call.mask.blocks(Tq, Tk, block_q, BLOCK_K, call.device)
         self.runs = [_runs(row) for row in structure.union_over_batch_heads().tolist()]
         mask, device, acc = call.mask, call.device, call.accumulation_dtype
         Bm, Hm = mask.batch_size, mask.num_heads
@@ -93,7 +142,7 @@ class _Plan:
         for i, runs in enumerate(self.runs):
             for *_, tiles in runs:
                 for j in tiles:  # only partial tiles are evaluated pair by pair
-                    rows = torch.arange(i * BLOCK_Q, min((i + 1) * BLOCK_Q, Tq), device=device)
+                    rows = torch.arange(i * block_q, min((i + 1) * block_q, Tq), device=device)
                     cols = torch.arange(j * BLOCK_K, min((j + 1) * BLOCK_K, Tk), device=device)
                     tile = mask.predicate(
                         b, h, rows.view(1, 1, -1, 1), cols.view(1, 1, 1, -1), Tq, Tk
@@ -104,13 +153,35 @@ class _Plan:
                         ~tile, float("-inf")
                     )
 
+    @functools.cached_property
+    def csr(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The live tiles for the compiled kernel: ``row_ptr [n_q + 1]``, ``tiles [nnz]``,
+        ``partial [nnz]`` (-1 = full tile, else an index into ``keep``) and the 0/1 factors
+        ``keep [P, Bm, Hm, block_q, BLOCK_K]`` (zero-padded at the edges; Hm = 1 or Hq)."""
+        row_ptr, tiles, partial, keep = [0], [], [], []
+        for i, runs in enumerate(self.runs):
+            for first, stop, partial_tiles in runs:
+                for j in range(first, stop):
+                    tiles.append(j)
+                    partial.append(len(keep) if j in partial_tiles else -1)
+                    if j in partial_tiles:
+                        tile = self.keep[i, j]
+                        tile = tile.reshape(tile.shape[0], -1, *tile.shape[-2:])
+                        pad = (0, BLOCK_K - tile.shape[-1], 0, self.block_q - tile.shape[-2])
+                        keep.append(torch.nn.functional.pad(tile.float(), pad))
+            row_ptr.append(len(tiles))
+        index = functools.partial(torch.tensor, dtype=torch.int64)
+        packed = torch.stack(keep) if keep else torch.zeros(0, 1, 1, self.block_q, BLOCK_K)
+        return index(row_ptr), index(tiles), index(partial), packed.contiguous()
+
 
 def _plan(call: AttentionCall) -> _Plan:
+    block_q, _ = tile_shape(call)
     if call.mask is None:
-        return _Plan(call)
+        return _Plan(call, block_q)
     key = ("blocksparse", call.Tq, call.Tk, str(call.device), call.accumulation_dtype,
-           call.Hkv, call.groups)  # fmt: skip
-    return call.mask.cached(key, lambda: _Plan(call))
+           call.Hkv, call.groups, block_q)  # fmt: skip
+    return call.mask.cached(key, lambda: _Plan(call, block_q))
 
 
 def _apply(s: Tensor, tiles: dict[tuple[int, int], Tensor], i: int, run, op: str) -> Tensor:
@@ -147,7 +218,7 @@ def _forward(
     out = torch.empty(B, Hkv, G, Tq, Dv, dtype=v.dtype, device=v.device)
     lse = torch.empty(B, Hkv, G, Tq, dtype=acc, device=v.device)
     for i, runs in enumerate(plan.runs):
-        rows = slice(i * BLOCK_Q, min((i + 1) * BLOCK_Q, Tq))
+        rows = slice(i * plan.block_q, min((i + 1) * plan.block_q, Tq))
         q_rows = q[:, :, :, rows]
         bq = q_rows.shape[3]
         total = torch.zeros(B, Hkv, G * bq, Dv, dtype=acc, device=v.device)
@@ -198,7 +269,7 @@ def _backward(
     delta = (grad_out.to(acc) * out.to(acc)).sum(-1, keepdim=True)  # [B, Hkv, G, Tq, 1]
     finite_lse = torch.where(torch.isneginf(lse), 0.0, lse).unsqueeze(-1)
     for i, runs in enumerate(plan.runs):
-        rows = slice(i * BLOCK_Q, min((i + 1) * BLOCK_Q, Tq))
+        rows = slice(i * plan.block_q, min((i + 1) * plan.block_q, Tq))
         q_rows, d_rows = q[:, :, :, rows], grad_out[:, :, :, rows]
         bq = q_rows.shape[3]
         q_flat = q_rows.reshape(B, Hkv, G * bq, D)
@@ -221,18 +292,30 @@ def _backward(
 
 class _BlockSparseAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, plan, shifted, acc):  # type: ignore[override]
-        out, lse = _forward(q, k, v, plan, shifted, acc)
+    def forward(ctx, q, k, v, plan, kernel, shifted, acc):  # type: ignore[override]
+        if kernel is not None:
+            tiles = (plan.block_q, BLOCK_K, RUN_TILES)
+            out, lse = kernel.forward(q, k, v, *plan.csr, *tiles, shifted)
+        else:
+            out, lse = _forward(q, k, v, plan, shifted, acc)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.plan, ctx.acc = plan, acc
+        ctx.plan, ctx.kernel, ctx.acc = plan, kernel, acc
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):  # type: ignore[override]
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(q, k, v, out, lse, grad_out.contiguous(), ctx.plan, ctx.acc)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+        grad_out, plan = grad_out.contiguous(), ctx.plan
+        if ctx.kernel is not None:
+            delta = (grad_out * out).sum(-1)
+            finite_lse = torch.where(torch.isneginf(lse), 0.0, lse)
+            dq, dk, dv = ctx.kernel.backward(
+                q, k, v, grad_out, finite_lse, delta, *plan.csr, plan.block_q, BLOCK_K, RUN_TILES
+            )
+        else:
+            dq, dk, dv = _backward(q, k, v, out, lse, grad_out, plan, ctx.acc)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 
 def needs_shift(call: AttentionCall) -> bool:
@@ -250,10 +333,12 @@ def blocksparse_forward(call: AttentionCall) -> tuple[Tensor, Tensor]:
     """Run ``call``. Returns ``out [B, Tq, Hq, Dv]`` and ``lse [B, Tq, Hq]``."""
     B, Hkv, G, Tq = call.B, call.Hkv, call.groups, call.Tq
     acc = call.accumulation_dtype
-    q = (call.q * call.scale).transpose(1, 2).reshape(B, Hkv, G, Tq, call.D)
+    q = (call.q * call.scale).transpose(1, 2).reshape(B, Hkv, G, Tq, call.D).contiguous()
     k = call.k.transpose(1, 2).contiguous()
     v = call.v.transpose(1, 2).contiguous()
-    out, lse = _BlockSparseAttention.apply(q, k, v, _plan(call), needs_shift(call), acc)
+    out, lse = _BlockSparseAttention.apply(
+        q, k, v, _plan(call), _kernel(call), needs_shift(call), acc
+    )
     out = out.reshape(B, call.Hq, Tq, call.Dv).transpose(1, 2)
     lse = lse.reshape(B, call.Hq, Tq).transpose(1, 2)
     return out, lse
@@ -269,7 +354,7 @@ def _supports(call: AttentionCall) -> str | None:
 
 BACKEND = Backend(
     name="blocksparse",
-    summary="softmax over live tiles with batched matmuls and an explicit backward (CPU)",
+    summary="softmax over live tiles: a compiled fp32 CPU kernel or batched matmuls (bf16)",
     supports=_supports,
     run=blocksparse_forward,
 )

@@ -38,6 +38,7 @@ from attnkit.api import attention
 from attnkit.backends import blocksparse
 from attnkit.bench.measure import median, release_memory, timed
 from attnkit.bench.speed import DTYPES
+from attnkit.call import AttentionCall
 from attnkit.grid import balanced_grid
 from attnkit.masks.base import Mask
 
@@ -229,13 +230,8 @@ def run_sparse_bench(
                     if progress is not None:
                         progress(len(cells), total, f"{pattern} T={T} {dtype}")
                     mask = PATTERNS[pattern](T)
-                    live = (
-                        1.0
-                        if mask is None
-                        else mask.blocks(
-                            T, T, blocksparse.BLOCK_Q, blocksparse.BLOCK_K
-                        ).live_fraction()
-                    )
+                    tiles = blocksparse.tile_shape(AttentionCall(q, k, v, mask=mask))
+                    live = 1.0 if mask is None else mask.blocks(T, T, *tiles).live_fraction()
                     cell = SparseCell(pattern, T, dtype, live)
                     calls, cell.skipped = _candidates(pattern, mask, q, k, v, config)
                     cell.times_ms = dense_ms | _time(calls, config, cell.skipped)

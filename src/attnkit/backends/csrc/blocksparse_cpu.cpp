@@ -1,0 +1,339 @@
+// Fused block-sparse FlashAttention-2 for the CPU in float32, forward and backward.
+//
+// The Python module attnkit/backends/blocksparse.py states the algorithm; this file runs the
+// same tiles with the per-row work (mask, exp, sums, rescale) done in cache between two GEMMs,
+// as PyTorch's own CPU flash kernel does for dense attention, instead of as separate passes
+// over memory. One work item = one query block of one query head; items run largest first,
+// pulled from a shared counter, so causal and banded masks balance across threads.
+//
+// Layouts (all contiguous): q [B, Hkv, G, Tq, D] (pre-scaled), k [B, Hkv, Tk, D],
+// v [B, Hkv, Tk, Dv]. The mask's live tiles are a CSR over query blocks: row_ptr [nq + 1],
+// tiles [nnz] (key-tile index, ascending per row), partial [nnz] (-1 for a full tile, else the
+// index of its 0/1 keep tile in keep [P, Bm, Hm, BQ, BK], Bm in {1, B}, Hm in {1, Hkv * G}).
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+namespace {
+
+// The BLAS that PyTorch links (MKL on x86 wheels, OpenBLAS elsewhere) exports the Fortran
+// interface; ATen's own cpublas wrapper is not exported to extensions.
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n,
+                       const int* k, const float* alpha, const float* a, const int* lda,
+                       const float* b, const int* ldb, const float* beta, float* c,
+                       const int* ldc);
+
+// Column-major C[m, n] = alpha op(A) op(B) + beta C, as BLAS defines it. Row-major callers pass
+// their matrices as the transposes BLAS sees.
+inline void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const float* a,
+                 int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
+  const int mi = m, ni = n, ki = k, la = lda, lb = ldb, lc = ldc;
+  const float one = 1.0f;
+  sgemm_(&ta, &tb, &mi, &ni, &ki, &one, a, &la, b, &lb, &beta, c, &lc);
+}
+
+using Vec = at::vec::Vectorized<float>;
+
+// exp is many times slower on arguments whose result underflows; every kept weight is far
+// above e^-80 relative to its row's largest, and masked pairs are zeroed by their keep factor.
+constexpr float kExpFloor = -80.0f;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+struct Tiles {
+  const int64_t* row_ptr;
+  const int64_t* tiles;
+  const int64_t* partial;
+  const float* keep;
+  int64_t Bm, Hm, BQ, BK, max_run;
+
+  const float* keep_tile(int64_t entry, int64_t b, int64_t h) const {
+    const int64_t p = partial[entry];
+    if (p < 0) return nullptr;
+    return keep + ((p * Bm + (Bm > 1 ? b : 0)) * Hm + (Hm > 1 ? h : 0)) * BQ * BK;
+  }
+};
+
+// A run: entries [first, stop) of one CSR row whose tiles are consecutive (one GEMM each way).
+template <typename F>
+void for_each_run(const Tiles& t, int64_t i, F&& body) {
+  int64_t e = t.row_ptr[i];
+  const int64_t end = t.row_ptr[i + 1];
+  while (e < end) {
+    int64_t stop = e + 1;
+    while (stop < end && stop - e < t.max_run && t.tiles[stop] == t.tiles[stop - 1] + 1) ++stop;
+    body(e, stop);
+    e = stop;
+  }
+}
+
+// p = exp(max(s - shift, floor)) over n values, in place; returns nothing (sums come later).
+inline void exp_shifted(float* s, int64_t n, float shift) {
+  const Vec vshift(shift), vfloor(kExpFloor);
+  int64_t c = 0;
+  for (; c + Vec::size() <= n; c += Vec::size()) {
+    at::vec::maximum(Vec::loadu(s + c) - vshift, vfloor).exp_u20().store(s + c);
+  }
+  for (; c < n; ++c) s[c] = std::exp(std::max(s[c] - shift, kExpFloor));
+}
+
+inline void multiply(float* s, const float* keep, int64_t n) {
+  for (int64_t c = 0; c < n; ++c) s[c] *= keep[c];
+}
+
+inline float row_sum(const float* s, int64_t n) {
+  return at::vec::reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, s, n);
+}
+
+inline float row_max(const float* s, int64_t n) {
+  return at::vec::reduce_all<float>(
+      [](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, s, n);
+}
+
+// Run `work(item, thread)` for items [0, n) in the given order, dynamically scheduled.
+template <typename F>
+void run_items(const std::vector<int64_t>& order, F&& work) {
+  std::atomic<int64_t> next{0};
+  const int64_t n = static_cast<int64_t>(order.size());
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    const int64_t thread = at::get_thread_num();
+    for (int64_t idx = next++; idx < n; idx = next++) work(order[idx], thread);
+  });
+}
+
+// Items (b, hkv, g, i) flattened, largest query blocks (most live tiles) first.
+std::vector<int64_t> schedule(const Tiles& t, int64_t heads, int64_t nq) {
+  std::vector<int64_t> order(heads * nq);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+    const int64_t ia = a % nq, ib = b % nq;
+    return t.row_ptr[ia + 1] - t.row_ptr[ia] > t.row_ptr[ib + 1] - t.row_ptr[ib];
+  });
+  return order;
+}
+
+Tiles tiles_of(const at::Tensor& row_ptr, const at::Tensor& tiles, const at::Tensor& partial,
+               const at::Tensor& keep, int64_t block_q, int64_t block_k, int64_t max_run) {
+  return Tiles{row_ptr.data_ptr<int64_t>(), tiles.data_ptr<int64_t>(),
+               partial.data_ptr<int64_t>(), keep.data_ptr<float>(), keep.size(1),
+               keep.size(2), block_q, block_k, max_run};
+}
+
+void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                    const Tiles& t, bool shifted, at::Tensor& out, at::Tensor& lse) {
+  const int64_t B = q.size(0), Hkv = q.size(1), G = q.size(2), Tq = q.size(3), D = q.size(4);
+  const int64_t Tk = k.size(2), Dv = v.size(3);
+  const int64_t nq = (Tq + t.BQ - 1) / t.BQ, max_keys = t.max_run * t.BK;
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  float* lp = lse.data_ptr<float>();
+
+  const int64_t threads = at::get_num_threads();
+  std::vector<std::vector<float>> scores(threads), acc(threads), rowmax(threads), sums(threads);
+  const auto order = schedule(t, B * Hkv * G, nq);
+
+  run_items(order, [&](int64_t item, int64_t thread) {
+    const int64_t i = item % nq, head = item / nq;  // head = (b * Hkv + hkv) * G + g
+    const int64_t g = head % G, bh = head / G, b = bh / Hkv;
+    const int64_t r0 = i * t.BQ, bq = std::min(t.BQ, Tq - r0);
+    auto& S = scores[thread];
+    auto& O = acc[thread];
+    auto& M = rowmax[thread];
+    auto& L = sums[thread];
+    S.resize(t.BQ * max_keys);
+    O.assign(bq * Dv, 0.0f);
+    M.assign(bq, shifted ? kNegInf : 0.0f);
+    L.assign(bq, 0.0f);
+    const float* qi = qp + (head * Tq + r0) * D;
+    const float* kb = kp + bh * Tk * D;
+    const float* vb = vp + bh * Tk * Dv;
+    const int64_t h = bh % Hkv * G + g;
+
+    for_each_run(t, i, [&](int64_t first, int64_t stop) {
+      const int64_t c0 = t.tiles[first] * t.BK;
+      const int64_t n = std::min(t.tiles[stop - 1] * t.BK + t.BK, Tk) - c0;
+      // S[bq, n] = Q Kᵀ (row-major; BLAS sees the transposes)
+      gemm(true, false, n, bq, D, kb + c0 * D, D, qi, D, 0.0f, S.data(), n);
+      for (int64_t r = 0; r < bq; ++r) {
+        float* s = S.data() + r * n;
+        float shift = 0.0f;
+        if (shifted) {
+          for (int64_t e = first; e < stop; ++e) {
+            const float* keep = t.keep_tile(e, b, h);
+            if (!keep) continue;
+            const int64_t lo = (t.tiles[e] - t.tiles[first]) * t.BK;
+            const int64_t w = std::min(t.BK, n - lo);
+            for (int64_t c = 0; c < w; ++c) {
+              if (keep[r * t.BK + c] == 0.0f) s[lo + c] = kNegInf;
+            }
+          }
+          const float new_max = std::max(M[r], row_max(s, n));
+          if (new_max == kNegInf) {  // nothing kept yet in this row
+            std::fill(s, s + n, 0.0f);
+            continue;
+          }
+          const float rescale = M[r] == kNegInf ? 0.0f : std::exp(M[r] - new_max);
+          if (rescale != 1.0f) {
+            L[r] *= rescale;
+            for (int64_t c = 0; c < Dv; ++c) O[r * Dv + c] *= rescale;
+          }
+          M[r] = shift = new_max;
+        }
+        exp_shifted(s, n, shift);
+        for (int64_t e = first; e < stop; ++e) {
+          const float* keep = t.keep_tile(e, b, h);
+          if (!keep) continue;
+          const int64_t lo = (t.tiles[e] - t.tiles[first]) * t.BK;
+          multiply(s + lo, keep + r * t.BK, std::min(t.BK, n - lo));
+        }
+        L[r] += row_sum(s, n);
+      }
+      // O[bq, Dv] += P V
+      gemm(false, false, Dv, bq, n, vb + c0 * Dv, Dv, S.data(), n, 1.0f, O.data(), Dv);
+    });
+
+    for (int64_t r = 0; r < bq; ++r) {
+      const float inv = L[r] > 0.0f ? 1.0f / L[r] : 0.0f;
+      float* o = op + (head * Tq + r0 + r) * Dv;
+      for (int64_t c = 0; c < Dv; ++c) o[c] = O[r * Dv + c] * inv;
+      lp[head * Tq + r0 + r] = (M[r] == kNegInf ? 0.0f : M[r]) + std::log(L[r]);
+    }
+  });
+}
+
+void backward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const at::Tensor& grad_out, const at::Tensor& lse,
+                     const at::Tensor& delta, const Tiles& t, at::Tensor& dq,
+                     at::Tensor& dk_parts, at::Tensor& dv_parts) {
+  const int64_t B = q.size(0), Hkv = q.size(1), G = q.size(2), Tq = q.size(3), D = q.size(4);
+  const int64_t Tk = k.size(2), Dv = v.size(3);
+  const int64_t nq = (Tq + t.BQ - 1) / t.BQ, max_keys = t.max_run * t.BK;
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  const float* dop = grad_out.data_ptr<float>();
+  const float* lp = lse.data_ptr<float>();
+  const float* deltap = delta.data_ptr<float>();
+  float* dqp = dq.data_ptr<float>();
+  float* dkp = dk_parts.data_ptr<float>();
+  float* dvp = dv_parts.data_ptr<float>();
+  const int64_t part_k = B * Hkv * Tk * D, part_v = B * Hkv * Tk * Dv;
+
+  const int64_t threads = at::get_num_threads();
+  std::vector<std::vector<float>> scores(threads), dscores(threads);
+  const auto order = schedule(t, B * Hkv * G, nq);
+
+  run_items(order, [&](int64_t item, int64_t thread) {
+    const int64_t i = item % nq, head = item / nq;
+    const int64_t g = head % G, bh = head / G, b = bh / Hkv;
+    const int64_t r0 = i * t.BQ, bq = std::min(t.BQ, Tq - r0);
+    auto& S = scores[thread];
+    auto& dS = dscores[thread];
+    S.resize(t.BQ * max_keys);
+    dS.resize(t.BQ * max_keys);
+    const float* qi = qp + (head * Tq + r0) * D;
+    const float* doi = dop + (head * Tq + r0) * Dv;
+    const float* li = lp + head * Tq + r0;
+    const float* di = deltap + head * Tq + r0;
+    float* dqi = dqp + (head * Tq + r0) * D;
+    const float* kb = kp + bh * Tk * D;
+    const float* vb = vp + bh * Tk * Dv;
+    float* dkb = dkp + thread * part_k + bh * Tk * D;
+    float* dvb = dvp + thread * part_v + bh * Tk * Dv;
+    const int64_t h = bh % Hkv * G + g;
+
+    for_each_run(t, i, [&](int64_t first, int64_t stop) {
+      const int64_t c0 = t.tiles[first] * t.BK;
+      const int64_t n = std::min(t.tiles[stop - 1] * t.BK + t.BK, Tk) - c0;
+      gemm(true, false, n, bq, D, kb + c0 * D, D, qi, D, 0.0f, S.data(), n);
+      // dP[bq, n] = dO Vᵀ (becomes dS in place)
+      gemm(true, false, n, bq, Dv, vb + c0 * Dv, Dv, doi, Dv, 0.0f, dS.data(), n);
+      for (int64_t r = 0; r < bq; ++r) {
+        float* s = S.data() + r * n;
+        float* ds = dS.data() + r * n;
+        // Kept pairs have s - lse <= 0; masked ones may be larger, hence the upper clamp.
+        const Vec vlse(li[r]), lo(kExpFloor), hi(-kExpFloor), vdelta(di[r]);
+        int64_t c = 0;
+        for (; c + Vec::size() <= n; c += Vec::size()) {
+          const Vec p = at::vec::clamp(Vec::loadu(s + c) - vlse, lo, hi).exp_u20();
+          p.store(s + c);
+          ((Vec::loadu(ds + c) - vdelta) * p).store(ds + c);
+        }
+        for (; c < n; ++c) {
+          s[c] = std::exp(std::clamp(s[c] - li[r], kExpFloor, -kExpFloor));
+          ds[c] = (ds[c] - di[r]) * s[c];
+        }
+        for (int64_t e = first; e < stop; ++e) {
+          const float* keep = t.keep_tile(e, b, h);
+          if (!keep) continue;
+          const int64_t off = (t.tiles[e] - t.tiles[first]) * t.BK;
+          const int64_t w = std::min(t.BK, n - off);
+          multiply(s + off, keep + r * t.BK, w);
+          multiply(ds + off, keep + r * t.BK, w);
+        }
+      }
+      // dV[n, Dv] += Pᵀ dO;  dQ[bq, D] += dS K;  dK[n, D] += dSᵀ Q
+      gemm(false, true, Dv, n, bq, doi, Dv, S.data(), n, 1.0f, dvb + c0 * Dv, Dv);
+      gemm(false, false, D, bq, n, kb + c0 * D, D, dS.data(), n, 1.0f, dqi, D);
+      gemm(false, true, D, n, bq, qi, D, dS.data(), n, 1.0f, dkb + c0 * D, D);
+    });
+  });
+}
+
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(q.device().is_cpu(), "blocksparse_cpu runs on CPU tensors");
+  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous(),
+              "blocksparse_cpu needs contiguous q, k, v");
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat &&
+                  v.scalar_type() == at::kFloat,
+              "blocksparse_cpu runs float32 q, k, v");
+}
+
+std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                const at::Tensor& row_ptr, const at::Tensor& tiles,
+                                const at::Tensor& partial, const at::Tensor& keep,
+                                int64_t block_q, int64_t block_k, int64_t max_run,
+                                bool shifted) {
+  check_inputs(q, k, v);
+  const Tiles t = tiles_of(row_ptr, tiles, partial, keep, block_q, block_k, max_run);
+  auto out = at::empty({q.size(0), q.size(1), q.size(2), q.size(3), v.size(3)}, v.options());
+  auto lse = at::empty({q.size(0), q.size(1), q.size(2), q.size(3)}, q.options().dtype(at::kFloat));
+  forward_kernel(q, k, v, t, shifted, out, lse);
+  return {out, lse};
+}
+
+std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const at::Tensor& grad_out, const at::Tensor& lse,
+                                 const at::Tensor& delta, const at::Tensor& row_ptr,
+                                 const at::Tensor& tiles, const at::Tensor& partial,
+                                 const at::Tensor& keep, int64_t block_q, int64_t block_k,
+                                 int64_t max_run) {
+  check_inputs(q, k, v);
+  const Tiles t = tiles_of(row_ptr, tiles, partial, keep, block_q, block_k, max_run);
+  const auto f32 = q.options().dtype(at::kFloat);
+  const int64_t threads = at::get_num_threads();
+  auto dq = at::zeros(q.sizes(), f32);
+  auto dk = at::zeros({threads, k.size(0), k.size(1), k.size(2), k.size(3)}, f32);
+  auto dv = at::zeros({threads, v.size(0), v.size(1), v.size(2), v.size(3)}, f32);
+  backward_kernel(q, k, v, grad_out, lse, delta, t, dq, dk, dv);
+  return {dq, dk.sum(0), dv.sum(0)};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &forward, "block-sparse attention forward (CPU)");
+  m.def("backward", &backward, "block-sparse attention backward (CPU)");
+}
