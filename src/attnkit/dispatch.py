@@ -19,10 +19,11 @@ T=1024-8192; medians of 3):
   computed in plain PyTorch (sigmoid causal T=1024: 39 vs 18 ms on Flex); with gradients
   ~2.8x dense SDPA's forward+backward per live tile (window 256, T=4096: 254 vs 855 ms).
 - blocksparse (plain softmax), per live tile of its own tile shape: float32 through its
-  compiled kernel ~1.05-1.15x dense SDPA forward and forward+backward (dense T=8192/16384:
-  422/1748 vs 400/1567 ms; SDPA's float32 kernel already runs at ~150-170 of this CPU's ~180
-  GFLOPS float32 matmul peak), plus ~0.4 per partial tile (window 256 at T=8192: 32 ms vs
-  Flex 29, documents 70 vs 69); float32 through batched matmuls
+  compiled kernel ~1.0-1.05x dense SDPA forward (dense T=8192 400 vs 400 ms, causal 211 vs
+  SDPA is_causal 210; SDPA's float32 kernel already runs at ~150-170 of this CPU's ~180 GFLOPS
+  float32 matmul peak) and ~0.95-1.0x forward+backward (T=4096: dense 344 vs 366 ms, causal
+  199 vs 203), plus ~0.4 per partial tile (window 256 at T=8192: 27.5 ms vs Flex 29.7,
+  documents 57 vs 70); float32 through batched matmuls
   (no compiler) ~1.2x; bfloat16 ~0.6x forward and ~0.8x forward+backward (bf16 matmuls reach
   ~800 GFLOPS, SDPA's bf16 kernel ~165); float16 matmuls have no fast path here (20x slower).
   Its fixed cost (~0.2 ms of Python and small ops per call) is charged as the pairs dense SDPA
@@ -63,8 +64,8 @@ CHUNKED_SCORE = 2.0
 CHUNKED_HALF_DENSE = 0.85
 CHUNKED_HALF_DENSE_MAX_BUFFER = 8 << 20
 BLOCKSPARSE_PER_LIVE = {  # keyed by (implementation, needs_grad)
-    ("kernel", False): 1.15,
-    ("kernel", True): 1.15,
+    ("kernel", False): 1.05,
+    ("kernel", True): 1.0,
     ("float32", False): 1.2,
     ("float32", True): 1.2,
     ("bfloat16", False): 0.6,

@@ -40,7 +40,8 @@ def check_forms(
     grads: bool = True,
 ) -> None:
     """``fn(**inputs, form=..., chunk_size=...)``: chunked (each chunk size, forward and
-    backward) and recurrent (forward) against the reference under the 2x rule."""
+    backward, and forward alone, which takes the compiled kernel where one applies) and
+    recurrent (forward) against the reference under the 2x rule."""
 
     def form(name: str, chunk_size: int = 64) -> Callable[..., Tensor]:
         return lambda **x: fn(**x, form=name, chunk_size=chunk_size)
@@ -48,6 +49,8 @@ def check_forms(
     reference = form("reference")
     for chunk_size in chunk_sizes:
         check_function(form("chunked", chunk_size), reference, inputs, grads=grads).assert_ok()
+        if grads:
+            check_function(form("chunked", chunk_size), reference, inputs, grads=False).assert_ok()
     if recurrent:
         check_function(form("recurrent"), reference, inputs, grads=False).assert_ok()
 

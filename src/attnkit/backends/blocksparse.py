@@ -31,10 +31,10 @@ Two implementations of these steps share the plan of live tiles:
 - float32 on the CPU runs a compiled C++ kernel (``csrc/blocksparse_cpu.cpp``, built on first
   use by :mod:`attnkit.backends.native`): one work item per query block and head, its mask, exp
   and sums done in cache between two BLAS calls, as PyTorch's dense CPU flash kernel does. Per
-  live tile it reaches ~0.8-0.95 of dense SDPA's throughput, where the batched matmuls below
-  reach ~0.6-0.8 in float32 (each elementwise step is a pass over memory). It uses 128-row
-  query tiles instead of 256 when that cuts the live area by at least ``NARROW_GAIN`` (narrow
-  bands: window 256 at T=8192 computes 25% fewer pairs and runs 20% faster).
+  live tile it reaches ~0.95-1.0 of dense SDPA's throughput forward and matches or beats it
+  forward+backward, where the batched matmuls below reach ~0.6-0.8 in float32 (each
+  elementwise step is a pass over memory). It uses 128-row query tiles instead of 256 when
+  that cuts the live area enough (``NARROW_GAIN``: narrow bands, neighborhoods).
 - bfloat16 and float16 (and float32 where the kernel cannot be compiled) run the batched
   matmuls, whose bf16 GEMMs already beat SDPA's bf16 kernel by ~2x.
 
@@ -63,10 +63,11 @@ BLOCK_Q = 256
 BLOCK_K = 128
 MAX_KEYS = 512
 #: The compiled kernel's narrow query tile, chosen when its live area is at most
-#: ``NARROW_GAIN`` of the wide one's (measured at T=8192: window 256 0.75 -> 20% faster;
-#: documents 0.90 -> 7% faster; causal 0.985 -> 4% slower, as the shorter GEMMs cost more).
+#: ``NARROW_GAIN`` of the wide one's (measured at T=8192, narrow vs wide: window 256, area
+#: 0.75: 27.5 vs 32.8 ms; documents 0.90: 57 vs 61; 2-D neighborhood 0.94: 91 vs 97; causal
+#: 0.985: 217 vs 211, as the shorter GEMMs cost more than the 1.5% of pairs they save).
 NARROW_BLOCK_Q = 128
-NARROW_GAIN = 0.92
+NARROW_GAIN = 0.95
 #: Largest |score| for which exp needs no shift: e^60 · 2^40 keys stays below float32's max.
 BOUND = 60.0
 

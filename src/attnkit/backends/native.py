@@ -39,7 +39,9 @@ def _build(name: str) -> tuple[ModuleType | None, str | None]:
     if os.environ.get("ATTNKIT_NATIVE", "1") == "0":
         return None, "disabled by ATTNKIT_NATIVE=0"
     capability = torch.backends.cpu.get_cpu_capability()
-    flags = ["-O3", *_CAPABILITY_FLAGS.get(capability, ["-DCPU_CAPABILITY_DEFAULT"])]
+    # -fopenmp: ATen's parallel_for is a header template that runs serially without it; the
+    # extension then shares the libgomp that PyTorch has already loaded.
+    flags = ["-O3", "-fopenmp", *_CAPABILITY_FLAGS.get(capability, ["-DCPU_CAPABILITY_DEFAULT"])]
     try:
         from torch.utils.cpp_extension import load as load_extension
 
@@ -47,6 +49,7 @@ def _build(name: str) -> tuple[ModuleType | None, str | None]:
             name=f"attnkit_{name}_{capability.lower()}",
             sources=[str(_SOURCES / f"{name}.cpp")],
             extra_cflags=flags,
+            extra_ldflags=["-fopenmp"],
             verbose=False,
         )
     except Exception as error:  # a missing compiler or headers: fall back, and say why

@@ -22,6 +22,13 @@ runs one of three forms, which are exact rewritings of each other:
 
 States and sums accumulate in float32 whatever the input dtype (float64 stays float64); the
 normaliser of normalised mechanisms is carried as an extra value column of ones.
+
+The chunked form without gradients, in float32 on the CPU, with no gate or a scalar gate (linear
+attention, Lightning, RetNet, BASED's linear half) runs a compiled kernel
+(``attnkit/backends/csrc/linear_cpu.cpp``): the same chunk algebra with each head's state kept in
+cache across its chunks and q, k, v read in place, instead of the batched tensors below (whose
+permutes, paddings and materialised per-chunk states cost more than the matmuls). Gradients,
+per-dimension gates and float64 use the PyTorch form.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from attnkit.backends import native
 from attnkit.linear._common import acc_dtype, check_chunk_size, check_qkv, pick
 from attnkit.linear.state import ChunkStates, LinearState, combine_states
 
@@ -249,6 +257,20 @@ def _chunked_states(updates: Tensor, log_decay: Tensor | None, S0: Tensor) -> Te
     return states.transpose(1, 2)
 
 
+def _kernel(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, S0: Tensor, causal: bool):
+    """The compiled chunked kernel where it applies (see the module docstring), else None."""
+    tensors = (q, k, v, S0) if g is None else (q, k, v, S0, g)
+    if (
+        not causal
+        or _gate_kind(g) == "vector"
+        or q.dtype != torch.float32
+        or q.device.type != "cpu"
+        or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+    ):
+        return None
+    return native.load("linear_cpu")
+
+
 def _chunked(
     q: Tensor,
     k: Tensor,
@@ -259,6 +281,11 @@ def _chunked(
     causal: bool,
     chunk_size: int,
 ) -> tuple[Tensor, Tensor]:
+    kernel = _kernel(q, k, v, g, S0, causal)
+    if kernel is not None:
+        gate = torch.empty(0) if g is None else g[..., 0].contiguous()
+        contiguous = (t.contiguous() for t in (q, k, v))
+        return kernel.forward(*contiguous, gate, S0.contiguous(), scale, chunk_size)
     if not causal:
         S = S0 + torch.einsum("bthd,bthe->bhde", k, v)
         return torch.einsum("bthgd,bhde->bthge", q, S) * scale, S

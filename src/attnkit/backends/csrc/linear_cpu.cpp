@@ -1,0 +1,135 @@
+// Chunked linear attention with scalar gates, forward, float32, for the CPU.
+//
+// attnkit/linear/chunked.py states the algorithm (Lightning Attention-2 / GLA's chunkwise form
+// with one log-gate per head and token); this file runs it with the state of each (batch,
+// key/value head) held in cache across its chunks, and reads q, k, v, out in their [B, T, H, D]
+// layout through BLAS leading dimensions, so nothing is permuted, padded or materialised per
+// chunk. Work items are the (batch, key/value head) pairs; within one, chunks run in order.
+//
+// Per chunk of C tokens with within-chunk cumulative log-gates b (b_i <= 0, decreasing):
+//   A[i, j] = scale q_i . k_j exp(b_i - b_j)  (j <= i, else 0)   -- every exponent <= 0
+//   o_i     = sum_j A[i, j] v_j + scale exp(b_i) q_i S
+//   S       = exp(b_C) S + sum_j exp(b_C - b_j) k_j^T v_j
+//
+// Layouts: q [B, T, Hkv, G, Dk], k [B, T, Hkv, Dk], v [B, T, Hkv, Dv], log_gate [B, T, Hkv]
+// or empty (no gate), S0 [B, Hkv, Dk, Dv]; out [B, T, Hkv, G, Dv], S_final like S0.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n,
+                       const int* k, const float* alpha, const float* a, const int* lda,
+                       const float* b, const int* ldb, const float* beta, float* c,
+                       const int* ldc);
+
+// Row-major C[m, n] = alpha op(A) op(B) + beta C, with op(A) [m, k] and op(B) [k, n]; lda, ldb,
+// ldc are row strides. BLAS is column-major, so it computes Cᵀ = op(B)ᵀ op(A)ᵀ.
+void gemm_rows(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
+               const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
+               int64_t ldc) {
+  const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
+  const int mi = n, ni = m, ki = k, la = lda, lb = ldb, lc = ldc;
+  sgemm_(&tb, &ta, &mi, &ni, &ki, &alpha, b, &lb, a, &la, &beta, c, &lc);
+}
+
+// Largest within-chunk decay for which exp(b_i - b_j) is formed as exp(b_i) exp(-b_j): both
+// factors stay within e^±60, far from float32's limits. Stronger decay takes one exp per pair.
+constexpr float kSafeSpan = 60.0f;
+
+}  // namespace
+
+std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                const at::Tensor& log_gate, const at::Tensor& S0, double scale,
+                                int64_t chunk) {
+  TORCH_CHECK(q.device().is_cpu() && q.scalar_type() == at::kFloat &&
+                  k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat &&
+                  S0.scalar_type() == at::kFloat,
+              "linear_cpu runs float32 CPU tensors");
+  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous() && S0.is_contiguous(),
+              "linear_cpu needs contiguous inputs");
+  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), G = q.size(3), Dk = q.size(4);
+  const int64_t Dv = v.size(3);
+  const bool gated = log_gate.numel() > 0;
+  TORCH_CHECK(!gated || (log_gate.is_contiguous() && log_gate.scalar_type() == at::kFloat),
+              "linear_cpu needs a contiguous float32 log-gate [B, T, Hkv]");
+  auto out = at::empty({B, T, H, G, Dv}, q.options());
+  auto S_final = S0.clone();
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  const float* gp = gated ? log_gate.data_ptr<float>() : nullptr;
+  float* op = out.data_ptr<float>();
+  float* sp = S_final.data_ptr<float>();
+  const int64_t ldq = H * G * Dk, ldk = H * Dk, ldv = H * Dv, ldo = H * G * Dv;
+  const float alpha = static_cast<float>(scale);
+
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> M(chunk * (chunk + Dk)), VS((chunk + Dk) * Dv), ks(chunk * Dk);
+    std::vector<float> b(chunk), up(chunk), down(chunk);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t bi = bh / H, h = bh % H;
+      float* S = sp + bh * Dk * Dv;
+      for (int64_t t0 = 0; t0 < T; t0 += chunk) {
+        const int64_t c = std::min(chunk, T - t0);
+        const float* kc = kp + ((bi * T + t0) * H + h) * Dk;
+        const float* vc = vp + ((bi * T + t0) * H + h) * Dv;
+        float total = 0.0f;
+        if (gated) {
+          const float* gc = gp + (bi * T + t0) * H + h;
+          for (int64_t i = 0; i < c; ++i) b[i] = total += gc[i * H];
+          for (int64_t i = 0; i < c; ++i) up[i] = std::exp(b[i]);
+          if (total >= -kSafeSpan) {
+            for (int64_t i = 0; i < c; ++i) down[i] = std::exp(-b[i]);
+          }
+        }
+        const bool factored = total >= -kSafeSpan;
+        // O = [A | scale exp(b) ⊙ Q] [V ; S]: the intra-chunk and the state term in one GEMM
+        const int64_t width = c + Dk;
+        for (int64_t i = 0; i < c; ++i) std::copy(vc + i * ldv, vc + i * ldv + Dv, VS.data() + i * Dv);
+        std::copy(S, S + Dk * Dv, VS.data() + c * Dv);
+        for (int64_t g = 0; g < G; ++g) {
+          const float* qc = qp + (((bi * T + t0) * H + h) * G + g) * Dk;
+          float* oc = op + (((bi * T + t0) * H + h) * G + g) * Dv;
+          gemm_rows(false, true, c, c, Dk, alpha, qc, ldq, kc, ldk, 0.0f, M.data(), width);
+          for (int64_t i = 0; i < c; ++i) {
+            float* row = M.data() + i * width;
+            if (gated && factored) {
+              for (int64_t j = 0; j <= i; ++j) row[j] *= up[i] * down[j];
+            } else if (gated) {
+              for (int64_t j = 0; j <= i; ++j) row[j] *= std::exp(b[i] - b[j]);
+            }
+            std::fill(row + i + 1, row + c, 0.0f);
+            const float f = alpha * (gated ? up[i] : 1.0f);
+            for (int64_t d = 0; d < Dk; ++d) row[c + d] = qc[i * ldq + d] * f;
+          }
+          gemm_rows(false, false, c, Dv, width, 1.0f, M.data(), width, VS.data(), Dv, 0.0f, oc, ldo);
+        }
+        // S = exp(b_C) S + (exp(b_C - b) ⊙ K)ᵀ V
+        const float* k_in = kc;
+        int64_t ld_in = ldk;
+        float decay = 1.0f;
+        if (gated) {
+          for (int64_t i = 0; i < c; ++i) {
+            const float f = std::exp(total - b[i]);
+            for (int64_t d = 0; d < Dk; ++d) ks[i * Dk + d] = kc[i * ldk + d] * f;
+          }
+          k_in = ks.data();
+          ld_in = Dk;
+          decay = std::exp(total);
+        }
+        gemm_rows(true, false, Dk, Dv, c, 1.0f, k_in, ld_in, vc, ldv, decay, S, Dv);
+      }
+    }
+  });
+  return {out, S_final};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &forward, "chunked linear attention with scalar gates, forward (CPU)");
+}

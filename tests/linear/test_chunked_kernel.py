@@ -1,0 +1,85 @@
+"""The compiled chunked kernel (scalar gates, float32, forward) against the PyTorch chunked
+form and the reference, on the cases that stress it: strong decay (the per-pair exp path),
+GQA, chunk sizes that do not divide T, an initial state, normalisation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attnkit.backends import native
+from attnkit.linear import chunked
+from attnkit.linear.chunked import LinearProblem, solve
+from attnkit.linear.state import LinearState
+from attnkit.testing import check_function
+
+pytestmark = pytest.mark.skipif(
+    native.load("linear_cpu") is None,
+    reason=f"kernel unavailable: {native.unavailable('linear_cpu')}",
+)
+
+
+def _problem(gate_scale: float | None, normalize: bool, **tensors) -> LinearProblem:
+    g = tensors.get("log_gate")
+    return LinearProblem(
+        tensors["q"], tensors["k"], tensors["v"],
+        None if gate_scale is None else g, scale=0.25, normalize=normalize,
+    )  # fmt: skip
+
+
+def _inputs(T: int, gate_scale: float | None, normalize: bool) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(T)
+    q = torch.randn(2, T, 6, 16, generator=g)
+    k = torch.randn(2, T, 2, 16, generator=g)
+    v = torch.randn(2, T, 2, 12, generator=g)
+    if normalize:  # positive features, as a feature map would give
+        q, k = q.abs() + 0.1, k.abs() + 0.1
+    x = {"q": q, "k": k, "v": v}
+    if gate_scale is not None:
+        x["log_gate"] = -torch.rand(2, T, 2, 1, generator=g) * gate_scale
+    return x
+
+
+@pytest.mark.parametrize("normalize", [False, True], ids=["plain", "normalized"])
+@pytest.mark.parametrize(
+    "gate_scale", [None, 0.05, 4.0], ids=["no_gate", "mild_decay", "strong_decay"]
+)
+@pytest.mark.parametrize("chunk_size", [7, 64])
+def test_kernel_matches_reference(gate_scale, normalize: bool, chunk_size: int) -> None:
+    x = _inputs(150, gate_scale, normalize)
+    problem = _problem(gate_scale, normalize, **x)
+    q, k, v, g = chunked._prepared(problem)
+    S0 = chunked._initial(problem, None, torch.float32)
+    assert chunked._kernel(q, k, v, g, S0, True) is not None
+
+    def form(name: str):
+        return lambda **y: solve(_problem(gate_scale, normalize, **y), form=name,
+                                 chunk_size=chunk_size)  # fmt: skip
+
+    check_function(form("chunked"), form("reference"), x, grads=False).assert_ok()
+
+
+def test_initial_and_final_state_match_the_pytorch_form(monkeypatch) -> None:
+    x = _inputs(90, 0.5, False)
+    problem = _problem(0.5, False, **x)
+    g = torch.Generator().manual_seed(3)
+    state = LinearState(torch.randn(2, 2, 16, 12, generator=g))
+    out, final = solve(problem, chunk_size=16, initial_state=state, return_state=True)
+    monkeypatch.setattr(chunked, "_kernel", lambda *args: None)
+    expected, expected_final = solve(problem, chunk_size=16, initial_state=state,
+                                     return_state=True)  # fmt: skip
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(final.kv, expected_final.kv, rtol=1e-5, atol=1e-5)
+
+
+def test_gradients_and_vector_gates_take_the_pytorch_form() -> None:
+    x = _inputs(40, 0.5, False)
+    problem = _problem(0.5, False, **x)
+    q, k, v, g = chunked._prepared(problem)
+    S0 = torch.zeros(2, 2, 16, 12)
+    assert chunked._kernel(q.requires_grad_(), k, v, g, S0, True) is None
+    q = q.detach()
+    assert chunked._kernel(q, k, v, g.expand(*g.shape[:3], 16), S0, True) is None
+    assert (
+        chunked._kernel(q.double(), k.double(), v.double(), g.double(), S0.double(), True) is None
+    )
