@@ -1,6 +1,7 @@
-"""The compiled chunked kernel (scalar gates, float32, forward) against the PyTorch chunked
-form and the reference, on the cases that stress it: strong decay (the per-pair exp path),
-GQA, chunk sizes that do not divide T, an initial state, normalisation."""
+"""The compiled chunked kernel (float32 forward; no gate, scalar or per-dimension gates)
+against the PyTorch chunked form and the reference, on the cases that stress it: strong decay
+(the per-pair exp path), GQA, chunk sizes that do not divide T, an initial state,
+normalisation."""
 
 from __future__ import annotations
 
@@ -27,7 +28,9 @@ def _problem(gate_scale: float | None, normalize: bool, **tensors) -> LinearProb
     )  # fmt: skip
 
 
-def _inputs(T: int, gate_scale: float | None, normalize: bool) -> dict[str, torch.Tensor]:
+def _inputs(
+    T: int, gate_scale: float | None, normalize: bool, gate_width: int = 1
+) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(T)
     q = torch.randn(2, T, 6, 16, generator=g)
     k = torch.randn(2, T, 2, 16, generator=g)
@@ -36,17 +39,25 @@ def _inputs(T: int, gate_scale: float | None, normalize: bool) -> dict[str, torc
         q, k = q.abs() + 0.1, k.abs() + 0.1
     x = {"q": q, "k": k, "v": v}
     if gate_scale is not None:
-        x["log_gate"] = -torch.rand(2, T, 2, 1, generator=g) * gate_scale
+        x["log_gate"] = -torch.rand(2, T, 2, gate_width, generator=g) * gate_scale
     return x
 
 
+GATES = {  # (log-gate magnitude, width): none, per head, per key dimension; mild and strong
+    "no_gate": (None, 1),
+    "scalar_mild": (0.05, 1),
+    "scalar_strong": (4.0, 1),
+    "vector_mild": (0.05, 16),
+    "vector_strong": (4.0, 16),
+}
+
+
 @pytest.mark.parametrize("normalize", [False, True], ids=["plain", "normalized"])
-@pytest.mark.parametrize(
-    "gate_scale", [None, 0.05, 4.0], ids=["no_gate", "mild_decay", "strong_decay"]
-)
+@pytest.mark.parametrize("gate", GATES)
 @pytest.mark.parametrize("chunk_size", [7, 64])
-def test_kernel_matches_reference(gate_scale, normalize: bool, chunk_size: int) -> None:
-    x = _inputs(150, gate_scale, normalize)
+def test_kernel_matches_reference(gate: str, normalize: bool, chunk_size: int) -> None:
+    gate_scale, gate_width = GATES[gate]
+    x = _inputs(150, gate_scale, normalize, gate_width)
     problem = _problem(gate_scale, normalize, **x)
     q, k, v, g = chunked._prepared(problem)
     S0 = chunked._initial(problem, None, torch.float32)
@@ -72,14 +83,13 @@ def test_initial_and_final_state_match_the_pytorch_form(monkeypatch) -> None:
     torch.testing.assert_close(final.kv, expected_final.kv, rtol=1e-5, atol=1e-5)
 
 
-def test_gradients_and_vector_gates_take_the_pytorch_form() -> None:
+def test_gradients_and_float64_take_the_pytorch_form() -> None:
     x = _inputs(40, 0.5, False)
     problem = _problem(0.5, False, **x)
     q, k, v, g = chunked._prepared(problem)
     S0 = torch.zeros(2, 2, 16, 12)
     assert chunked._kernel(q.requires_grad_(), k, v, g, S0, True) is None
     q = q.detach()
-    assert chunked._kernel(q, k, v, g.expand(*g.shape[:3], 16), S0, True) is None
     assert (
         chunked._kernel(q.double(), k.double(), v.double(), g.double(), S0.double(), True) is None
     )

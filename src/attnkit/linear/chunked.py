@@ -23,12 +23,12 @@ runs one of three forms, which are exact rewritings of each other:
 States and sums accumulate in float32 whatever the input dtype (float64 stays float64); the
 normaliser of normalised mechanisms is carried as an extra value column of ones.
 
-The chunked form without gradients, in float32 on the CPU, with no gate or a scalar gate (linear
-attention, Lightning, RetNet, BASED's linear half) runs a compiled kernel
+The chunked form without gradients, in float32 on the CPU (every causal mechanism built on this
+core: linear attention, Lightning, RetNet, GLA, BASED's linear half) runs a compiled kernel
 (``attnkit/backends/csrc/linear_cpu.cpp``): the same chunk algebra with each head's state kept in
 cache across its chunks and q, k, v read in place, instead of the batched tensors below (whose
-permutes, paddings and materialised per-chunk states cost more than the matmuls). Gradients,
-per-dimension gates and float64 use the PyTorch form.
+permutes, paddings and materialised per-chunk states cost more than the matmuls). Gradients and
+float64 use the PyTorch form.
 """
 
 from __future__ import annotations
@@ -262,7 +262,6 @@ def _kernel(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, S0: Tensor, causa
     tensors = (q, k, v, S0) if g is None else (q, k, v, S0, g)
     if (
         not causal
-        or _gate_kind(g) == "vector"
         or q.dtype != torch.float32
         or q.device.type != "cpu"
         or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
@@ -283,7 +282,7 @@ def _chunked(
 ) -> tuple[Tensor, Tensor]:
     kernel = _kernel(q, k, v, g, S0, causal)
     if kernel is not None:
-        gate = torch.empty(0) if g is None else g[..., 0].contiguous()
+        gate = torch.empty(0) if g is None else g.contiguous()
         contiguous = (t.contiguous() for t in (q, k, v))
         return kernel.forward(*contiguous, gate, S0.contiguous(), scale, chunk_size)
     if not causal:

@@ -41,7 +41,7 @@ class FeatureMap:
 
 #: Feature maps by name: the paper's ``elu(x) + 1``, ``relu`` and the identity.
 FEATURE_MAPS: dict[str, FeatureMap] = {
-    "elu": FeatureMap(lambda x: F.elu(x) + 1.0, True),
+    "elu": FeatureMap(lambda x: F.elu(x).add_(1.0), True),  # in place: one buffer fewer
     "relu": FeatureMap(F.relu, True),
     "identity": FeatureMap(lambda x: x, False),
 }

@@ -1,4 +1,5 @@
-// Chunked linear attention with scalar gates, forward, float32, for the CPU.
+// Chunked gated linear attention, forward, float32, for the CPU: no gate, one log-gate per
+// head and token (RetNet, Lightning Attention) or one per key dimension (GLA).
 //
 // attnkit/linear/chunked.py states the algorithm (Lightning Attention-2 / GLA's chunkwise form
 // with one log-gate per head and token); this file runs it with the state of each (batch,
@@ -6,16 +7,22 @@
 // layout through BLAS leading dimensions, so nothing is permuted, padded or materialised per
 // chunk. Work items are the (batch, key/value head) pairs; within one, chunks run in order.
 //
-// Per chunk of C tokens with within-chunk cumulative log-gates b (b_i <= 0, decreasing):
-//   A[i, j] = scale q_i . k_j exp(b_i - b_j)  (j <= i, else 0)   -- every exponent <= 0
-//   o_i     = sum_j A[i, j] v_j + scale exp(b_i) q_i S
-//   S       = exp(b_C) S + sum_j exp(b_C - b_j) k_j^T v_j
+// Per chunk of C tokens with within-chunk cumulative log-gates b (b_i <= 0, decreasing; a
+// scalar or a vector over the key dimensions):
+//   A[i, j] = scale sum_d q_id k_jd exp(b_id - b_jd)  (j <= i, else 0)   -- exponents <= 0
+//   o_i     = sum_j A[i, j] v_j + scale (exp(b_i) ⊙ q_i) S
+//   S       = diag(exp(b_C)) S + sum_j (exp(b_C - b_j) ⊙ k_j)^T v_j
+// When a chunk's total decay stays within e^-60, exp(b_i - b_j) factors as exp(b_i) exp(-b_j)
+// (GLA's one-matmul form); otherwise each pair is evaluated in log space.
 //
-// Layouts: q [B, T, Hkv, G, Dk], k [B, T, Hkv, Dk], v [B, T, Hkv, Dv], log_gate [B, T, Hkv]
-// or empty (no gate), S0 [B, Hkv, Dk, Dv]; out [B, T, Hkv, G, Dv], S_final like S0.
+// Layouts: q [B, T, Hkv, G, Dk], k [B, T, Hkv, Dk], v [B, T, Hkv, Dv], log_gate
+// [B, T, Hkv, 1 or Dk] or empty (no gate), S0 [B, Hkv, Dk, Dv]; out [B, T, Hkv, G, Dv],
+// S_final like S0.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
 #include <cmath>
@@ -27,6 +34,8 @@ extern "C" void sgemm_(const char* transa, const char* transb, const int* m, con
                        const int* k, const float* alpha, const float* a, const int* lda,
                        const float* b, const int* ldb, const float* beta, float* c,
                        const int* ldc);
+
+using Vec = at::vec::Vectorized<float>;
 
 // Row-major C[m, n] = alpha op(A) op(B) + beta C, with op(A) [m, k] and op(B) [k, n]; lda, ldb,
 // ldc are row strides. BLAS is column-major, so it computes Cᵀ = op(B)ᵀ op(A)ᵀ.
@@ -55,23 +64,31 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
               "linear_cpu needs contiguous inputs");
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2), G = q.size(3), Dk = q.size(4);
   const int64_t Dv = v.size(3);
-  const bool gated = log_gate.numel() > 0;
-  TORCH_CHECK(!gated || (log_gate.is_contiguous() && log_gate.scalar_type() == at::kFloat),
-              "linear_cpu needs a contiguous float32 log-gate [B, T, Hkv]");
+  // Gate width W: 0 (no gate), 1 (one per head and token) or Dk (one per key dimension)
+  const int64_t W = log_gate.numel() > 0 ? log_gate.size(3) : 0;
+  TORCH_CHECK(W == 0 || (log_gate.is_contiguous() && log_gate.scalar_type() == at::kFloat &&
+                         (W == 1 || W == Dk)),
+              "linear_cpu needs a contiguous float32 log-gate [B, T, Hkv, 1 or Dk]");
   auto out = at::empty({B, T, H, G, Dv}, q.options());
   auto S_final = S0.clone();
   const float* qp = q.data_ptr<float>();
   const float* kp = k.data_ptr<float>();
   const float* vp = v.data_ptr<float>();
-  const float* gp = gated ? log_gate.data_ptr<float>() : nullptr;
+  const float* gp = W > 0 ? log_gate.data_ptr<float>() : nullptr;
   float* op = out.data_ptr<float>();
   float* sp = S_final.data_ptr<float>();
   const int64_t ldq = H * G * Dk, ldk = H * Dk, ldv = H * Dv, ldo = H * G * Dv;
   const float alpha = static_cast<float>(scale);
+  // The gate of token i (within the chunk) for key dimension d.
+  auto at_dim = [W](const std::vector<float>& x, int64_t i, int64_t d) {
+    return x[i * W + (W == 1 ? 0 : d)];
+  };
 
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> M(chunk * (chunk + Dk)), VS((chunk + Dk) * Dv), ks(chunk * Dk);
-    std::vector<float> b(chunk), up(chunk), down(chunk);
+    std::vector<float> M(chunk * (chunk + Dk)), VS((chunk + Dk) * Dv);
+    std::vector<float> qg(chunk * Dk), kg(chunk * Dk), ks(chunk * Dk);
+    std::vector<float> b(chunk * std::max<int64_t>(W, 1)), up(b.size()), down(b.size());
+    std::vector<float> total(std::max<int64_t>(W, 1)), last(total.size());
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t bi = bh / H, h = bh % H;
       float* S = sp + bh * Dk * Dv;
@@ -79,51 +96,90 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
         const int64_t c = std::min(chunk, T - t0);
         const float* kc = kp + ((bi * T + t0) * H + h) * Dk;
         const float* vc = vp + ((bi * T + t0) * H + h) * Dv;
-        float total = 0.0f;
-        if (gated) {
-          const float* gc = gp + (bi * T + t0) * H + h;
-          for (int64_t i = 0; i < c; ++i) b[i] = total += gc[i * H];
-          for (int64_t i = 0; i < c; ++i) up[i] = std::exp(b[i]);
-          if (total >= -kSafeSpan) {
-            for (int64_t i = 0; i < c; ++i) down[i] = std::exp(-b[i]);
+        bool factored = true;
+        if (W > 0) {
+          const float* gc = gp + ((bi * T + t0) * H + h) * W;
+          std::fill(total.begin(), total.end(), 0.0f);
+          for (int64_t i = 0; i < c; ++i) {
+            for (int64_t w = 0; w < W; ++w) b[i * W + w] = total[w] += gc[i * H * W + w];
+          }
+          for (int64_t w = 0; w < W; ++w) factored = factored && total[w] >= -kSafeSpan;
+          // One vectorised exp per gate value; exp(-b) = 1 / exp(b) stays below e^60 here
+          at::vec::map([](Vec x) { return x.exp(); }, up.data(), b.data(), c * W);
+          if (factored) {
+            at::vec::map([](Vec x) { return Vec(1.0f) / x; }, down.data(), up.data(), c * W);
+          }
+          if (W > 1 && factored) {  // K e^-b, shared by the query heads of this chunk
+            for (int64_t i = 0; i < c; ++i) {
+              for (int64_t d = 0; d < Dk; ++d) kg[i * Dk + d] = kc[i * ldk + d] * down[i * W + d];
+            }
           }
         }
-        const bool factored = total >= -kSafeSpan;
         // O = [A | scale exp(b) ⊙ Q] [V ; S]: the intra-chunk and the state term in one GEMM
         const int64_t width = c + Dk;
-        for (int64_t i = 0; i < c; ++i) std::copy(vc + i * ldv, vc + i * ldv + Dv, VS.data() + i * Dv);
+        for (int64_t i = 0; i < c; ++i) {
+          std::copy(vc + i * ldv, vc + i * ldv + Dv, VS.data() + i * Dv);
+        }
         std::copy(S, S + Dk * Dv, VS.data() + c * Dv);
         for (int64_t g = 0; g < G; ++g) {
           const float* qc = qp + (((bi * T + t0) * H + h) * G + g) * Dk;
           float* oc = op + (((bi * T + t0) * H + h) * G + g) * Dv;
-          gemm_rows(false, true, c, c, Dk, alpha, qc, ldq, kc, ldk, 0.0f, M.data(), width);
+          if (W > 1 && factored) {  // A = scale (Q e^b)(K e^-b)ᵀ
+            for (int64_t i = 0; i < c; ++i) {
+              for (int64_t d = 0; d < Dk; ++d) qg[i * Dk + d] = qc[i * ldq + d] * up[i * W + d];
+            }
+            gemm_rows(false, true, c, c, Dk, alpha, qg.data(), Dk, kg.data(), Dk, 0.0f,
+                      M.data(), width);
+          } else if (W > 1) {  // strong decay: every pair in log space, exponents <= 0
+            for (int64_t i = 0; i < c; ++i) {
+              for (int64_t j = 0; j <= i; ++j) {
+                float dot = 0.0f;
+                for (int64_t d = 0; d < Dk; ++d) {
+                  dot += qc[i * ldq + d] * kc[j * ldk + d] * std::exp(b[i * W + d] - b[j * W + d]);
+                }
+                M[i * width + j] = alpha * dot;
+              }
+            }
+          } else {
+            gemm_rows(false, true, c, c, Dk, alpha, qc, ldq, kc, ldk, 0.0f, M.data(), width);
+          }
           for (int64_t i = 0; i < c; ++i) {
             float* row = M.data() + i * width;
-            if (gated && factored) {
+            if (W == 1 && factored) {
               for (int64_t j = 0; j <= i; ++j) row[j] *= up[i] * down[j];
-            } else if (gated) {
+            } else if (W == 1) {
               for (int64_t j = 0; j <= i; ++j) row[j] *= std::exp(b[i] - b[j]);
             }
             std::fill(row + i + 1, row + c, 0.0f);
-            const float f = alpha * (gated ? up[i] : 1.0f);
-            for (int64_t d = 0; d < Dk; ++d) row[c + d] = qc[i * ldq + d] * f;
+            for (int64_t d = 0; d < Dk; ++d) {
+              row[c + d] = alpha * qc[i * ldq + d] * (W > 0 ? at_dim(up, i, d) : 1.0f);
+            }
           }
-          gemm_rows(false, false, c, Dv, width, 1.0f, M.data(), width, VS.data(), Dv, 0.0f, oc, ldo);
+          gemm_rows(false, false, c, Dv, width, 1.0f, M.data(), width, VS.data(), Dv, 0.0f, oc,
+                    ldo);
         }
-        // S = exp(b_C) S + (exp(b_C - b) ⊙ K)ᵀ V
+        // S = diag(exp(b_C)) S + (exp(b_C - b) ⊙ K)ᵀ V
         const float* k_in = kc;
         int64_t ld_in = ldk;
-        float decay = 1.0f;
-        if (gated) {
+        if (W > 0) {
+          for (int64_t w = 0; w < W; ++w) last[w] = std::exp(total[w]);
           for (int64_t i = 0; i < c; ++i) {
-            const float f = std::exp(total - b[i]);
-            for (int64_t d = 0; d < Dk; ++d) ks[i * Dk + d] = kc[i * ldk + d] * f;
+            for (int64_t d = 0; d < Dk; ++d) {
+              const int64_t w = W == 1 ? 0 : d;
+              // exp(b_C - b_i) = exp(b_C) / exp(b_i) when factored, else taken directly
+              const float f = factored ? last[w] * down[i * W + w]
+                                       : std::exp(total[w] - b[i * W + w]);
+              ks[i * Dk + d] = kc[i * ldk + d] * f;
+            }
+          }
+          for (int64_t d = 0; d < Dk; ++d) {
+            const float decay = last[W == 1 ? 0 : d];
+            for (int64_t e = 0; e < Dv; ++e) S[d * Dv + e] *= decay;
           }
           k_in = ks.data();
           ld_in = Dk;
-          decay = std::exp(total);
         }
-        gemm_rows(true, false, Dk, Dv, c, 1.0f, k_in, ld_in, vc, ldv, decay, S, Dv);
+        gemm_rows(true, false, Dk, Dv, c, 1.0f, k_in, ld_in, vc, ldv, 1.0f, S, Dv);
       }
     }
   });
@@ -131,5 +187,5 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &forward, "chunked linear attention with scalar gates, forward (CPU)");
+  m.def("forward", &forward, "chunked gated linear attention, forward (CPU)");
 }
