@@ -42,7 +42,8 @@ def taylor_feature_map(x: Tensor) -> Tensor:
     """``phi(x) = [1, x / d^(1/4), vec(x x^T) / (sqrt(2) sqrt(d))]``: ``[.., d]`` ->
     ``[.., 1 + d + d^2]``, with ``phi(q) . phi(k) = 1 + s + s^2 / 2``, ``s = q . k / sqrt(d)``."""
     d = x.shape[-1]
-    outer = (x.unsqueeze(-1) * x.unsqueeze(-2)).flatten(-2) / math.sqrt(2.0 * d)
+    # The scale goes on the small factor: at long T each [.., d^2] temporary is hundreds of MB.
+    outer = (x.unsqueeze(-1) * (x / math.sqrt(2.0 * d)).unsqueeze(-2)).flatten(-2)
     return torch.cat([torch.ones_like(x[..., :1]), x / d**0.25, outer], dim=-1)
 
 
@@ -158,7 +159,9 @@ def based(
         initial_state=None if initial_state is None else initial_state.linear,
         return_state=True,
     )
-    keys, values = torch.cat([past_k, k], dim=1), torch.cat([past_v, v], dim=1)
+    keys, values = (k, v) if past_k.shape[1] == 0 else (
+        torch.cat([past_k, k], dim=1), torch.cat([past_v, v], dim=1)
+    )
     local = window_part(q, keys, values, masks.sliding_window(window - 1), scale)
     out = linear + local
     if not return_state:
