@@ -93,3 +93,33 @@ def test_gradients_and_float64_take_the_pytorch_form() -> None:
     assert (
         chunked._kernel(q.double(), k.double(), v.double(), g.double(), S0.double(), True) is None
     )
+
+
+@pytest.mark.parametrize("chunk_size", [7, 64])
+def test_taylor_features_built_in_the_kernel_match_the_reference(chunk_size: int) -> None:
+    g = torch.Generator().manual_seed(5)
+    x = {
+        "q": torch.randn(2, 100, 4, 4, generator=g),
+        "k": torch.randn(2, 100, 2, 4, generator=g),
+        "v": torch.randn(2, 100, 2, 8, generator=g),
+    }
+
+    def form(name: str):
+        return lambda **y: solve(
+            LinearProblem(**y, normalize=True, feature_map="taylor"), form=name,
+            chunk_size=chunk_size,
+        )  # fmt: skip
+
+    problem = LinearProblem(**x, normalize=True, feature_map="taylor")
+    assert problem.state_dim == 1 + 4 + 16
+    q, k, v, gate = chunked._prepared(problem)
+    assert chunked._kernel(q, k, v, gate, chunked._initial(problem, None, q.dtype), True)
+    check_function(form("chunked"), form("reference"), x, grads=False).assert_ok()
+
+
+def test_feature_map_errors_name_the_choices() -> None:
+    x = _inputs(20, None, False)
+    with pytest.raises(ValueError, match="taylor"):
+        LinearProblem(**x, feature_map="cosine")
+    with pytest.raises(ValueError, match="takes no log-gate"):
+        LinearProblem(**x, log_gate=-torch.ones(2, 20, 2, 1), feature_map="taylor")

@@ -23,9 +23,10 @@ boundary of the state-based mechanisms (for LASP-2-style context parallelism, to
 from attnkit.linear.aaren import aaren
 from attnkit.linear.additive import efficient_additive_attention
 from attnkit.linear.agent import agent_attention, pool_agents
-from attnkit.linear.based import BasedState, based, taylor_feature_map
+from attnkit.linear.based import BasedState, based
 from attnkit.linear.chunked import LinearProblem, solve
 from attnkit.linear.decay import lightning_attention, retention
+from attnkit.linear.features import taylor_feature_map
 from attnkit.linear.flare import flare
 from attnkit.linear.gla import gla
 from attnkit.linear.linear_attention import FEATURE_MAPS, linear_attention

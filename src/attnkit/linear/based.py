@@ -19,7 +19,6 @@ plus the last ``window - 1`` keys and values.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -36,15 +35,6 @@ PAPER = (
     "Simple linear attention language models balance the recall-throughput tradeoff — Arora, "
     "Eyuboglu, Zhang, Timalsina, Alberti, Zinsley, Zou, Rudra, Ré (2024)"
 )
-
-
-def taylor_feature_map(x: Tensor) -> Tensor:
-    """``phi(x) = [1, x / d^(1/4), vec(x x^T) / (sqrt(2) sqrt(d))]``: ``[.., d]`` ->
-    ``[.., 1 + d + d^2]``, with ``phi(q) . phi(k) = 1 + s + s^2 / 2``, ``s = q . k / sqrt(d)``."""
-    d = x.shape[-1]
-    # The scale goes on the small factor: at long T each [.., d^2] temporary is hundreds of MB.
-    outer = (x.unsqueeze(-1) * (x / math.sqrt(2.0 * d)).unsqueeze(-2)).flatten(-2)
-    return torch.cat([torch.ones_like(x[..., :1]), x / d**0.25, outer], dim=-1)
 
 
 @dataclass(frozen=True)
@@ -66,10 +56,9 @@ class BasedState:
 def based_problem(
     feature_q: Tensor, feature_k: Tensor, v: Tensor, *, eps: float = 1e-6
 ) -> LinearProblem:
-    """The Taylor linear-attention half of BASED as a ``LinearProblem``."""
-    return LinearProblem(
-        taylor_feature_map(feature_q), taylor_feature_map(feature_k), v, normalize=True, eps=eps
-    )
+    """The Taylor linear-attention half of BASED as a ``LinearProblem`` (the map is applied
+    by the problem, see ``attnkit.linear.features``)."""
+    return LinearProblem(feature_q, feature_k, v, normalize=True, eps=eps, feature_map="taylor")
 
 
 def _window_dense(q: Tensor, k: Tensor, v: Tensor, mask, scale: float | None) -> Tensor:
@@ -159,8 +148,10 @@ def based(
         initial_state=None if initial_state is None else initial_state.linear,
         return_state=True,
     )
-    keys, values = (k, v) if past_k.shape[1] == 0 else (
-        torch.cat([past_k, k], dim=1), torch.cat([past_v, v], dim=1)
+    keys, values = (
+        (k, v)
+        if past_k.shape[1] == 0
+        else (torch.cat([past_k, k], dim=1), torch.cat([past_v, v], dim=1))
     )
     local = window_part(q, keys, values, masks.sliding_window(window - 1), scale)
     out = linear + local

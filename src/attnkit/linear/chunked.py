@@ -24,7 +24,8 @@ States and sums accumulate in float32 whatever the input dtype (float64 stays fl
 normaliser of normalised mechanisms is carried as an extra value column of ones.
 
 The chunked form without gradients, in float32 on the CPU (every causal mechanism built on this
-core: linear attention, Lightning, RetNet, GLA, BASED's linear half) runs a compiled kernel
+core: linear attention, Lightning, RetNet, GLA, BASED's linear half with its Taylor features
+built in cache) runs a compiled kernel
 (``attnkit/backends/csrc/linear_cpu.cpp``): the same chunk algebra with each head's state kept in
 cache across its chunks and q, k, v read in place, instead of the batched tensors below (whose
 permutes, paddings and materialised per-chunk states cost more than the matmuls). Gradients and
@@ -42,6 +43,7 @@ from torch import Tensor
 
 from attnkit.backends import native
 from attnkit.linear._common import acc_dtype, check_chunk_size, check_qkv, pick
+from attnkit.linear.features import FEATURES
 from attnkit.linear.state import ChunkStates, LinearState, combine_states
 
 #: Largest sub-chunk whose pairs GLA's secondary chunking compares directly in log space.
@@ -63,6 +65,9 @@ class LinearProblem:
         normalize: divide by ``scale * q_t . z_t + eps`` (Katharopoulos et al.'s denominator).
         eps: added to the denominator.
         causal: False for the bidirectional form (every query sees every key; no gate).
+        feature_map: a name in ``attnkit.linear.features.FEATURES`` (``"taylor"``): ``q``
+            and ``k`` are then the raw inputs of that map, and ``Dk`` above is its output
+            dimension (``state_dim``); None: ``q`` and ``k`` are the features.
     """
 
     q: Tensor
@@ -73,9 +78,14 @@ class LinearProblem:
     normalize: bool = False
     eps: float = 1e-6
     causal: bool = True
+    feature_map: str | None = None
 
     def __post_init__(self) -> None:
         check_qkv(self.q, self.k, self.v)
+        if self.feature_map is not None:
+            pick(FEATURES, self.feature_map, "feature_map")
+            if self.log_gate is not None:
+                raise ValueError("a feature_map problem takes no log-gate (BASED has none)")
         g = self.log_gate
         if g is None:
             return
@@ -94,6 +104,12 @@ class LinearProblem:
                 "log-gates must be finite and <= 0 (gates alpha = exp(g) in (0, 1]); "
                 "use F.logsigmoid(x) for a gate sigmoid(x)"
             )
+
+    @property
+    def state_dim(self) -> int:
+        """Rows of the state: the key feature dimension the forms see."""
+        Dk = self.k.shape[-1]
+        return Dk if self.feature_map is None else FEATURES[self.feature_map][1](Dk)
 
 
 # -- the three forms of the recurrence ---------------------------------------------------------
@@ -280,11 +296,6 @@ def _chunked(
     causal: bool,
     chunk_size: int,
 ) -> tuple[Tensor, Tensor]:
-    kernel = _kernel(q, k, v, g, S0, causal)
-    if kernel is not None:
-        gate = torch.empty(0) if g is None else g.contiguous()
-        contiguous = (t.contiguous() for t in (q, k, v))
-        return kernel.forward(*contiguous, gate, S0.contiguous(), scale, chunk_size)
     if not causal:
         S = S0 + torch.einsum("bthd,bthe->bhde", k, v)
         return torch.einsum("bthgd,bhde->bthge", q, S) * scale, S
@@ -319,7 +330,8 @@ FORMS: dict[str, Callable[[int], Form]] = {
 
 
 def _initial(problem: LinearProblem, state: LinearState | None, dtype: torch.dtype) -> Tensor:
-    B, _, Hkv, Dk = problem.k.shape
+    B, _, Hkv, _ = problem.k.shape
+    Dk = problem.state_dim
     Dv = problem.v.shape[-1]
     if state is None:
         return torch.zeros(B, Hkv, Dk, Dv + problem.normalize, dtype=dtype, device=problem.k.device)
@@ -341,6 +353,8 @@ def _initial(problem: LinearProblem, state: LinearState | None, dtype: torch.dty
 
 
 def _prepared(problem: LinearProblem) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """``q [B, T, Hkv, G, Dk]``, ``k``, ``v`` (with the normaliser's column of ones) and the
+    log-gate in the accumulation dtype; raw ``q``, ``k`` for a ``feature_map`` problem."""
     B, T, Hq, Dk = problem.q.shape
     Hkv = problem.k.shape[2]
     acc = acc_dtype(problem.q.dtype)
@@ -350,6 +364,13 @@ def _prepared(problem: LinearProblem) -> tuple[Tensor, Tensor, Tensor, Tensor | 
         v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
     g = None if problem.log_gate is None else problem.log_gate.to(acc)
     return q, k, v, g
+
+
+def _features(problem: LinearProblem, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+    if problem.feature_map is None:
+        return q, k
+    feature = FEATURES[problem.feature_map][0]
+    return feature(q), feature(k)
 
 
 def solve(
@@ -368,7 +389,15 @@ def solve(
     run = pick(FORMS, form, "form")(check_chunk_size(chunk_size))
     q, k, v, g = _prepared(problem)
     S0 = _initial(problem, initial_state, q.dtype)
-    out, S = run(q, k, v, g, problem.scale, S0, problem.causal)
+    kernel = _kernel(q, k, v, g, S0, problem.causal) if form == "chunked" else None
+    if kernel is not None:
+        gate = torch.empty(0) if g is None else g.contiguous()
+        q, k, v, S0 = (t.contiguous() for t in (q, k, v, S0))
+        taylor = problem.feature_map == "taylor"
+        out, S = kernel.forward(q, k, v, gate, S0, problem.scale, chunk_size, taylor)
+    else:
+        q, k = _features(problem, q, k)
+        out, S = run(q, k, v, g, problem.scale, S0, problem.causal)
     if problem.normalize:
         out = out[..., :-1] / (out[..., -1:] + problem.eps)
     B, T, Hq, _ = problem.q.shape
@@ -387,6 +416,7 @@ def problem_chunk_states(
     check_chunk_size(chunk_size)
     q, k, v, g = _prepared(problem)
     S0 = _initial(problem, initial_state, q.dtype)
+    q, k = _features(problem, q, k)
     _, kc, vc, b = _chunks(q, k, v, g, chunk_size)
     updates, log_decay = _chunk_updates(kc, vc, b)
     states = _chunked_states(updates, log_decay, S0).transpose(1, 2)

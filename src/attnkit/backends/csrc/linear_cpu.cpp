@@ -15,9 +15,14 @@
 // When a chunk's total decay stays within e^-60, exp(b_i - b_j) factors as exp(b_i) exp(-b_j)
 // (GLA's one-matmul form); otherwise each pair is evaluated in log space.
 //
+// With `taylor`, q and k are BASED's small raw features and phi is its 2nd-order Taylor map,
+// built per chunk in cache: A from the raw q . k (1 + s + s^2 / 2), the state from phi(k).
+// At long T the materialised features (1 + Df + Df^2 = 273 floats per token and head) would
+// cost more memory traffic than the whole computation.
+//
 // Layouts: q [B, T, Hkv, G, Dk], k [B, T, Hkv, Dk], v [B, T, Hkv, Dv], log_gate
-// [B, T, Hkv, 1 or Dk] or empty (no gate), S0 [B, Hkv, Dk, Dv]; out [B, T, Hkv, G, Dv],
-// S_final like S0.
+// [B, T, Hkv, 1 or Dk] or empty (no gate), S0 [B, Hkv, F, Dv] (F = Dk, or 1 + Dk + Dk^2 with
+// taylor); out [B, T, Hkv, G, Dv], S_final like S0.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -47,6 +52,18 @@ void gemm_rows(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, floa
   sgemm_(&tb, &ta, &mi, &ni, &ki, &alpha, b, &lb, a, &la, &beta, c, &lc);
 }
 
+// BASED's 2nd-order Taylor features of x [d], times factor, into out [1 + d + d^2]:
+// [1, x / d^(1/4), vec(x x^T) / (sqrt(2) sqrt(d))] (attnkit.linear.features.taylor_feature_map).
+void taylor_features(const float* x, int64_t d, float factor, float* out) {
+  const float linear = factor / std::pow(static_cast<float>(d), 0.25f);
+  const float square = factor / std::sqrt(2.0f * static_cast<float>(d));
+  out[0] = factor;
+  for (int64_t a = 0; a < d; ++a) out[1 + a] = x[a] * linear;
+  for (int64_t a = 0; a < d; ++a) {
+    for (int64_t b = 0; b < d; ++b) out[1 + d + a * d + b] = x[a] * x[b] * square;
+  }
+}
+
 // Largest within-chunk decay for which exp(b_i - b_j) is formed as exp(b_i) exp(-b_j): both
 // factors stay within e^±60, far from float32's limits. Stronger decay takes one exp per pair.
 constexpr float kSafeSpan = 60.0f;
@@ -55,7 +72,7 @@ constexpr float kSafeSpan = 60.0f;
 
 std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                 const at::Tensor& log_gate, const at::Tensor& S0, double scale,
-                                int64_t chunk) {
+                                int64_t chunk, bool taylor) {
   TORCH_CHECK(q.device().is_cpu() && q.scalar_type() == at::kFloat &&
                   k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat &&
                   S0.scalar_type() == at::kFloat,
@@ -64,11 +81,15 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
               "linear_cpu needs contiguous inputs");
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2), G = q.size(3), Dk = q.size(4);
   const int64_t Dv = v.size(3);
+  // State rows: the key features, BASED's Taylor features of the raw keys, or the keys
+  const int64_t F = taylor ? 1 + Dk + Dk * Dk : Dk;
+  TORCH_CHECK(S0.size(2) == F, "linear_cpu: the state has ", S0.size(2), " rows, expected ", F);
   // Gate width W: 0 (no gate), 1 (one per head and token) or Dk (one per key dimension)
   const int64_t W = log_gate.numel() > 0 ? log_gate.size(3) : 0;
   TORCH_CHECK(W == 0 || (log_gate.is_contiguous() && log_gate.scalar_type() == at::kFloat &&
                          (W == 1 || W == Dk)),
               "linear_cpu needs a contiguous float32 log-gate [B, T, Hkv, 1 or Dk]");
+  TORCH_CHECK(!(taylor && W > 0), "linear_cpu: the Taylor feature map takes no gate");
   auto out = at::empty({B, T, H, G, Dv}, q.options());
   auto S_final = S0.clone();
   const float* qp = q.data_ptr<float>();
@@ -79,19 +100,20 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   float* sp = S_final.data_ptr<float>();
   const int64_t ldq = H * G * Dk, ldk = H * Dk, ldv = H * Dv, ldo = H * G * Dv;
   const float alpha = static_cast<float>(scale);
+  const float taylor_scale = 1.0f / std::sqrt(static_cast<float>(Dk));
   // The gate of token i (within the chunk) for key dimension d.
   auto at_dim = [W](const std::vector<float>& x, int64_t i, int64_t d) {
     return x[i * W + (W == 1 ? 0 : d)];
   };
 
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> M(chunk * (chunk + Dk)), VS((chunk + Dk) * Dv);
-    std::vector<float> qg(chunk * Dk), kg(chunk * Dk), ks(chunk * Dk);
+    std::vector<float> M(chunk * (chunk + F)), VS((chunk + F) * Dv);
+    std::vector<float> qg(chunk * Dk), kg(chunk * Dk), ks(chunk * F);
     std::vector<float> b(chunk * std::max<int64_t>(W, 1)), up(b.size()), down(b.size());
     std::vector<float> total(std::max<int64_t>(W, 1)), last(total.size());
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t bi = bh / H, h = bh % H;
-      float* S = sp + bh * Dk * Dv;
+      float* S = sp + bh * F * Dv;
       for (int64_t t0 = 0; t0 < T; t0 += chunk) {
         const int64_t c = std::min(chunk, T - t0);
         const float* kc = kp + ((bi * T + t0) * H + h) * Dk;
@@ -115,12 +137,12 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
             }
           }
         }
-        // O = [A | scale exp(b) ⊙ Q] [V ; S]: the intra-chunk and the state term in one GEMM
-        const int64_t width = c + Dk;
+        // O = [A | scale exp(b) ⊙ phi(Q)] [V ; S]: the intra-chunk and the state term in one GEMM
+        const int64_t width = c + F;
         for (int64_t i = 0; i < c; ++i) {
           std::copy(vc + i * ldv, vc + i * ldv + Dv, VS.data() + i * Dv);
         }
-        std::copy(S, S + Dk * Dv, VS.data() + c * Dv);
+        std::copy(S, S + F * Dv, VS.data() + c * Dv);
         for (int64_t g = 0; g < G; ++g) {
           const float* qc = qp + (((bi * T + t0) * H + h) * G + g) * Dk;
           float* oc = op + (((bi * T + t0) * H + h) * G + g) * Dv;
@@ -140,8 +162,9 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
                 M[i * width + j] = alpha * dot;
               }
             }
-          } else {
-            gemm_rows(false, true, c, c, Dk, alpha, qc, ldq, kc, ldk, 0.0f, M.data(), width);
+          } else {  // Taylor: raw q . k here, its polynomial below
+            gemm_rows(false, true, c, c, Dk, taylor ? 1.0f : alpha, qc, ldq, kc, ldk, 0.0f,
+                      M.data(), width);
           }
           for (int64_t i = 0; i < c; ++i) {
             float* row = M.data() + i * width;
@@ -150,9 +173,19 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
             } else if (W == 1) {
               for (int64_t j = 0; j <= i; ++j) row[j] *= std::exp(b[i] - b[j]);
             }
+            if (taylor) {  // phi(q) . phi(k) = 1 + s + s^2 / 2, s = q . k / sqrt(Df)
+              for (int64_t j = 0; j <= i; ++j) {
+                const float x = row[j] * taylor_scale;
+                row[j] = alpha * (1.0f + x + 0.5f * x * x);
+              }
+            }
             std::fill(row + i + 1, row + c, 0.0f);
-            for (int64_t d = 0; d < Dk; ++d) {
-              row[c + d] = alpha * qc[i * ldq + d] * (W > 0 ? at_dim(up, i, d) : 1.0f);
+            if (taylor) {
+              taylor_features(qc + i * ldq, Dk, alpha, row + c);
+            } else {
+              for (int64_t d = 0; d < Dk; ++d) {
+                row[c + d] = alpha * qc[i * ldq + d] * (W > 0 ? at_dim(up, i, d) : 1.0f);
+              }
             }
           }
           gemm_rows(false, false, c, Dv, width, 1.0f, M.data(), width, VS.data(), Dv, 0.0f, oc,
@@ -161,7 +194,11 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
         // S = diag(exp(b_C)) S + (exp(b_C - b) ⊙ K)ᵀ V
         const float* k_in = kc;
         int64_t ld_in = ldk;
-        if (W > 0) {
+        if (taylor) {
+          for (int64_t i = 0; i < c; ++i) taylor_features(kc + i * ldk, Dk, 1.0f, ks.data() + i * F);
+          k_in = ks.data();
+          ld_in = F;
+        } else if (W > 0) {
           for (int64_t w = 0; w < W; ++w) last[w] = std::exp(total[w]);
           for (int64_t i = 0; i < c; ++i) {
             for (int64_t d = 0; d < Dk; ++d) {
@@ -179,7 +216,7 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
           k_in = ks.data();
           ld_in = Dk;
         }
-        gemm_rows(true, false, Dk, Dv, c, 1.0f, k_in, ld_in, vc, ldv, 1.0f, S, Dv);
+        gemm_rows(true, false, F, Dv, c, 1.0f, k_in, ld_in, vc, ldv, 1.0f, S, Dv);
       }
     }
   });
