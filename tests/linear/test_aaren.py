@@ -8,7 +8,7 @@ from linear_helpers import check_forms, draw, qkv, split_run
 
 import attnkit
 from attnkit import masks
-from attnkit.linear import PrefixState, aaren, prefix_scan
+from attnkit.linear import PrefixState, aaren, prefix, prefix_scan
 from attnkit.merge import merge
 
 
@@ -91,3 +91,14 @@ def test_errors() -> None:
         )
     with pytest.raises(ValueError, match="unknown form"):
         aaren(q, x["k"], x["v"], form="scan")
+
+
+def test_factored_and_per_pair_chunk_weights_agree(monkeypatch) -> None:
+    """The in-chunk weights as a product of two factors (moderate scores) and pair by pair
+    (forced here; taken for scores that jump by more than e^60) are the same numbers."""
+    x = qkv(T=70, dtype=torch.float64)
+    q = query(x)
+    factored = aaren(q, x["k"], x["v"], chunk_size=16)
+    monkeypatch.setattr(prefix, "SAFE_SPAN", float("-inf"))
+    per_pair = aaren(q, x["k"], x["v"], chunk_size=16)
+    torch.testing.assert_close(factored, per_pair, rtol=0, atol=1e-12)

@@ -88,6 +88,32 @@ def _recurrent(
     return torch.stack(ys, dim=-2), o, lse
 
 
+#: Largest ``s_j - R`` for which the in-chunk weights are formed as a product of two factors
+#: (below): ``e^60`` keeps it far from float32's limits.
+SAFE_SPAN = 60.0
+
+
+def _mixed_weights(sc: Tensor, L: Tensor, rho: Tensor, causal: Tensor) -> Tensor:
+    """``W[t, j] = sum_m rho_(t,m) exp(s_(j,m) - L_(t,m))`` for ``j <= t`` within each chunk,
+    ``[.., N, C(t), C(j)]`` from ``sc``, ``L``, ``rho`` ``[.., M, N, C]``.
+
+    With ``R_m = L_(first token of the chunk, m)``, ``exp(s_j - L_t) = exp(s_j - R)
+    exp(R - L_t)``: an ``[C, M] @ [M, C]`` matmul per chunk instead of an ``[M, C, C]`` tensor
+    (16 latents: 16x less memory traffic). ``R`` depends on no later token, so no output reads
+    the future even by rounding; ``exp(R - L_t) <= 1`` as the running log-sum-exp only grows,
+    and ``exp(s_j - R)`` is used while bounded by ``e^SAFE_SPAN``, else the exact per-pair
+    form below (a score that jumps by more than 60 within a chunk).
+    """
+    R = L[..., :1]  # [.., M, N, 1]
+    if bool((sc - R <= SAFE_SPAN).all()):
+        left = rho * torch.exp(R - L)
+        right = torch.exp(sc - R)
+        mixed = torch.einsum("bhgmnt,bhgmnj->bhgntj", left, right)
+        return mixed.masked_fill(~causal, 0.0)
+    W = torch.where(causal, sc.unsqueeze(-2) - L.unsqueeze(-1), -torch.inf).exp()
+    return torch.einsum("bhgmnt,bhgmntj->bhgntj", rho, W)
+
+
 def _chunked(
     s: Tensor, v: Tensor, rho: Tensor, o0: Tensor, l0: Tensor, chunk_size: int
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -109,11 +135,9 @@ def _chunked(
     carry_o, carry_l = outs[..., :-1, :], lses[..., :-1]  # [.., M, N, Dv], [.., M, N]
     L = torch.logaddexp(carry_l.unsqueeze(-1), local)  # [.., M, N, C(t)]: running lse
     causal = torch.ones(C, C, dtype=torch.bool, device=s.device).tril()
-    W = torch.where(causal, sc.unsqueeze(-2) - L.unsqueeze(-1), -torch.inf).exp()
     carry_w = torch.exp(carry_l.unsqueeze(-1) - L)  # [.., M, N, C(t)]
-    # y_t = sum_m rho_tm (carry_w carry_o + sum_j W_tj v_j), contracted over m first.
-    W_mixed = torch.einsum("bhgmnt,bhgmntj->bhgntj", rc, W)
-    y = W_mixed @ vc.unsqueeze(2)
+    # y_t = sum_m rho_tm (carry_w carry_o + sum_j exp(s_j - L_t) v_j), contracted over m first.
+    y = _mixed_weights(sc, L, rc, causal) @ vc.unsqueeze(2)
     y = y + torch.einsum("bhgmnt,bhgmne->bhgnte", rc * carry_w, carry_o)
     y = y.flatten(-3, -2)[..., :T, :]
     return y, outs[..., -1, :], lses[..., -1]
