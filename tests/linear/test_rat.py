@@ -61,6 +61,8 @@ def test_errors() -> None:
     x = inputs()
     with pytest.raises(ValueError, match=r"gate values must lie in \[0, 1\]"):
         rat(**(x | {"gate": x["gate"] + 1}))
+    with pytest.raises(ValueError, match=r"gate values must lie in \[0, 1\]"):
+        rat(**(x | {"gate": x["gate"].index_fill(1, torch.tensor([2]), float("nan"))}))
     with pytest.raises(ValueError, match="one shared gate needs Dv == Dk"):
         rat(**inputs(Dv=8))
     _, state = rat(**x, chunk_size=4, return_state=True)

@@ -50,6 +50,15 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor, *, same_length: bool = True) -> i
     return Hq // Hkv
 
 
+def within(x: Tensor, low: float, high: float) -> bool:
+    """True when every value of ``x`` lies in ``[low, high]`` (False for NaN), in one pass and
+    without a boolean tensor the size of ``x`` (gates at long T are hundreds of MB)."""
+    if x.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(x)
+    return bool(lo >= low) and bool(hi <= high)
+
+
 def check_chunk_size(chunk_size: int) -> int:
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")

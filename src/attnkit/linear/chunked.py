@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnkit.backends import native
-from attnkit.linear._common import acc_dtype, check_chunk_size, check_qkv, pick
+from attnkit.linear._common import acc_dtype, check_chunk_size, check_qkv, pick, within
 from attnkit.linear.features import FEATURES
 from attnkit.linear.state import ChunkStates, LinearState, combine_states
 
@@ -99,7 +99,7 @@ class LinearProblem:
             )
         if not g.is_floating_point():
             raise TypeError(f"log-gate must be a floating-point tensor, got {g.dtype}")
-        if not bool(torch.isfinite(g).all()) or bool((g > 0).any()):
+        if not within(g, -torch.finfo(g.dtype).max, 0.0):  # finite and <= 0
             raise ValueError(
                 "log-gates must be finite and <= 0 (gates alpha = exp(g) in (0, 1]); "
                 "use F.logsigmoid(x) for a gate sigmoid(x)"
