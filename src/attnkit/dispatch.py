@@ -19,11 +19,11 @@ T=1024-8192; medians of 3):
   computed in plain PyTorch (sigmoid causal T=1024: 39 vs 18 ms on Flex); with gradients
   ~2.8x dense SDPA's forward+backward per live tile (window 256, T=4096: 254 vs 855 ms).
 - blocksparse (plain softmax), per live tile of its own tile shape: float32 through its
-  compiled kernel ~1.0-1.05x dense SDPA forward (dense T=8192 400 vs 400 ms, causal 211 vs
-  SDPA is_causal 210; SDPA's float32 kernel already runs at ~150-170 of this CPU's ~180 GFLOPS
-  float32 matmul peak) and ~0.95-1.0x forward+backward (T=4096: dense 344 vs 366 ms, causal
-  199 vs 203), plus ~0.4 per partial tile (window 256 at T=8192: 27.5 ms vs Flex 29.7,
-  documents 57 vs 70); float32 through batched matmuls
+  compiled kernel ~0.95-1.0x dense SDPA forward (dense T=8192 394-413 vs 411-436 ms, causal
+  211-223 vs SDPA is_causal 216-230; SDPA's float32 kernel already runs at ~150-170 of this
+  CPU's ~180 GFLOPS float32 matmul peak) and forward+backward (T=4096: dense 379 vs 392 ms,
+  causal 213 vs 224), plus ~0.15 per partial tile (window 256 at T=8192: 23-25 ms vs Flex
+  29-31, documents 54-56 vs 70-73); float32 through batched matmuls
   (no compiler) ~1.2x; bfloat16 ~0.6x forward and ~0.8x forward+backward (bf16 matmuls reach
   ~800 GFLOPS, SDPA's bf16 kernel ~165); float16 matmuls have no fast path here (20x slower).
   Its fixed cost (~0.2 ms of Python and small ops per call) is charged as the pairs dense SDPA
@@ -64,7 +64,7 @@ CHUNKED_SCORE = 2.0
 CHUNKED_HALF_DENSE = 0.85
 CHUNKED_HALF_DENSE_MAX_BUFFER = 8 << 20
 BLOCKSPARSE_PER_LIVE = {  # keyed by (implementation, needs_grad)
-    ("kernel", False): 1.05,
+    ("kernel", False): 1.0,
     ("kernel", True): 1.0,
     ("float32", False): 1.2,
     ("float32", True): 1.2,
@@ -74,7 +74,7 @@ BLOCKSPARSE_PER_LIVE = {  # keyed by (implementation, needs_grad)
 #: Extra cost of a PARTIAL tile (its 0/1 factor, and shorter runs), per tile; fitted at T=8192
 #: (kernel: window 256 0.062, documents 0.155 of dense SDPA; batched float32: causal 0.63,
 #: window 256 0.088).
-BLOCKSPARSE_PARTIAL = {"kernel": 0.4, "float32": 0.25, "bfloat16": 0.125}
+BLOCKSPARSE_PARTIAL = {"kernel": 0.15, "float32": 0.25, "bfloat16": 0.125}
 BLOCKSPARSE_FLOAT16 = 20.0
 BLOCKSPARSE_OVERHEAD_PAIRS = 1.3e5
 #: Below this many (query × key) pairs, or fewer queries than one Flex tile, compile time

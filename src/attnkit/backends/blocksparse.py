@@ -291,32 +291,47 @@ def _backward(
     return dq, dk, dv
 
 
-class _BlockSparseAttention(torch.autograd.Function):
+class _BatchedAttention(torch.autograd.Function):
+    """The batched-matmul implementation; q, k, v in ``[B, Hkv, (G,) T, D]`` layout."""
+
     @staticmethod
-    def forward(ctx, q, k, v, plan, kernel, shifted, acc):  # type: ignore[override]
-        if kernel is not None:
-            tiles = (plan.block_q, BLOCK_K, RUN_TILES)
-            out, lse = kernel.forward(q, k, v, *plan.csr, *tiles, shifted)
-        else:
-            out, lse = _forward(q, k, v, plan, shifted, acc)
+    def forward(ctx, q, k, v, plan, shifted, acc):  # type: ignore[override]
+        out, lse = _forward(q, k, v, plan, shifted, acc)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.plan, ctx.kernel, ctx.acc = plan, kernel, acc
+        ctx.plan, ctx.acc = plan, acc
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):  # type: ignore[override]
         q, k, v, out, lse = ctx.saved_tensors
-        grad_out, plan = grad_out.contiguous(), ctx.plan
-        if ctx.kernel is not None:
-            delta = (grad_out * out).sum(-1)
-            finite_lse = torch.where(torch.isneginf(lse), 0.0, lse)
-            dq, dk, dv = ctx.kernel.backward(
-                q, k, v, grad_out, finite_lse, delta, *plan.csr, plan.block_q, BLOCK_K, RUN_TILES
-            )
-        else:
-            dq, dk, dv = _backward(q, k, v, out, lse, grad_out, plan, ctx.acc)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+        dq, dk, dv = _backward(q, k, v, out, lse, grad_out.contiguous(), ctx.plan, ctx.acc)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+
+
+class _KernelAttention(torch.autograd.Function):
+    """The compiled kernel; q, k, v, out in the caller's ``[B, T, H, D]`` layout, lse
+    ``[B, Tq, Hq]``."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, plan, kernel, shifted, scale):  # type: ignore[override]
+        tiles = (*plan.csr, plan.block_q, BLOCK_K, RUN_TILES)
+        out, lse = kernel.forward(q, k, v, *tiles, shifted, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.tiles, ctx.kernel, ctx.scale = tiles, kernel, scale
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):  # type: ignore[override]
+        q, k, v, out, lse = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        delta = (grad_out * out).sum(-1)
+        finite_lse = torch.where(torch.isneginf(lse), 0.0, lse)
+        dq, dk, dv = ctx.kernel.backward(
+            q, k, v, grad_out, finite_lse, delta, *ctx.tiles, ctx.scale
+        )
+        return dq, dk, dv, None, None, None, None
 
 
 def needs_shift(call: AttentionCall) -> bool:
@@ -332,14 +347,18 @@ def needs_shift(call: AttentionCall) -> bool:
 
 def blocksparse_forward(call: AttentionCall) -> tuple[Tensor, Tensor]:
     """Run ``call``. Returns ``out [B, Tq, Hq, Dv]`` and ``lse [B, Tq, Hq]``."""
+    kernel = _kernel(call)
+    if kernel is not None:
+        q, k, v = (x.contiguous() for x in (call.q, call.k, call.v))
+        return _KernelAttention.apply(
+            q, k, v, _plan(call), kernel, needs_shift(call), float(call.scale)
+        )
     B, Hkv, G, Tq = call.B, call.Hkv, call.groups, call.Tq
     acc = call.accumulation_dtype
-    q = (call.q * call.scale).transpose(1, 2).reshape(B, Hkv, G, Tq, call.D).contiguous()
+    q = (call.q * call.scale).transpose(1, 2).reshape(B, Hkv, G, Tq, call.D)
     k = call.k.transpose(1, 2).contiguous()
     v = call.v.transpose(1, 2).contiguous()
-    out, lse = _BlockSparseAttention.apply(
-        q, k, v, _plan(call), _kernel(call), needs_shift(call), acc
-    )
+    out, lse = _BatchedAttention.apply(q, k, v, _plan(call), needs_shift(call), acc)
     out = out.reshape(B, call.Hq, Tq, call.Dv).transpose(1, 2)
     lse = lse.reshape(B, call.Hq, Tq).transpose(1, 2)
     return out, lse

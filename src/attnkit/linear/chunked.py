@@ -353,24 +353,26 @@ def _initial(problem: LinearProblem, state: LinearState | None, dtype: torch.dty
 
 
 def _prepared(problem: LinearProblem) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """``q [B, T, Hkv, G, Dk]``, ``k``, ``v`` (with the normaliser's column of ones) and the
-    log-gate in the accumulation dtype; raw ``q``, ``k`` for a ``feature_map`` problem."""
+    """``q [B, T, Hkv, G, Dk]``, ``k``, ``v`` and the log-gate in the accumulation dtype; raw
+    ``q``, ``k`` for a ``feature_map`` problem."""
     B, T, Hq, Dk = problem.q.shape
     Hkv = problem.k.shape[2]
     acc = acc_dtype(problem.q.dtype)
     q = problem.q.to(acc).reshape(B, T, Hkv, Hq // Hkv, Dk)
     k, v = problem.k.to(acc), problem.v.to(acc)
-    if problem.normalize:
-        v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
     g = None if problem.log_gate is None else problem.log_gate.to(acc)
     return q, k, v, g
 
 
-def _features(problem: LinearProblem, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+def _expanded(problem: LinearProblem, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, ...]:
+    """What the PyTorch forms compute on: the feature-mapped ``q``, ``k``, and ``v`` with the
+    normaliser's column of ones (its state column is the key sum ``z``)."""
+    if problem.normalize:
+        v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
     if problem.feature_map is None:
-        return q, k
+        return q, k, v
     feature = FEATURES[problem.feature_map][0]
-    return feature(q), feature(k)
+    return feature(q), feature(k), v
 
 
 def solve(
@@ -394,12 +396,14 @@ def solve(
         gate = torch.empty(0) if g is None else g.contiguous()
         q, k, v, S0 = (t.contiguous() for t in (q, k, v, S0))
         taylor = problem.feature_map == "taylor"
-        out, S = kernel.forward(q, k, v, gate, S0, problem.scale, chunk_size, taylor)
+        out, S = kernel.forward(
+            q, k, v, gate, S0, problem.scale, chunk_size, taylor, problem.normalize, problem.eps
+        )
     else:
-        q, k = _features(problem, q, k)
+        q, k, v = _expanded(problem, q, k, v)
         out, S = run(q, k, v, g, problem.scale, S0, problem.causal)
-    if problem.normalize:
-        out = out[..., :-1] / (out[..., -1:] + problem.eps)
+        if problem.normalize:
+            out = out[..., :-1] / (out[..., -1:] + problem.eps)
     B, T, Hq, _ = problem.q.shape
     out = out.reshape(B, T, Hq, -1).to(problem.q.dtype)
     if return_state:
@@ -416,7 +420,7 @@ def problem_chunk_states(
     check_chunk_size(chunk_size)
     q, k, v, g = _prepared(problem)
     S0 = _initial(problem, initial_state, q.dtype)
-    q, k = _features(problem, q, k)
+    q, k, v = _expanded(problem, q, k, v)
     _, kc, vc, b = _chunks(q, k, v, g, chunk_size)
     updates, log_decay = _chunk_updates(kc, vc, b)
     states = _chunked_states(updates, log_decay, S0).transpose(1, 2)

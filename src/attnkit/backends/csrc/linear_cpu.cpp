@@ -20,9 +20,12 @@
 // At long T the materialised features (1 + Df + Df^2 = 273 floats per token and head) would
 // cost more memory traffic than the whole computation.
 //
+// With `normalize`, the state carries one more column (the key sum z, from a column of ones
+// appended to v in cache) and the output is divided by it in place: o / (scale q . z + eps).
+//
 // Layouts: q [B, T, Hkv, G, Dk], k [B, T, Hkv, Dk], v [B, T, Hkv, Dv], log_gate
-// [B, T, Hkv, 1 or Dk] or empty (no gate), S0 [B, Hkv, F, Dv] (F = Dk, or 1 + Dk + Dk^2 with
-// taylor); out [B, T, Hkv, G, Dv], S_final like S0.
+// [B, T, Hkv, 1 or Dk] or empty (no gate), S0 [B, Hkv, F, Dz] (F = Dk, or 1 + Dk + Dk^2 with
+// taylor; Dz = Dv + normalize); out [B, T, Hkv, G, Dv], S_final like S0.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -72,7 +75,7 @@ constexpr float kSafeSpan = 60.0f;
 
 std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                 const at::Tensor& log_gate, const at::Tensor& S0, double scale,
-                                int64_t chunk, bool taylor) {
+                                int64_t chunk, bool taylor, bool normalize, double eps) {
   TORCH_CHECK(q.device().is_cpu() && q.scalar_type() == at::kFloat &&
                   k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat &&
                   S0.scalar_type() == at::kFloat,
@@ -80,10 +83,11 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous() && S0.is_contiguous(),
               "linear_cpu needs contiguous inputs");
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2), G = q.size(3), Dk = q.size(4);
-  const int64_t Dv = v.size(3);
+  const int64_t Dv = v.size(3), Dz = Dv + (normalize ? 1 : 0);
   // State rows: the key features, BASED's Taylor features of the raw keys, or the keys
   const int64_t F = taylor ? 1 + Dk + Dk * Dk : Dk;
-  TORCH_CHECK(S0.size(2) == F, "linear_cpu: the state has ", S0.size(2), " rows, expected ", F);
+  TORCH_CHECK(S0.size(2) == F && S0.size(3) == Dz, "linear_cpu: the state is ", S0.sizes(),
+              ", expected [B, Hkv, ", F, ", ", Dz, "]");
   // Gate width W: 0 (no gate), 1 (one per head and token) or Dk (one per key dimension)
   const int64_t W = log_gate.numel() > 0 ? log_gate.size(3) : 0;
   TORCH_CHECK(W == 0 || (log_gate.is_contiguous() && log_gate.scalar_type() == at::kFloat &&
@@ -107,13 +111,13 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   };
 
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> M(chunk * (chunk + F)), VS((chunk + F) * Dv);
+    std::vector<float> M(chunk * (chunk + F)), VS((chunk + F) * Dz), O(normalize ? chunk * Dz : 0);
     std::vector<float> qg(chunk * Dk), kg(chunk * Dk), ks(chunk * F);
     std::vector<float> b(chunk * std::max<int64_t>(W, 1)), up(b.size()), down(b.size());
     std::vector<float> total(std::max<int64_t>(W, 1)), last(total.size());
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t bi = bh / H, h = bh % H;
-      float* S = sp + bh * F * Dv;
+      float* S = sp + bh * F * Dz;
       for (int64_t t0 = 0; t0 < T; t0 += chunk) {
         const int64_t c = std::min(chunk, T - t0);
         const float* kc = kp + ((bi * T + t0) * H + h) * Dk;
@@ -140,9 +144,10 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
         // O = [A | scale exp(b) ⊙ phi(Q)] [V ; S]: the intra-chunk and the state term in one GEMM
         const int64_t width = c + F;
         for (int64_t i = 0; i < c; ++i) {
-          std::copy(vc + i * ldv, vc + i * ldv + Dv, VS.data() + i * Dv);
+          std::copy(vc + i * ldv, vc + i * ldv + Dv, VS.data() + i * Dz);
+          if (normalize) VS[i * Dz + Dv] = 1.0f;
         }
-        std::copy(S, S + F * Dv, VS.data() + c * Dv);
+        std::copy(S, S + F * Dz, VS.data() + c * Dz);
         for (int64_t g = 0; g < G; ++g) {
           const float* qc = qp + (((bi * T + t0) * H + h) * G + g) * Dk;
           float* oc = op + (((bi * T + t0) * H + h) * G + g) * Dv;
@@ -188,8 +193,17 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
               }
             }
           }
-          gemm_rows(false, false, c, Dv, width, 1.0f, M.data(), width, VS.data(), Dv, 0.0f, oc,
-                    ldo);
+          if (!normalize) {
+            gemm_rows(false, false, c, Dv, width, 1.0f, M.data(), width, VS.data(), Dz, 0.0f, oc,
+                      ldo);
+            continue;
+          }
+          gemm_rows(false, false, c, Dz, width, 1.0f, M.data(), width, VS.data(), Dz, 0.0f,
+                    O.data(), Dz);
+          for (int64_t i = 0; i < c; ++i) {
+            const float inv = 1.0f / (O[i * Dz + Dv] + static_cast<float>(eps));
+            for (int64_t e = 0; e < Dv; ++e) oc[i * ldo + e] = O[i * Dz + e] * inv;
+          }
         }
         // S = diag(exp(b_C)) S + (exp(b_C - b) ⊙ K)ᵀ V
         const float* k_in = kc;
@@ -211,12 +225,12 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
           }
           for (int64_t d = 0; d < Dk; ++d) {
             const float decay = last[W == 1 ? 0 : d];
-            for (int64_t e = 0; e < Dv; ++e) S[d * Dv + e] *= decay;
+            for (int64_t e = 0; e < Dz; ++e) S[d * Dz + e] *= decay;
           }
           k_in = ks.data();
           ld_in = Dk;
         }
-        gemm_rows(true, false, F, Dv, c, 1.0f, k_in, ld_in, vc, ldv, 1.0f, S, Dv);
+        gemm_rows(true, false, F, Dz, c, 1.0f, k_in, ld_in, VS.data(), Dz, 1.0f, S, Dz);
       }
     }
   });
