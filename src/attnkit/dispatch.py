@@ -6,9 +6,9 @@ must compute (the mask's analytic block structure). Constants come from ``attnki
 the measurements in the backends' docstrings (2-core CPU, torch 2.13, B=1, H=8, D=64,
 T=1024-8192; medians of 3):
 
-- SDPA: causal on square inputs uses ``is_causal`` (~0.53-0.6 of dense); a dense mask ~1.1; an
-  additive bias goes through a float mask, ~3.4x slower than ``is_causal`` (ALiBi T=1024:
-  50 ms vs 10-15 ms) and ~1.6x with gradients.
+- SDPA: causal on square inputs uses ``is_causal`` (0.53-0.74 of dense, more at short T); a
+  dense mask ~1.1; an additive bias goes through a float mask, ~3.4x slower than
+  ``is_causal`` (ALiBi T=1024: 50 ms vs 10-15 ms) and ~1.6x with gradients.
 - FlexAttention (forward only on the CPU), per live 128x128 tile: ~1.35x dense SDPA in float32
   and ~1.75x in bfloat16 with a sparse mask (window 256, causal, documents at T=8192), but
   ~3.4x without a mask; score functions other than plain softmax ~1.3x more. Grid masks
@@ -19,7 +19,7 @@ T=1024-8192; medians of 3):
   computed in plain PyTorch (sigmoid causal T=1024: 39 vs 18 ms on Flex); with gradients
   ~2.8x dense SDPA's forward+backward per live tile (window 256, T=4096: 254 vs 855 ms).
 - blocksparse (plain softmax), per live tile of its own tile shape: float32 through its
-  compiled kernel ~0.95-1.0x dense SDPA forward (dense T=8192 394-413 vs 411-436 ms, causal
+  compiled kernel ~0.95-0.99x dense SDPA forward (dense T=8192 394-418 vs 411-439 ms, causal
   211-223 vs SDPA is_causal 216-230; SDPA's float32 kernel already runs at ~150-170 of this
   CPU's ~180 GFLOPS float32 matmul peak) and forward+backward (T=4096: dense 379 vs 392 ms,
   causal 213 vs 224), plus ~0.15 per partial tile (window 256 at T=8192: 23-25 ms vs Flex
@@ -45,7 +45,10 @@ from attnkit.call import AttentionCall
 from attnkit.masks.neighborhood import GridMask
 from attnkit.scores import Softmax
 
-SDPA_CAUSAL = 0.55
+#: SDPA ``is_causal`` relative to dense: ``0.5 + SDPA_CAUSAL_EDGE / T``, as its kernel also
+#: computes the partly masked key blocks on the diagonal (measured: T=1024 0.72-0.74, 2048
+#: 0.64, 4096 0.55, 8192 0.53).
+SDPA_CAUSAL_EDGE = 224.0
 SDPA_DENSE_MASK = 1.1
 SDPA_BIAS = {False: 3.4, True: 1.6}  # keyed by needs_grad
 FLEX_PER_LIVE = {False: 1.35, True: 1.75}  # keyed by half precision
@@ -64,8 +67,8 @@ CHUNKED_SCORE = 2.0
 CHUNKED_HALF_DENSE = 0.85
 CHUNKED_HALF_DENSE_MAX_BUFFER = 8 << 20
 BLOCKSPARSE_PER_LIVE = {  # keyed by (implementation, needs_grad)
-    ("kernel", False): 1.0,
-    ("kernel", True): 1.0,
+    ("kernel", False): 0.97,
+    ("kernel", True): 0.97,
     ("float32", False): 1.2,
     ("float32", True): 1.2,
     ("bfloat16", False): 0.6,
@@ -76,7 +79,9 @@ BLOCKSPARSE_PER_LIVE = {  # keyed by (implementation, needs_grad)
 #: window 256 0.088).
 BLOCKSPARSE_PARTIAL = {"kernel": 0.15, "float32": 0.25, "bfloat16": 0.125}
 BLOCKSPARSE_FLOAT16 = 20.0
-BLOCKSPARSE_OVERHEAD_PAIRS = 1.3e5
+#: Fixed cost per call as (query x key) pairs of dense SDPA: the kernel's is its plan lookup
+#: and one C++ call (causal T=1024: 4.2 vs SDPA 5.2 ms); the batched path's, its Python loop.
+BLOCKSPARSE_OVERHEAD_PAIRS = {"kernel": 0.5e5, "batched": 1.3e5}
 #: Below this many (query × key) pairs, or fewer queries than one Flex tile, compile time
 #: outweighs any kernel speedup.
 FLEX_MIN_PAIRS = 512 * 512
@@ -99,9 +104,10 @@ def _blocksparse_cost(call: AttentionCall) -> tuple[float, str]:
     if call.mask is not None:
         tiles = call.mask.blocks(call.Tq, call.Tk, block_q, block_k, call.device)
         live, partial = tiles.live_fraction(), tiles.partial_fraction
-    overhead = BLOCKSPARSE_OVERHEAD_PAIRS / (call.B * call.Hq * call.Tq * call.Tk)
+    pairs = call.B * call.Hq * call.Tq * call.Tk
     tiles = f"computes {live:.0%} of {block_q}x{block_k} tiles"
     if call.dtype == torch.float16:
+        overhead = BLOCKSPARSE_OVERHEAD_PAIRS["batched"] / pairs
         return BLOCKSPARSE_FLOAT16 * live + overhead, f"{tiles} as float16 matmuls (no fast path)"
     if call.dtype == torch.bfloat16:
         implementation, how = "bfloat16", "as batched bf16 matmuls"
@@ -109,6 +115,8 @@ def _blocksparse_cost(call: AttentionCall) -> tuple[float, str]:
         implementation, how = "kernel", "in the compiled kernel"
     else:
         implementation, how = "float32", "as batched matmuls"
+    overhead = BLOCKSPARSE_OVERHEAD_PAIRS["kernel" if implementation == "kernel" else "batched"]
+    overhead /= pairs
     per_live = BLOCKSPARSE_PER_LIVE[implementation, call.needs_grad]
     cost = per_live * live + BLOCKSPARSE_PARTIAL[implementation] * partial + overhead
     return cost, f"{tiles} {how}"
@@ -119,7 +127,8 @@ def estimated_costs(call: AttentionCall) -> dict[str, tuple[float, str]]:
     grad = call.needs_grad
     costs: dict[str, tuple[float, str]] = {}
 
-    sdpa = SDPA_CAUSAL if is_plain_causal(call) else SDPA_DENSE_MASK if call.mask else 1.0
+    sdpa_causal = 0.5 + SDPA_CAUSAL_EDGE / call.Tk
+    sdpa = sdpa_causal if is_plain_causal(call) else SDPA_DENSE_MASK if call.mask else 1.0
     basis = "causal kernel" if is_plain_causal(call) else "dense mask" if call.mask else "dense"
     if call.bias is not None:
         sdpa *= SDPA_BIAS[grad]
