@@ -8,7 +8,8 @@
 //
 // Layouts: the caller's own (contiguous) q [B, Tq, Hq, D], k [B, Tk, Hkv, D],
 // v [B, Tk, Hkv, Dv], read in place through BLAS leading dimensions (no transposed copies: at
-// T=32k each would be a fresh 32 MB buffer); out [B, Tq, Hq, Dv], lse [B, Tq, Hq]. The mask's live tiles are a CSR over query blocks: row_ptr [nq + 1],
+// T=32k each would be a fresh 32 MB buffer); out [B, Tq, Hq, Dv], lse [B, Tq, Hq]. The mask's
+// live tiles are a CSR over query blocks: row_ptr [nq + 1],
 // tiles [nnz] (key-tile index, ascending per row), partial [nnz] (-1 for a full tile, else the
 // index of its 0/1 keep tile in keep [P, Bm, Hm, BQ, BK], Bm in {1, B}, Hm in {1, Hkv * G}).
 #include <torch/extension.h>
@@ -120,12 +121,34 @@ Tiles tiles_of(const at::Tensor& row_ptr, const at::Tensor& tiles, const at::Ten
                keep.size(2), block_q, block_k, max_run};
 }
 
+// Sizes and row strides of one call: q [B, Tq, Hq, D], k [B, Tk, Hkv, D], v [B, Tk, Hkv, Dv]
+// in their own layout (a row of one head is `ld` floats from the next), nq query blocks.
+struct Dims {
+  int64_t B, Tq, Hq, D, Tk, Hkv, Dv, G, nq, max_keys, ldq, ldk, ldv, ldo;
+};
+
+Dims dims_of(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Tiles& t) {
+  const int64_t B = q.size(0), Tq = q.size(1), Hq = q.size(2), D = q.size(3);
+  const int64_t Tk = k.size(1), Hkv = k.size(2), Dv = v.size(3);
+  return Dims{B, Tq, Hq, D, Tk, Hkv, Dv, Hq / Hkv, (Tq + t.BQ - 1) / t.BQ, t.max_run * t.BK,
+              Hq * D, Hkv * D, Hkv * Dv, Hq * Dv};
+}
+
+// One work item: query block i (rows r0 .. r0 + bq) of query head h (key/value head hkv) of
+// batch entry b.
+struct Work {
+  int64_t i, b, h, hkv, r0, bq;
+};
+
+Work work_of(int64_t item, const Dims& d, const Tiles& t) {
+  const int64_t i = item % d.nq, head = item / d.nq;  // head = b * Hq + h
+  const int64_t h = head % d.Hq, r0 = i * t.BQ;
+  return Work{i, head / d.Hq, h, h / d.G, r0, std::min(t.BQ, d.Tq - r0)};
+}
+
 void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                     const Tiles& t, bool shifted, float scale, at::Tensor& out, at::Tensor& lse) {
-  const int64_t B = q.size(0), Tq = q.size(1), Hq = q.size(2), D = q.size(3);
-  const int64_t Tk = k.size(1), Hkv = k.size(2), Dv = v.size(3), G = Hq / Hkv;
-  const int64_t nq = (Tq + t.BQ - 1) / t.BQ, max_keys = t.max_run * t.BK;
-  const int64_t ldq = Hq * D, ldk = Hkv * D, ldv = Hkv * Dv, ldo = Hq * Dv;
+  const Dims d = dims_of(q, k, v, t);
   const float* qp = q.data_ptr<float>();
   const float* kp = k.data_ptr<float>();
   const float* vp = v.data_ptr<float>();
@@ -134,33 +157,31 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 
   const int64_t threads = at::get_num_threads();
   std::vector<std::vector<float>> scores(threads), acc(threads), rowmax(threads), sums(threads);
-  run_items(B * Hq * nq, [&](int64_t item, int64_t thread) {
-    const int64_t i = item % nq, head = item / nq;  // head = b * Hq + h
-    const int64_t b = head / Hq, h = head % Hq, hkv = h / G;
-    const int64_t r0 = i * t.BQ, bq = std::min(t.BQ, Tq - r0);
+  run_items(d.B * d.Hq * d.nq, [&](int64_t item, int64_t thread) {
+    const Work w = work_of(item, d, t);
     auto& S = scores[thread];
     auto& O = acc[thread];
     auto& M = rowmax[thread];
     auto& L = sums[thread];
-    S.resize(t.BQ * max_keys);
-    O.assign(bq * Dv, 0.0f);
-    M.assign(bq, shifted ? kNegInf : 0.0f);
-    L.assign(bq, 0.0f);
-    const float* qi = qp + ((b * Tq + r0) * Hq + h) * D;
-    const float* kb = kp + (b * Tk * Hkv + hkv) * D;
-    const float* vb = vp + (b * Tk * Hkv + hkv) * Dv;
+    S.resize(t.BQ * d.max_keys);
+    O.assign(w.bq * d.Dv, 0.0f);
+    M.assign(w.bq, shifted ? kNegInf : 0.0f);
+    L.assign(w.bq, 0.0f);
+    const float* qi = qp + ((w.b * d.Tq + w.r0) * d.Hq + w.h) * d.D;
+    const float* kb = kp + (w.b * d.Tk * d.Hkv + w.hkv) * d.D;
+    const float* vb = vp + (w.b * d.Tk * d.Hkv + w.hkv) * d.Dv;
 
-    for_each_run(t, i, [&](int64_t first, int64_t stop) {
+    for_each_run(t, w.i, [&](int64_t first, int64_t stop) {
       const int64_t c0 = t.tiles[first] * t.BK;
-      const int64_t n = std::min(t.tiles[stop - 1] * t.BK + t.BK, Tk) - c0;
+      const int64_t n = std::min(t.tiles[stop - 1] * t.BK + t.BK, d.Tk) - c0;
       // S[bq, n] = scale Q Kᵀ (row-major; BLAS sees the transposes)
-      gemm(true, false, n, bq, D, scale, kb + c0 * ldk, ldk, qi, ldq, 0.0f, S.data(), n);
-      for (int64_t r = 0; r < bq; ++r) {
+      gemm(true, false, n, w.bq, d.D, scale, kb + c0 * d.ldk, d.ldk, qi, d.ldq, 0.0f, S.data(), n);
+      for (int64_t r = 0; r < w.bq; ++r) {
         float* s = S.data() + r * n;
         float shift = 0.0f;
         if (shifted) {
           for (int64_t e = first; e < stop; ++e) {
-            const float* keep = t.keep_tile(e, b, h);
+            const float* keep = t.keep_tile(e, w.b, w.h);
             if (!keep) continue;
             const int64_t lo = (t.tiles[e] - t.tiles[first]) * t.BK;
             const int64_t w = std::min(t.BK, n - lo);
@@ -176,13 +197,13 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
           const float rescale = M[r] == kNegInf ? 0.0f : std::exp(M[r] - new_max);
           if (rescale != 1.0f) {
             L[r] *= rescale;
-            for (int64_t c = 0; c < Dv; ++c) O[r * Dv + c] *= rescale;
+            for (int64_t c = 0; c < d.Dv; ++c) O[r * d.Dv + c] *= rescale;
           }
           M[r] = shift = new_max;
         }
         exp_shifted(s, n, shift);
         for (int64_t e = first; e < stop; ++e) {
-          const float* keep = t.keep_tile(e, b, h);
+          const float* keep = t.keep_tile(e, w.b, w.h);
           if (!keep) continue;
           const int64_t lo = (t.tiles[e] - t.tiles[first]) * t.BK;
           multiply(s + lo, keep + r * t.BK, std::min(t.BK, n - lo));
@@ -190,13 +211,14 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
         L[r] += row_sum(s, n);
       }
       // O[bq, Dv] += P V
-      gemm(false, false, Dv, bq, n, 1.0f, vb + c0 * ldv, ldv, S.data(), n, 1.0f, O.data(), Dv);
+      gemm(false, false, d.Dv, w.bq, n, 1.0f, vb + c0 * d.ldv, d.ldv, S.data(), n, 1.0f, O.data(),
+           d.Dv);
     });
 
-    for (int64_t r = 0; r < bq; ++r) {
+    for (int64_t r = 0; r < w.bq; ++r) {
       const float inv = L[r] > 0.0f ? 1.0f / L[r] : 0.0f;
-      const int64_t row = (b * Tq + r0 + r) * Hq + h;
-      for (int64_t c = 0; c < Dv; ++c) op[row * Dv + c] = O[r * Dv + c] * inv;
+      const int64_t row = (w.b * d.Tq + w.r0 + r) * d.Hq + w.h;
+      for (int64_t c = 0; c < d.Dv; ++c) op[row * d.Dv + c] = O[r * d.Dv + c] * inv;
       lp[row] = (M[r] == kNegInf ? 0.0f : M[r]) + std::log(L[r]);
     }
   });
@@ -206,10 +228,7 @@ void backward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
                      const at::Tensor& grad_out, const at::Tensor& lse,
                      const at::Tensor& delta, const Tiles& t, float scale, at::Tensor& dq,
                      at::Tensor& dk_parts, at::Tensor& dv_parts) {
-  const int64_t B = q.size(0), Tq = q.size(1), Hq = q.size(2), D = q.size(3);
-  const int64_t Tk = k.size(1), Hkv = k.size(2), Dv = v.size(3), G = Hq / Hkv;
-  const int64_t nq = (Tq + t.BQ - 1) / t.BQ, max_keys = t.max_run * t.BK;
-  const int64_t ldq = Hq * D, ldk = Hkv * D, ldv = Hkv * Dv, ldo = Hq * Dv;
+  const Dims d = dims_of(q, k, v, t);
   const float* qp = q.data_ptr<float>();
   const float* kp = k.data_ptr<float>();
   const float* vp = v.data_ptr<float>();
@@ -219,39 +238,38 @@ void backward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   float* dqp = dq.data_ptr<float>();
   float* dkp = dk_parts.data_ptr<float>();
   float* dvp = dv_parts.data_ptr<float>();
-  const int64_t part_k = B * Hkv * Tk * D, part_v = B * Hkv * Tk * Dv;
+  const int64_t part_k = d.B * d.Hkv * d.Tk * d.D, part_v = d.B * d.Hkv * d.Tk * d.Dv;
 
   const int64_t threads = at::get_num_threads();
   std::vector<std::vector<float>> scores(threads), dscores(threads);
-  run_items(B * Hq * nq, [&](int64_t item, int64_t thread) {
-    const int64_t i = item % nq, head = item / nq;  // head = b * Hq + h
-    const int64_t b = head / Hq, h = head % Hq, hkv = h / G;
-    const int64_t r0 = i * t.BQ, bq = std::min(t.BQ, Tq - r0);
+  run_items(d.B * d.Hq * d.nq, [&](int64_t item, int64_t thread) {
+    const Work w = work_of(item, d, t);
     auto& S = scores[thread];
     auto& dS = dscores[thread];
-    S.resize(t.BQ * max_keys);
-    dS.resize(t.BQ * max_keys);
-    const int64_t row0 = (b * Tq + r0) * Hq + h;  // rows of lse and delta step by Hq
-    const float* qi = qp + row0 * D;
-    const float* doi = dop + row0 * Dv;
-    float* dqi = dqp + row0 * D;
-    const int64_t key0 = b * Tk * Hkv + hkv;
-    const float* kb = kp + key0 * D;
-    const float* vb = vp + key0 * Dv;
-    float* dkb = dkp + thread * part_k + key0 * D;
-    float* dvb = dvp + thread * part_v + key0 * Dv;
+    S.resize(t.BQ * d.max_keys);
+    dS.resize(t.BQ * d.max_keys);
+    const int64_t row0 = (w.b * d.Tq + w.r0) * d.Hq + w.h;  // rows of lse and delta step by Hq
+    const float* qi = qp + row0 * d.D;
+    const float* doi = dop + row0 * d.Dv;
+    float* dqi = dqp + row0 * d.D;
+    const int64_t key0 = w.b * d.Tk * d.Hkv + w.hkv;
+    const float* kb = kp + key0 * d.D;
+    const float* vb = vp + key0 * d.Dv;
+    float* dkb = dkp + thread * part_k + key0 * d.D;
+    float* dvb = dvp + thread * part_v + key0 * d.Dv;
 
-    for_each_run(t, i, [&](int64_t first, int64_t stop) {
+    for_each_run(t, w.i, [&](int64_t first, int64_t stop) {
       const int64_t c0 = t.tiles[first] * t.BK;
-      const int64_t n = std::min(t.tiles[stop - 1] * t.BK + t.BK, Tk) - c0;
-      gemm(true, false, n, bq, D, scale, kb + c0 * ldk, ldk, qi, ldq, 0.0f, S.data(), n);
+      const int64_t n = std::min(t.tiles[stop - 1] * t.BK + t.BK, d.Tk) - c0;
+      gemm(true, false, n, w.bq, d.D, scale, kb + c0 * d.ldk, d.ldk, qi, d.ldq, 0.0f, S.data(), n);
       // dP[bq, n] = dO Vᵀ (becomes dS in place)
-      gemm(true, false, n, bq, Dv, 1.0f, vb + c0 * ldv, ldv, doi, ldo, 0.0f, dS.data(), n);
-      for (int64_t r = 0; r < bq; ++r) {
+      gemm(true, false, n, w.bq, d.Dv, 1.0f, vb + c0 * d.ldv, d.ldv, doi, d.ldo, 0.0f, dS.data(),
+           n);
+      for (int64_t r = 0; r < w.bq; ++r) {
         float* s = S.data() + r * n;
         float* ds = dS.data() + r * n;
         // Kept pairs have s - lse <= 0; masked ones may be larger, hence the upper clamp.
-        const float lse_r = lp[row0 + r * Hq], delta_r = deltap[row0 + r * Hq];
+        const float lse_r = lp[row0 + r * d.Hq], delta_r = deltap[row0 + r * d.Hq];
         const Vec vlse(lse_r), lo(kExpFloor), hi(-kExpFloor), vdelta(delta_r);
         int64_t c = 0;
         for (; c + Vec::size() <= n; c += Vec::size()) {
@@ -264,7 +282,7 @@ void backward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
           ds[c] = (ds[c] - delta_r) * s[c];
         }
         for (int64_t e = first; e < stop; ++e) {
-          const float* keep = t.keep_tile(e, b, h);
+          const float* keep = t.keep_tile(e, w.b, w.h);
           if (!keep) continue;
           const int64_t off = (t.tiles[e] - t.tiles[first]) * t.BK;
           const int64_t w = std::min(t.BK, n - off);
@@ -273,9 +291,12 @@ void backward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
         }
       }
       // dV[n, Dv] += Pᵀ dO;  dQ[bq, D] += scale dS K;  dK[n, D] += scale dSᵀ Q
-      gemm(false, true, Dv, n, bq, 1.0f, doi, ldo, S.data(), n, 1.0f, dvb + c0 * ldv, ldv);
-      gemm(false, false, D, bq, n, scale, kb + c0 * ldk, ldk, dS.data(), n, 1.0f, dqi, ldq);
-      gemm(false, true, D, n, bq, scale, qi, ldq, dS.data(), n, 1.0f, dkb + c0 * ldk, ldk);
+      gemm(false, true, d.Dv, n, w.bq, 1.0f, doi, d.ldo, S.data(), n, 1.0f, dvb + c0 * d.ldv,
+           d.ldv);
+      gemm(false, false, d.D, w.bq, n, scale, kb + c0 * d.ldk, d.ldk, dS.data(), n, 1.0f, dqi,
+           d.ldq);
+      gemm(false, true, d.D, n, w.bq, scale, qi, d.ldq, dS.data(), n, 1.0f, dkb + c0 * d.ldk,
+           d.ldk);
     });
   });
 }

@@ -209,7 +209,9 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
         const float* k_in = kc;
         int64_t ld_in = ldk;
         if (taylor) {
-          for (int64_t i = 0; i < c; ++i) taylor_features(kc + i * ldk, Dk, 1.0f, ks.data() + i * F);
+          for (int64_t i = 0; i < c; ++i) {
+            taylor_features(kc + i * ldk, Dk, 1.0f, ks.data() + i * F);
+          }
           k_in = ks.data();
           ld_in = F;
         } else if (W > 0) {
