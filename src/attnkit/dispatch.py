@@ -23,11 +23,11 @@ T=1024-8192; medians of 3):
   211-223 vs SDPA is_causal 216-230; SDPA's float32 kernel already runs at ~150-170 of this
   CPU's ~180 GFLOPS float32 matmul peak) and forward+backward (T=4096: dense 379 vs 392 ms,
   causal 213 vs 224), plus ~0.15 per partial tile (window 256 at T=8192: 23-25 ms vs Flex
-  29-31, documents 54-56 vs 70-73); float32 through batched matmuls
-  (no compiler) ~1.2x; bfloat16 ~0.6x forward and ~0.8x forward+backward (bf16 matmuls reach
-  ~800 GFLOPS, SDPA's bf16 kernel ~165); float16 matmuls have no fast path here (20x slower).
-  Its fixed cost (~0.2 ms of Python and small ops per call) is charged as the pairs dense SDPA
-  would process in that time, so short calls and decoding stay on SDPA.
+  29-31, documents 54-56 vs 70-73); float32 through batched matmuls (no compiler) ~1.2x;
+  bfloat16 ~0.6x forward and ~0.8x forward+backward (bf16 matmuls reach ~800 GFLOPS, SDPA's
+  bf16 kernel ~165); float16 matmuls have no fast path here (20x slower). Its fixed cost per
+  call (~0.2 ms of Python and small ops for the batched path, less for the kernel) is charged
+  as the pairs dense SDPA would process in that time, so short calls and decoding stay on SDPA.
 - Flex compiles once per shape (seconds), so it is not chosen for short query blocks
   (decoding) or small problems, where compile time would dominate.
 """
@@ -75,7 +75,7 @@ BLOCKSPARSE_PER_LIVE = {  # keyed by (implementation, needs_grad)
     ("bfloat16", True): 0.8,
 }
 #: Extra cost of a PARTIAL tile (its 0/1 factor, and shorter runs), per tile; fitted at T=8192
-#: (kernel: window 256 0.062, documents 0.155 of dense SDPA; batched float32: causal 0.63,
+#: (kernel: window 256 0.054, documents 0.133 of dense SDPA; batched float32: causal 0.63,
 #: window 256 0.088).
 BLOCKSPARSE_PARTIAL = {"kernel": 0.15, "float32": 0.25, "bfloat16": 0.125}
 BLOCKSPARSE_FLOAT16 = 20.0
@@ -105,10 +105,10 @@ def _blocksparse_cost(call: AttentionCall) -> tuple[float, str]:
         tiles = call.mask.blocks(call.Tq, call.Tk, block_q, block_k, call.device)
         live, partial = tiles.live_fraction(), tiles.partial_fraction
     pairs = call.B * call.Hq * call.Tq * call.Tk
-    tiles = f"computes {live:.0%} of {block_q}x{block_k} tiles"
+    basis = f"computes {live:.0%} of {block_q}x{block_k} tiles"
     if call.dtype == torch.float16:
         overhead = BLOCKSPARSE_OVERHEAD_PAIRS["batched"] / pairs
-        return BLOCKSPARSE_FLOAT16 * live + overhead, f"{tiles} as float16 matmuls (no fast path)"
+        return BLOCKSPARSE_FLOAT16 * live + overhead, f"{basis} as float16 matmuls (no fast path)"
     if call.dtype == torch.bfloat16:
         implementation, how = "bfloat16", "as batched bf16 matmuls"
     elif blocksparse.uses_kernel(call):
@@ -119,7 +119,7 @@ def _blocksparse_cost(call: AttentionCall) -> tuple[float, str]:
     overhead /= pairs
     per_live = BLOCKSPARSE_PER_LIVE[implementation, call.needs_grad]
     cost = per_live * live + BLOCKSPARSE_PARTIAL[implementation] * partial + overhead
-    return cost, f"{tiles} {how}"
+    return cost, f"{basis} {how}"
 
 
 def estimated_costs(call: AttentionCall) -> dict[str, tuple[float, str]]:

@@ -25,11 +25,10 @@ normaliser of normalised mechanisms is carried as an extra value column of ones.
 
 The chunked form without gradients, in float32 on the CPU (every causal mechanism built on this
 core: linear attention, Lightning, RetNet, GLA, BASED's linear half with its Taylor features
-built in cache) runs a compiled kernel
-(``attnkit/backends/csrc/linear_cpu.cpp``): the same chunk algebra with each head's state kept in
-cache across its chunks and q, k, v read in place, instead of the batched tensors below (whose
-permutes, paddings and materialised per-chunk states cost more than the matmuls). Gradients and
-float64 use the PyTorch form.
+built in cache) runs a compiled kernel (``attnkit/backends/csrc/linear_cpu.cpp``): the same
+chunk algebra with each head's state kept in cache across its chunks and q, k, v read in place,
+instead of the batched tensors below (whose permutes, paddings and materialised per-chunk
+states cost more than the matmuls). Gradients and float64 use the PyTorch form.
 """
 
 from __future__ import annotations
@@ -273,6 +272,10 @@ def _chunked_states(updates: Tensor, log_decay: Tensor | None, S0: Tensor) -> Te
     return states.transpose(1, 2)
 
 
+#: Feature maps the compiled kernel applies itself (None: q and k are the features).
+KERNEL_FEATURES = (None, "taylor")
+
+
 def _kernel(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, S0: Tensor, causal: bool):
     """The compiled chunked kernel where it applies (see the module docstring), else None."""
     tensors = (q, k, v, S0) if g is None else (q, k, v, S0, g)
@@ -391,7 +394,8 @@ def solve(
     run = pick(FORMS, form, "form")(check_chunk_size(chunk_size))
     q, k, v, g = _prepared(problem)
     S0 = _initial(problem, initial_state, q.dtype)
-    kernel = _kernel(q, k, v, g, S0, problem.causal) if form == "chunked" else None
+    eligible = form == "chunked" and problem.feature_map in KERNEL_FEATURES
+    kernel = _kernel(q, k, v, g, S0, problem.causal) if eligible else None
     if kernel is not None:
         gate = torch.empty(0) if g is None else g.contiguous()
         q, k, v, S0 = (t.contiguous() for t in (q, k, v, S0))
