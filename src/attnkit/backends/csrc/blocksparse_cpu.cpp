@@ -18,6 +18,8 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include "cpu_blas.h"
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -26,23 +28,7 @@
 
 namespace {
 
-// The BLAS that PyTorch links (MKL on x86 wheels, OpenBLAS elsewhere) exports the Fortran
-// interface; ATen's own cpublas wrapper is not exported to extensions.
-extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n,
-                       const int* k, const float* alpha, const float* a, const int* lda,
-                       const float* b, const int* ldb, const float* beta, float* c,
-                       const int* ldc);
-
-// Column-major C[m, n] = alpha op(A) op(B) + beta C, as BLAS defines it. Row-major callers pass
-// their matrices as the transposes BLAS sees.
-inline void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
-                 const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
-                 int64_t ldc) {
-  const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
-  const int mi = m, ni = n, ki = k, la = lda, lb = ldb, lc = ldc;
-  sgemm_(&ta, &tb, &mi, &ni, &ki, &alpha, a, &la, b, &lb, &beta, c, &lc);
-}
-
+using attnkit::gemm;
 using Vec = at::vec::Vectorized<float>;
 
 // exp is many times slower on arguments whose result underflows; every kept weight is far

@@ -32,28 +32,16 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include "cpu_blas.h"
+
 #include <algorithm>
 #include <cmath>
 #include <vector>
 
 namespace {
 
-extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n,
-                       const int* k, const float* alpha, const float* a, const int* lda,
-                       const float* b, const int* ldb, const float* beta, float* c,
-                       const int* ldc);
-
+using attnkit::gemm_rows;
 using Vec = at::vec::Vectorized<float>;
-
-// Row-major C[m, n] = alpha op(A) op(B) + beta C, with op(A) [m, k] and op(B) [k, n]; lda, ldb,
-// ldc are row strides. BLAS is column-major, so it computes Cᵀ = op(B)ᵀ op(A)ᵀ.
-void gemm_rows(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
-               const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
-               int64_t ldc) {
-  const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
-  const int mi = n, ni = m, ki = k, la = lda, lb = ldb, lc = ldc;
-  sgemm_(&tb, &ta, &mi, &ni, &ki, &alpha, b, &lb, a, &la, &beta, c, &lc);
-}
 
 // BASED's 2nd-order Taylor features of x [d], times factor, into out [1 + d + d^2]:
 // [1, x / d^(1/4), vec(x x^T) / (sqrt(2) sqrt(d))] (attnkit.linear.features.taylor_feature_map).
