@@ -120,17 +120,14 @@ def tile_shape(call: AttentionCall) -> tuple[int, int]:
 
 class _Plan:
     """What a call's mask means for this backend: its tile shape, the runs of each query block
-    and, for its partial tiles, which pairs are kept — as a 0/1 factor applied after exp (exact
-    zeros) and as a 0/-inf term for the running max — shaped to broadcast over
-    ``[B, Hkv, G, bq, bk]``."""
+    and, for its partial tiles, which pairs are kept (a 0/1 factor applied after exp: exact
+    zeros) shaped to broadcast over ``[B, Hkv, G, bq, bk]``. ``call`` is None without a mask."""
 
-    def __init__(self, call: AttentionCall, block_q: int):
-        Tq, Tk = call.Tq, call.Tk
+    def __init__(self, Tq: int, Tk: int, block_q: int, call: AttentionCall | None = None):
         self.block_q = block_q
         n_q, n_k = -(-Tq // block_q), -(-Tk // BLOCK_K)
         self.keep: dict[tuple[int, int], Tensor] = {}
-        self.blocked: dict[tuple[int, int], Tensor] = {}
-        if call.mask is None:
+        if call is None:
             self.runs = [_runs([FULL] * n_k) for _ in range(n_q)]
             return
         structure = call.mask.blocks(Tq, Tk, block_q, BLOCK_K, call.device)
@@ -150,9 +147,14 @@ class _Plan:
                     ).expand(Bm, Hm, rows.numel(), cols.numel())
                     tile = tile.reshape(Bm, *heads, rows.numel(), cols.numel())
                     self.keep[i, j] = tile.to(acc)
-                    self.blocked[i, j] = torch.zeros_like(self.keep[i, j]).masked_fill_(
-                        ~tile, float("-inf")
-                    )
+
+    @functools.cached_property
+    def blocked(self) -> dict[tuple[int, int], Tensor]:
+        """The partial tiles as 0/-inf terms, for the batched path's running max."""
+        return {
+            key: torch.zeros_like(keep).masked_fill_(keep == 0, float("-inf"))
+            for key, keep in self.keep.items()
+        }
 
     @functools.cached_property
     def csr(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -176,13 +178,19 @@ class _Plan:
         return index(row_ptr), index(tiles), index(partial), packed.contiguous()
 
 
+@functools.lru_cache(maxsize=16)
+def _unmasked_plan(Tq: int, Tk: int, block_q: int) -> _Plan:
+    """Without a mask a plan depends only on the lengths: one per shape, not one per call."""
+    return _Plan(Tq, Tk, block_q)
+
+
 def _plan(call: AttentionCall) -> _Plan:
     block_q, _ = tile_shape(call)
     if call.mask is None:
-        return _Plan(call, block_q)
+        return _unmasked_plan(call.Tq, call.Tk, block_q)
     key = ("blocksparse", call.Tq, call.Tk, str(call.device), call.accumulation_dtype,
            call.Hkv, call.groups, block_q)  # fmt: skip
-    return call.mask.cached(key, lambda: _Plan(call, block_q))
+    return call.mask.cached(key, lambda: _Plan(call.Tq, call.Tk, block_q, call))
 
 
 def _apply(s: Tensor, tiles: dict[tuple[int, int], Tensor], i: int, run, op: str) -> Tensor:
