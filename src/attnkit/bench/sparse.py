@@ -342,7 +342,7 @@ def plot_density(cells: list[SparseCell], path: Path) -> None:
                 ax.plot(*zip(*points, strict=True), marker=marker, linestyle="-", label=name)
         for c in rows:
             ax.annotate(c.pattern, (c.live_fraction, c.ms("blocksparse") or 0), fontsize=7)
-        ax.set_xlabel("density (live 256×128 tiles)")
+        ax.set_xlabel("density (live tiles of blocksparse's tile shape)")
         ax.set_ylabel("ms (forward)")
         ax.set_yscale("log")
         ax.set_xlim(0, 1.05 if density else 1)
