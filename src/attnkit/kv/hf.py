@@ -21,6 +21,7 @@ decoding) and batch re-indexing are not supported and raise.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,31 +49,17 @@ class MaskRequest:
     arguments: dict[str, Any]
 
 
-def _mask_function(
-    batch_size: int,
-    q_length: int,
-    kv_length: int,
-    q_offset: int = 0,
-    kv_offset: int = 0,
-    mask_function: Any = None,
-    attention_mask: Tensor | None = None,
-    local_size: int | None = None,
-    device: torch.device | str = "cpu",
-    **kwargs: Any,
-) -> MaskRequest:
-    return MaskRequest(
-        dict(
-            batch_size=batch_size,
-            q_length=q_length,
-            kv_length=kv_length,
-            q_offset=int(q_offset),
-            kv_offset=kv_offset,
-            mask_function=mask_function,
-            attention_mask=attention_mask,
-            local_size=local_size,
-            device=device,
-        )
-    )
+_MODEL_MASK = inspect.signature(integration.model_mask)
+
+
+def _mask_function(*args: Any, **kwargs: Any) -> MaskRequest:
+    """``AttentionMaskInterface`` (the signature of ``integration.model_mask``): the request
+    is kept for the attention function, which builds the mask from the cache's positions."""
+    bound = _MODEL_MASK.bind(*args, **kwargs)
+    bound.apply_defaults()
+    arguments = {name: value for name, value in bound.arguments.items() if name != "kwargs"}
+    arguments["q_offset"] = int(arguments["q_offset"])
+    return MaskRequest(arguments)
 
 
 def _attention_function(
