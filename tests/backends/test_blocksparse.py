@@ -28,7 +28,8 @@ def inputs(T: int, q_scale: float = 1.0, dtype=torch.float32, Tq: int | None = N
 
 @pytest.fixture(params=["kernel", "batched"])
 def implementation(request, monkeypatch) -> str:
-    """Run float32 through the compiled kernel, then through the batched matmuls."""
+    """Run through the compiled kernel (float32, and bfloat16 forward), then through the batched
+    matmuls."""
     if request.param == "batched":
         monkeypatch.setattr(blocksparse, "_kernel", lambda call: None)
     elif native.load("blocksparse_cpu") is None:
@@ -54,22 +55,44 @@ LONG_MASKS = {
 }
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("q_scale", [1.0, 20.0], ids=["unshifted", "shifted"])
 @pytest.mark.parametrize("name", LONG_MASKS)
 def test_long_rows_with_many_runs_forward_and_backward(
-    name: str, q_scale: float, implementation: str
+    name: str, q_scale: float, dtype: torch.dtype, implementation: str
 ) -> None:
-    q, k, v = inputs(700, q_scale)  # 3 query blocks, rows of up to 2 runs of 4 tiles
+    q, k, v = inputs(700, q_scale, dtype)  # 3 query blocks, rows of up to 2 runs of 4 tiles
     mask = LONG_MASKS[name]()
     assert blocksparse.needs_shift(AttentionCall(q, k, v, mask=mask)) == (q_scale > 1)
     check_against_reference(run, q, k, v, mask=mask).assert_ok()
 
 
-def test_bfloat16_and_decoding() -> None:
-    q, k, v = inputs(700, dtype=torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_decoding(dtype: torch.dtype, implementation: str) -> None:
+    q, k, v = inputs(700, Tq=3, dtype=dtype)
     check_against_reference(run, q, k, v, mask=masks.causal()).assert_ok()
-    q, k, v = inputs(700, Tq=3)
-    check_against_reference(run, q, k, v, mask=masks.causal()).assert_ok()
+
+
+def test_bfloat16_runs_the_kernel_forward_and_the_batched_backward(monkeypatch) -> None:
+    if native.load("blocksparse_cpu") is None:
+        pytest.skip(f"kernel unavailable: {native.unavailable('blocksparse_cpu')}")
+    q, k, v = (x.requires_grad_() for x in inputs(300, dtype=torch.bfloat16))
+    ran = []
+    monkeypatch.setattr(blocksparse, "_backward", _recording(blocksparse._backward, ran))
+    run(q, k, v, mask=masks.causal()).sum().backward()
+    assert blocksparse.uses_kernel(AttentionCall(q, k, v)) and ran == ["_backward"]
+    q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))
+    assert not blocksparse.uses_kernel(AttentionCall(q.half(), k.half(), v.half()))
+    run(q32, k32, v32, mask=masks.causal()).sum().backward()
+    assert ran == ["_backward"]  # float32 gradients stay in the kernel
+
+
+def _recording(fn, calls: list[str]):
+    def wrapped(*args, **kwargs):
+        calls.append(fn.__name__)
+        return fn(*args, **kwargs)
+
+    return wrapped
 
 
 def test_float16_is_exact_through_the_shifted_path() -> None:
@@ -97,13 +120,13 @@ def test_narrow_tiles_are_chosen_for_narrow_bands_only() -> None:
         for name, mask in (("window", masks.sliding_window(255)), ("causal", masks.causal()))
     }
     assert shape == {"window": blocksparse.NARROW_BLOCK_Q, "causal": blocksparse.BLOCK_Q}
-    # bf16 runs the batched matmuls, whose tiles are fixed
-    assert (
-        blocksparse.tile_shape(
-            AttentionCall(q.bfloat16(), q.bfloat16(), q.bfloat16(), mask=masks.sliding_window(255))
-        )[0]
-        == 256
-    )
+    # the kernel runs bfloat16 too; float16 runs the batched matmuls, whose tiles are fixed
+    for dtype, rows in ((torch.bfloat16, blocksparse.NARROW_BLOCK_Q), (torch.float16, 256)):
+        x = q.to(dtype)
+        assert (
+            blocksparse.tile_shape(AttentionCall(x, x, x, mask=masks.sliding_window(255)))[0]
+            == rows
+        )
 
 
 def test_per_head_masks(implementation: str) -> None:

@@ -95,9 +95,15 @@ def _runs(kinds_row: list[int]) -> list[tuple[int, int, list[int]]]:
     return runs
 
 
+#: Dtypes the compiled kernel runs: float32 forward and backward, bfloat16 forward (its
+#: gradients run on the batched matmuls).
+KERNEL_DTYPES = {torch.float32: True, torch.bfloat16: False}  # dtype -> has a backward
+
+
 def _kernel(call: AttentionCall) -> ModuleType | None:
-    """The compiled kernel where it applies (float32 on the CPU and it compiles), else None."""
-    if call.dtype != torch.float32 or call.device.type != "cpu":
+    """The compiled kernel where it applies (``KERNEL_DTYPES`` on the CPU, and it compiles),
+    else None."""
+    if call.dtype not in KERNEL_DTYPES or call.device.type != "cpu":
         return None
     return native.load("blocksparse_cpu")
 
@@ -127,6 +133,7 @@ class _Plan:
         self.block_q = block_q
         n_q, n_k = -(-Tq // block_q), -(-Tk // BLOCK_K)
         self.keep: dict[tuple[int, int], Tensor] = {}
+        self._keep_by_dtype: dict[torch.dtype, dict[tuple[int, int], Tensor]] = {}
         if call is None:
             self.runs = [_runs([FULL] * n_k) for _ in range(n_q)]
             return
@@ -155,6 +162,13 @@ class _Plan:
             key: torch.zeros_like(keep).masked_fill_(keep == 0, float("-inf"))
             for key, keep in self.keep.items()
         }
+
+    def keep_as(self, dtype: torch.dtype) -> dict[tuple[int, int], Tensor]:
+        """``keep`` in ``dtype`` (cached): a bfloat16 tile times a float32 factor is promoted
+        to float32 and copied back, 2.5x the time of the multiply itself."""
+        if dtype not in self._keep_by_dtype:
+            self._keep_by_dtype[dtype] = {key: t.to(dtype) for key, t in self.keep.items()}
+        return self._keep_by_dtype[dtype]
 
     @functools.cached_property
     def csr(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -217,6 +231,16 @@ def _scores(q_rows: Tensor, k: Tensor, run) -> Tensor:
 _EXP_FLOOR = -80.0
 
 
+def _row_sums(p: Tensor, widened: Tensor) -> Tensor:
+    """``p.sum(-1, keepdim=True)`` in ``widened``'s dtype, ``p [B, Hkv, R, L]``. A
+    lower-precision ``p`` is widened into the reused buffer ``widened [B, Hkv, >=R, >=L]``:
+    ``sum(dtype=...)`` would widen it into a fresh tensor per call, 3x slower at T=32k."""
+    if p.dtype == widened.dtype:
+        return p.sum(dim=-1, keepdim=True)
+    R, L = p.shape[-2:]
+    return widened[:, :, :R, :L].copy_(p).sum(dim=-1, keepdim=True)
+
+
 def _forward(
     q: Tensor, k: Tensor, v: Tensor, plan: _Plan, shifted: bool, acc: torch.dtype
 ) -> tuple[Tensor, Tensor]:
@@ -226,6 +250,7 @@ def _forward(
     Dv = v.shape[-1]
     out = torch.empty(B, Hkv, G, Tq, Dv, dtype=v.dtype, device=v.device)
     lse = torch.empty(B, Hkv, G, Tq, dtype=acc, device=v.device)
+    widened = torch.empty(B, Hkv, G * plan.block_q, MAX_KEYS, dtype=acc, device=v.device)
     for i, runs in enumerate(plan.runs):
         rows = slice(i * plan.block_q, min((i + 1) * plan.block_q, Tq))
         q_rows = q[:, :, :, rows]
@@ -249,8 +274,9 @@ def _forward(
                 s = s.sub_(finite).clamp_(min=_EXP_FLOOR)
             # Unshifted scores lie in ±BOUND (masked pairs included), so exp runs in the
             # input dtype (bfloat16 keeps float32's exponent range) without conversions.
-            p = _apply(s.exp_(), plan.keep, i, run, "mul_").view(B, Hkv, G * bq, -1)
-            sums += p.sum(dim=-1, keepdim=True, dtype=acc)
+            p = _apply(s.exp_(), plan.keep_as(s.dtype), i, run, "mul_")
+            p = p.view(B, Hkv, G * bq, -1)
+            sums += _row_sums(p, widened)
             total += (p.to(v.dtype) @ v[:, :, run[0] * BLOCK_K : run[1] * BLOCK_K]).to(acc)
         sums = sums.view(B, Hkv, G, bq, 1)
         out[:, :, :, rows] = (
@@ -326,7 +352,7 @@ class _KernelAttention(torch.autograd.Function):
         tiles = (*plan.csr, plan.block_q, BLOCK_K, RUN_TILES)
         out, lse = kernel.forward(q, k, v, *tiles, shifted, scale)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.tiles, ctx.kernel, ctx.scale = tiles, kernel, scale
+        ctx.tiles, ctx.kernel, ctx.scale, ctx.plan = tiles, kernel, scale, plan
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -334,12 +360,51 @@ class _KernelAttention(torch.autograd.Function):
     def backward(ctx, grad_out, grad_lse):  # type: ignore[override]
         q, k, v, out, lse = ctx.saved_tensors
         grad_out = grad_out.contiguous()
+        if not KERNEL_DTYPES[q.dtype]:
+            grads = _batched_backward(q, k, v, out, lse, grad_out, ctx.plan, ctx.scale)
+            return *grads, None, None, None, None
         delta = (grad_out * out).sum(-1)
         finite_lse = torch.where(torch.isneginf(lse), 0.0, lse)
         dq, dk, dv = ctx.kernel.backward(
             q, k, v, grad_out, finite_lse, delta, *ctx.tiles, ctx.scale
         )
         return dq, dk, dv, None, None, None, None
+
+
+def _batched_backward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    grad_out: Tensor,
+    plan: _Plan,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The batched-matmul backward for tensors in the kernel's ``[B, T, H, D]`` layout
+    (``lse [B, Tq, Hq]``): gradients w.r.t. the unscaled ``q`` and ``k``, ``v``."""
+    B, Tq, Hq, D = q.shape
+    Hkv = k.shape[2]
+    G = Hq // Hkv
+
+    def grouped(x: Tensor) -> Tensor:  # [B, Tq, Hq, ...] -> [B, Hkv, G, Tq, ...]
+        return x.transpose(1, 2).reshape(B, Hkv, G, Tq, *x.shape[3:])
+
+    def heads_first(x: Tensor) -> Tensor:
+        return x.transpose(1, 2).contiguous()
+
+    dq, dk, dv = _backward(
+        grouped(q * scale),
+        heads_first(k),
+        heads_first(v),
+        grouped(out),
+        grouped(lse),
+        grouped(grad_out),
+        plan,
+        torch.float32,
+    )
+    dq = dq.mul_(scale).reshape(B, Hq, Tq, D).transpose(1, 2)
+    return dq.to(q.dtype), dk.transpose(1, 2).to(k.dtype), dv.transpose(1, 2).to(v.dtype)
 
 
 def needs_shift(call: AttentionCall) -> bool:

@@ -1,4 +1,5 @@
-// Fused block-sparse FlashAttention-2 for the CPU in float32, forward and backward.
+// Fused block-sparse FlashAttention-2 for the CPU: float32 forward and backward, bfloat16
+// forward.
 //
 // The Python module attnkit/backends/blocksparse.py states the algorithm; this file runs the
 // same tiles with the per-row work (mask, exp, sums, rescale) done in cache between two GEMMs,
@@ -132,17 +133,83 @@ Work work_of(int64_t item, const Dims& d, const Tiles& t) {
   return Work{i, head / d.Hq, h, h / d.G, r0, std::min(t.BQ, d.Tq - r0)};
 }
 
+// The two GEMMs of the forward pass in float32: BLAS, with the scale folded into the first.
+struct Float32Gemms {
+  using scalar_t = float;
+  Float32Gemms(int64_t, int64_t, int64_t) {}
+
+  // S[bq, n] = scale Q Kᵀ, row-major (BLAS sees the transposes).
+  void scores(float* S, const float* q, int64_t ldq, const float* k, int64_t ldk, int64_t bq,
+              int64_t n, int64_t D, float scale) {
+    gemm(true, false, n, bq, D, scale, k, ldk, q, ldq, 0.0f, S, n);
+  }
+
+  // O[bq, Dv] += P V, P = S [bq, n].
+  void accumulate(float* O, const float* P, const float* v, int64_t ldv, int64_t bq, int64_t n,
+                  int64_t Dv) {
+    gemm(false, false, Dv, bq, n, 1.0f, v, ldv, P, n, 1.0f, O, Dv);
+  }
+};
+
+// The same GEMMs in bfloat16 through at::mm_out, which reaches oneDNN's bf16 kernels (2-3x
+// float32 BLAS here); the BLAS-level bf16 entry points libtorch exports (MKL's
+// gemm_bf16bf16f32, ATen's brgemm) run at float32 speed on CPUs without AMX. Views of q, k, v
+// in place; the products are rounded to bfloat16 as any bf16 matmul's are, then widened, and
+// the running sums stay in float32.
+struct BFloat16Gemms {
+  using scalar_t = at::BFloat16;
+  at::Tensor S16, P16, O16;
+
+  BFloat16Gemms(int64_t rows, int64_t keys, int64_t Dv) {
+    const auto options = at::TensorOptions().dtype(at::kBFloat16);
+    S16 = at::empty({rows * keys}, options);
+    P16 = at::empty({rows * keys}, options);
+    O16 = at::empty({rows * Dv}, options);
+  }
+
+  static at::Tensor view(const at::BFloat16* data, at::IntArrayRef sizes,
+                         at::IntArrayRef strides) {
+    return at::from_blob(const_cast<at::BFloat16*>(data), sizes, strides,
+                         at::TensorOptions().dtype(at::kBFloat16));
+  }
+
+  static at::Tensor rows_of(at::Tensor& buffer, int64_t rows, int64_t cols) {
+    return buffer.narrow(0, 0, rows * cols).view({rows, cols});
+  }
+
+  void scores(float* S, const at::BFloat16* q, int64_t ldq, const at::BFloat16* k, int64_t ldk,
+              int64_t bq, int64_t n, int64_t D, float scale) {
+    auto out = rows_of(S16, bq, n);
+    at::mm_out(out, view(q, {bq, D}, {ldq, 1}), view(k, {D, n}, {1, ldk}));
+    const at::BFloat16* s16 = S16.data_ptr<at::BFloat16>();
+    for (int64_t c = 0; c < bq * n; ++c) S[c] = scale * static_cast<float>(s16[c]);
+  }
+
+  void accumulate(float* O, const float* P, const at::BFloat16* v, int64_t ldv, int64_t bq,
+                  int64_t n, int64_t Dv) {
+    at::vec::convert(P, P16.data_ptr<at::BFloat16>(), bq * n);
+    auto out = rows_of(O16, bq, Dv);
+    at::mm_out(out, rows_of(P16, bq, n), view(v, {n, Dv}, {ldv, 1}));
+    const at::BFloat16* o16 = O16.data_ptr<at::BFloat16>();
+    for (int64_t c = 0; c < bq * Dv; ++c) O[c] += static_cast<float>(o16[c]);
+  }
+};
+
+template <typename Gemms>
 void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                     const Tiles& t, bool shifted, float scale, at::Tensor& out, at::Tensor& lse) {
+  using scalar_t = typename Gemms::scalar_t;
   const Dims d = dims_of(q, k, v, t);
-  const float* qp = q.data_ptr<float>();
-  const float* kp = k.data_ptr<float>();
-  const float* vp = v.data_ptr<float>();
-  float* op = out.data_ptr<float>();
+  const scalar_t* qp = q.data_ptr<scalar_t>();
+  const scalar_t* kp = k.data_ptr<scalar_t>();
+  const scalar_t* vp = v.data_ptr<scalar_t>();
+  scalar_t* op = out.data_ptr<scalar_t>();
   float* lp = lse.data_ptr<float>();
 
   const int64_t threads = at::get_num_threads();
   std::vector<std::vector<float>> scores(threads), acc(threads), rowmax(threads), sums(threads);
+  std::vector<Gemms> gemms;
+  for (int64_t thread = 0; thread < threads; ++thread) gemms.emplace_back(t.BQ, d.max_keys, d.Dv);
   run_items(d.B * d.Hq * d.nq, [&](int64_t item, int64_t thread) {
     const Work w = work_of(item, d, t);
     auto& S = scores[thread];
@@ -153,15 +220,14 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
     O.assign(w.bq * d.Dv, 0.0f);
     M.assign(w.bq, shifted ? kNegInf : 0.0f);
     L.assign(w.bq, 0.0f);
-    const float* qi = qp + ((w.b * d.Tq + w.r0) * d.Hq + w.h) * d.D;
-    const float* kb = kp + (w.b * d.Tk * d.Hkv + w.hkv) * d.D;
-    const float* vb = vp + (w.b * d.Tk * d.Hkv + w.hkv) * d.Dv;
+    const scalar_t* qi = qp + ((w.b * d.Tq + w.r0) * d.Hq + w.h) * d.D;
+    const scalar_t* kb = kp + (w.b * d.Tk * d.Hkv + w.hkv) * d.D;
+    const scalar_t* vb = vp + (w.b * d.Tk * d.Hkv + w.hkv) * d.Dv;
 
     for_each_run(t, w.i, [&](int64_t first, int64_t stop) {
       const int64_t c0 = t.tiles[first] * t.BK;
       const int64_t n = std::min(t.tiles[stop - 1] * t.BK + t.BK, d.Tk) - c0;
-      // S[bq, n] = scale Q Kᵀ (row-major; BLAS sees the transposes)
-      gemm(true, false, n, w.bq, d.D, scale, kb + c0 * d.ldk, d.ldk, qi, d.ldq, 0.0f, S.data(), n);
+      gemms[thread].scores(S.data(), qi, d.ldq, kb + c0 * d.ldk, d.ldk, w.bq, n, d.D, scale);
       for (int64_t r = 0; r < w.bq; ++r) {
         float* s = S.data() + r * n;
         float shift = 0.0f;
@@ -196,15 +262,15 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
         }
         L[r] += row_sum(s, n);
       }
-      // O[bq, Dv] += P V
-      gemm(false, false, d.Dv, w.bq, n, 1.0f, vb + c0 * d.ldv, d.ldv, S.data(), n, 1.0f, O.data(),
-           d.Dv);
+      gemms[thread].accumulate(O.data(), S.data(), vb + c0 * d.ldv, d.ldv, w.bq, n, d.Dv);
     });
 
     for (int64_t r = 0; r < w.bq; ++r) {
       const float inv = L[r] > 0.0f ? 1.0f / L[r] : 0.0f;
       const int64_t row = (w.b * d.Tq + w.r0 + r) * d.Hq + w.h;
-      for (int64_t c = 0; c < d.Dv; ++c) op[row * d.Dv + c] = O[r * d.Dv + c] * inv;
+      for (int64_t c = 0; c < d.Dv; ++c) {
+        op[row * d.Dv + c] = static_cast<scalar_t>(O[r * d.Dv + c] * inv);
+      }
       lp[row] = (M[r] == kNegInf ? 0.0f : M[r]) + std::log(L[r]);
     }
   });
@@ -287,13 +353,17 @@ void backward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   });
 }
 
-void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                  bool bfloat16_allowed) {
   TORCH_CHECK(q.device().is_cpu(), "blocksparse_cpu runs on CPU tensors");
   TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous(),
               "blocksparse_cpu needs contiguous q, k, v");
-  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat &&
-                  v.scalar_type() == at::kFloat,
-              "blocksparse_cpu runs float32 q, k, v");
+  const auto dtype = q.scalar_type();
+  TORCH_CHECK(k.scalar_type() == dtype && v.scalar_type() == dtype,
+              "blocksparse_cpu needs q, k, v of one dtype");
+  TORCH_CHECK(dtype == at::kFloat || (bfloat16_allowed && dtype == at::kBFloat16),
+              bfloat16_allowed ? "blocksparse_cpu runs float32 or bfloat16 q, k, v"
+                               : "blocksparse_cpu's backward runs float32 q, k, v");
 }
 
 std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -301,11 +371,15 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
                                 const at::Tensor& partial, const at::Tensor& keep,
                                 int64_t block_q, int64_t block_k, int64_t max_run,
                                 bool shifted, double scale) {
-  check_inputs(q, k, v);
+  check_inputs(q, k, v, true);
   const Tiles t = tiles_of(row_ptr, tiles, partial, keep, block_q, block_k, max_run);
   auto out = at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, v.options());
-  auto lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
-  forward_kernel(q, k, v, t, shifted, static_cast<float>(scale), out, lse);
+  auto lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+  if (q.scalar_type() == at::kBFloat16) {
+    forward_kernel<BFloat16Gemms>(q, k, v, t, shifted, static_cast<float>(scale), out, lse);
+  } else {
+    forward_kernel<Float32Gemms>(q, k, v, t, shifted, static_cast<float>(scale), out, lse);
+  }
   return {out, lse};
 }
 
@@ -315,7 +389,7 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
                                  const at::Tensor& tiles, const at::Tensor& partial,
                                  const at::Tensor& keep, int64_t block_q, int64_t block_k,
                                  int64_t max_run, double scale) {
-  check_inputs(q, k, v);
+  check_inputs(q, k, v, false);
   const Tiles t = tiles_of(row_ptr, tiles, partial, keep, block_q, block_k, max_run);
   const auto f32 = q.options().dtype(at::kFloat);
   const int64_t threads = at::get_num_threads();
