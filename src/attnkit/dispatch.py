@@ -66,9 +66,14 @@ CHUNKED_SCORE = 2.0
 #: Hq=4, T=2048 (8 MB): 25 vs 31; Hq=4, T=4096/8192 (16 MB): 211/858 vs 122/480.
 CHUNKED_HALF_DENSE = 0.85
 CHUNKED_HALF_DENSE_MAX_BUFFER = 8 << 20
-BLOCKSPARSE_PER_LIVE = {  # keyed by (implementation, needs_grad)
+#: Keyed by (implementation, needs_grad). "kernel_bf16" is fitted on `attnkit bench sparse
+#: --dtypes bfloat16` (28 cells, T=4k-32k, per live tile 0.39 of dense SDPA bf16; with
+#: gradients, which run on the batched matmuls, dense T=4096 measured 0.74).
+BLOCKSPARSE_PER_LIVE = {
     ("kernel", False): 0.97,
     ("kernel", True): 0.97,
+    ("kernel_bf16", False): 0.39,
+    ("kernel_bf16", True): 0.75,
     ("float32", False): 1.2,
     ("float32", True): 1.2,
     ("bfloat16", False): 0.6,
@@ -76,11 +81,12 @@ BLOCKSPARSE_PER_LIVE = {  # keyed by (implementation, needs_grad)
 }
 #: Extra cost of a PARTIAL tile (its 0/1 factor, and shorter runs), per tile; fitted at T=8192
 #: (kernel: window 256 0.054, documents 0.133 of dense SDPA; batched float32: causal 0.63,
-#: window 256 0.088).
-BLOCKSPARSE_PARTIAL = {"kernel": 0.15, "float32": 0.25, "bfloat16": 0.125}
+#: window 256 0.088) and, for kernel_bf16, on the same 28 cells as its per-tile cost.
+BLOCKSPARSE_PARTIAL = {"kernel": 0.15, "kernel_bf16": 0.2, "float32": 0.25, "bfloat16": 0.125}
 BLOCKSPARSE_FLOAT16 = 20.0
 #: Fixed cost per call as (query x key) pairs of dense SDPA: the kernel's is its plan lookup
-#: and one C++ call (causal T=1024: 4.2 vs SDPA 5.2 ms); the batched path's, its Python loop.
+#: and one C++ call (causal T=1024: 4.2 vs SDPA 5.2 ms; bf16 T=256: 0.32 vs 0.51 ms); the
+#: batched path's, its Python loop.
 BLOCKSPARSE_OVERHEAD_PAIRS = {"kernel": 0.5e5, "batched": 1.3e5}
 #: Below this many (query × key) pairs, or fewer queries than one Flex tile, compile time
 #: outweighs any kernel speedup.
@@ -109,13 +115,14 @@ def _blocksparse_cost(call: AttentionCall) -> tuple[float, str]:
     if call.dtype == torch.float16:
         overhead = BLOCKSPARSE_OVERHEAD_PAIRS["batched"] / pairs
         return BLOCKSPARSE_FLOAT16 * live + overhead, f"{basis} as float16 matmuls (no fast path)"
-    if call.dtype == torch.bfloat16:
-        implementation, how = "bfloat16", "as batched bf16 matmuls"
-    elif blocksparse.uses_kernel(call):
-        implementation, how = "kernel", "in the compiled kernel"
+    kernel = blocksparse.uses_kernel(call)
+    if kernel:
+        implementation = "kernel" if call.dtype == torch.float32 else "kernel_bf16"
+        how = "in the compiled kernel"
     else:
-        implementation, how = "float32", "as batched matmuls"
-    overhead = BLOCKSPARSE_OVERHEAD_PAIRS["kernel" if implementation == "kernel" else "batched"]
+        implementation = "float32" if call.dtype == torch.float32 else "bfloat16"
+        how = "as batched matmuls"
+    overhead = BLOCKSPARSE_OVERHEAD_PAIRS["kernel" if kernel else "batched"]
     overhead /= pairs
     per_live = BLOCKSPARSE_PER_LIVE[implementation, call.needs_grad]
     cost = per_live * live + BLOCKSPARSE_PARTIAL[implementation] * partial + overhead
