@@ -101,31 +101,42 @@ def test_float16_is_exact_through_the_shifted_path() -> None:
     check_against_reference(run, q, k, v, mask=masks.causal()).assert_ok()
 
 
-@pytest.mark.parametrize("narrow", [False, True], ids=["256_rows", "128_rows"])
-def test_both_query_tile_shapes(narrow: bool, implementation: str, monkeypatch) -> None:
-    monkeypatch.setattr(blocksparse, "NARROW_GAIN", 1.0 if narrow else 0.0)
-    q, k, v = inputs(700)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", blocksparse.KERNEL_TILES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_every_tile_shape(
+    shape: tuple[int, int], dtype: torch.dtype, implementation: str, monkeypatch
+) -> None:
+    # bf16 on the kernel: its forward, then the batched backward on the kernel's tiles
+    monkeypatch.setattr(blocksparse, "KERNEL_TILES", (shape,))
+    q, k, v = inputs(700, dtype=dtype)
     mask = masks.sinks(4) | masks.sliding_window(100)
-    expected = blocksparse.NARROW_BLOCK_Q if narrow and implementation == "kernel" else 256
-    assert blocksparse.tile_shape(AttentionCall(q, k, v, mask=mask))[0] == expected
+    expected = shape if implementation == "kernel" else (blocksparse.BLOCK_Q, blocksparse.BLOCK_K)
+    assert blocksparse.tile_shape(AttentionCall(q, k, v, mask=mask)) == expected
     check_against_reference(run, q, k, v, mask=mask).assert_ok()
 
 
-def test_narrow_tiles_are_chosen_for_narrow_bands_only() -> None:
+def test_smaller_tiles_are_chosen_where_they_save_enough_pairs() -> None:
     if native.load("blocksparse_cpu") is None:
         pytest.skip(f"kernel unavailable: {native.unavailable('blocksparse_cpu')}")
     q = torch.randn(1, 8192, 1, 8)
     shape = {
-        name: blocksparse.tile_shape(AttentionCall(q, q, q, mask=mask))[0]
-        for name, mask in (("window", masks.sliding_window(255)), ("causal", masks.causal()))
+        name: blocksparse.tile_shape(AttentionCall(q, q, q, mask=mask))
+        for name, mask in (
+            ("window", masks.sliding_window(255)),
+            ("causal", masks.causal()),
+            ("aligned_blocks", masks.chunked(512)),
+        )
     }
-    assert shape == {"window": blocksparse.NARROW_BLOCK_Q, "causal": blocksparse.BLOCK_Q}
+    assert shape == {
+        "window": (64, 64),  # 320 keys per row computed instead of 384 (128x128) or 512
+        "causal": (256, 128),  # the diagonal's waste is under 5% at any of the shapes
+        "aligned_blocks": (256, 128),  # every shape tiles 512-blocks exactly
+    }
     # the kernel runs bfloat16 too; float16 runs the batched matmuls, whose tiles are fixed
-    for dtype, rows in ((torch.bfloat16, blocksparse.NARROW_BLOCK_Q), (torch.float16, 256)):
+    for dtype, expected in ((torch.bfloat16, (64, 64)), (torch.float16, (256, 128))):
         x = q.to(dtype)
-        assert (
-            blocksparse.tile_shape(AttentionCall(x, x, x, mask=masks.sliding_window(255)))[0]
-            == rows
+        assert blocksparse.tile_shape(AttentionCall(x, x, x, mask=masks.sliding_window(255))) == (
+            expected
         )
 
 

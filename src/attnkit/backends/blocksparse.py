@@ -34,7 +34,8 @@ Two implementations of these steps share the plan of live tiles:
   live tile it reaches ~0.95-1.0 of dense SDPA's throughput forward and matches or beats it
   forward+backward, where the batched matmuls below reach ~0.6-0.8 in float32 (each
   elementwise step is a pass over memory). It uses 128-row query tiles instead of 256 when
-  that cuts the live area enough (``NARROW_GAIN``: narrow bands, neighborhoods).
+  that cuts the live area enough, and 64x64 tiles when those cut it further
+  (``KERNEL_TILES``, ``NARROW_GAIN``: narrow bands, documents, neighborhoods).
 - bfloat16 and float16 (and float32 where the kernel cannot be compiled) run the batched
   matmuls, whose bf16 GEMMs already beat SDPA's bf16 kernel by ~2x.
 
@@ -57,30 +58,27 @@ from attnkit.call import AttentionCall
 from attnkit.masks.base import EMPTY, FULL, PARTIAL
 from attnkit.scores import Softmax
 
-#: Tile sizes of the block structure; a query block's score buffer is at most
-#: ``B · Hq · BLOCK_Q · MAX_KEYS`` floats (one head's ``BLOCK_Q · MAX_KEYS`` in the kernel).
+#: Tile sizes of the batched path's block structure; a query block's score buffer is at most
+#: ``B · Hq · BLOCK_Q · MAX_KEYS`` floats (one head's ``block_q · MAX_KEYS`` in the kernel).
 BLOCK_Q = 256
 BLOCK_K = 128
 MAX_KEYS = 512
-#: The compiled kernel's narrow query tile, chosen when its live area is at most
-#: ``NARROW_GAIN`` of the wide one's (measured at T=8192, narrow vs wide: window 256, area
-#: 0.75: 27.5 vs 32.8 ms; documents 0.90: 57 vs 61; 2-D neighborhood 0.94: 91 vs 97; causal
-#: 0.985: 217 vs 211, as the shorter GEMMs cost more than the 1.5% of pairs they save).
-NARROW_BLOCK_Q = 128
+#: The compiled kernel's tile shapes ``(block_q, block_k)``, widest first. Each narrower shape
+#: is chosen when its live area is at most ``NARROW_GAIN`` of the shape chosen so far: smaller
+#: GEMMs cost more per pair, so they must save enough pairs. Measured at T=8192 (float32):
+#: 128 vs 256 rows: window 256, area 0.75: 27.5 vs 32.8 ms; documents 0.90: 57 vs 61; 2-D
+#: neighborhood 0.94: 91 vs 97; causal 0.985: 217 vs 211. 64x64 vs 128x128: window 256
+#: 16.6 vs 21.0 ms, documents 44.9 vs 49.4; aligned 512-blocks (same area) 25.0 vs 24.4.
+KERNEL_TILES = ((BLOCK_Q, BLOCK_K), (128, 128), (64, 64))
 NARROW_GAIN = 0.95
 #: Largest |score| for which exp needs no shift: e^60 · 2^40 keys stays below float32's max.
 BOUND = 60.0
 
 
-#: Tiles per run: consecutive live tiles computed by one GEMM.
-RUN_TILES = MAX_KEYS // BLOCK_K
-
-
-def _runs(kinds_row: list[int]) -> list[tuple[int, int, list[int]]]:
+def _runs(kinds_row: list[int], longest: int) -> list[tuple[int, int, list[int]]]:
     """Consecutive live tiles of one query block: ``(first tile, stop tile, partial tiles)``
-    runs of at most ``RUN_TILES`` tiles."""
+    runs of at most ``longest`` tiles (one GEMM each way)."""
     runs: list[tuple[int, int, list[int]]] = []
-    longest = RUN_TILES
     start = None
     partial: list[int] = []
     for j, kind in enumerate([*kinds_row, EMPTY]):
@@ -117,11 +115,12 @@ def tile_shape(call: AttentionCall) -> tuple[int, int]:
     """``(block_q, block_k)`` of the tiles this backend computes for ``call``."""
     if call.mask is None or not uses_kernel(call):
         return BLOCK_Q, BLOCK_K
-    wide, narrow = (
-        call.mask.blocks(call.Tq, call.Tk, rows, BLOCK_K, call.device).live_fraction()
-        for rows in (BLOCK_Q, NARROW_BLOCK_Q)
-    )
-    return (NARROW_BLOCK_Q, BLOCK_K) if narrow <= NARROW_GAIN * wide else (BLOCK_Q, BLOCK_K)
+    chosen, area = KERNEL_TILES[0], 1.0
+    for shape in KERNEL_TILES:
+        live = call.mask.blocks(call.Tq, call.Tk, *shape, call.device).live_fraction()
+        if shape == KERNEL_TILES[0] or live <= NARROW_GAIN * area:
+            chosen, area = shape, live
+    return chosen
 
 
 class _Plan:
@@ -129,16 +128,21 @@ class _Plan:
     and, for its partial tiles, which pairs are kept (a 0/1 factor applied after exp: exact
     zeros) shaped to broadcast over ``[B, Hkv, G, bq, bk]``. ``call`` is None without a mask."""
 
-    def __init__(self, Tq: int, Tk: int, block_q: int, call: AttentionCall | None = None):
-        self.block_q = block_q
-        n_q, n_k = -(-Tq // block_q), -(-Tk // BLOCK_K)
+    def __init__(
+        self, Tq: int, Tk: int, block_q: int, block_k: int, call: AttentionCall | None = None
+    ):
+        self.block_q, self.block_k = block_q, block_k
+        #: tiles per run: consecutive live tiles computed by one GEMM
+        self.run_tiles = MAX_KEYS // block_k
+        n_q, n_k = -(-Tq // block_q), -(-Tk // block_k)
         self.keep: dict[tuple[int, int], Tensor] = {}
         self._keep_by_dtype: dict[torch.dtype, dict[tuple[int, int], Tensor]] = {}
         if call is None:
-            self.runs = [_runs([FULL] * n_k) for _ in range(n_q)]
+            self.runs = [_runs([FULL] * n_k, self.run_tiles) for _ in range(n_q)]
             return
-        structure = call.mask.blocks(Tq, Tk, block_q, BLOCK_K, call.device)
-        self.runs = [_runs(row) for row in structure.union_over_batch_heads().tolist()]
+        structure = call.mask.blocks(Tq, Tk, block_q, block_k, call.device)
+        rows = structure.union_over_batch_heads().tolist()
+        self.runs = [_runs(row, self.run_tiles) for row in rows]
         mask, device, acc = call.mask, call.device, call.accumulation_dtype
         Bm, Hm = mask.batch_size, mask.num_heads
         b = torch.arange(Bm, device=device).view(-1, 1, 1, 1)
@@ -148,7 +152,7 @@ class _Plan:
             for *_, tiles in runs:
                 for j in tiles:  # only partial tiles are evaluated pair by pair
                     rows = torch.arange(i * block_q, min((i + 1) * block_q, Tq), device=device)
-                    cols = torch.arange(j * BLOCK_K, min((j + 1) * BLOCK_K, Tk), device=device)
+                    cols = torch.arange(j * block_k, min((j + 1) * block_k, Tk), device=device)
                     tile = mask.predicate(
                         b, h, rows.view(1, 1, -1, 1), cols.view(1, 1, 1, -1), Tq, Tk
                     ).expand(Bm, Hm, rows.numel(), cols.numel())
@@ -174,7 +178,7 @@ class _Plan:
     def csr(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """The live tiles for the compiled kernel: ``row_ptr [n_q + 1]``, ``tiles [nnz]``,
         ``partial [nnz]`` (-1 = full tile, else an index into ``keep``) and the 0/1 factors
-        ``keep [P, Bm, Hm, block_q, BLOCK_K]`` (zero-padded at the edges; Hm = 1 or Hq)."""
+        ``keep [P, Bm, Hm, block_q, block_k]`` (zero-padded at the edges; Hm = 1 or Hq)."""
         row_ptr, tiles, partial, keep = [0], [], [], []
         for i, runs in enumerate(self.runs):
             for first, stop, partial_tiles in runs:
@@ -184,44 +188,47 @@ class _Plan:
                     if j in partial_tiles:
                         tile = self.keep[i, j]
                         tile = tile.reshape(tile.shape[0], -1, *tile.shape[-2:])
-                        pad = (0, BLOCK_K - tile.shape[-1], 0, self.block_q - tile.shape[-2])
+                        pad = (0, self.block_k - tile.shape[-1], 0, self.block_q - tile.shape[-2])
                         keep.append(torch.nn.functional.pad(tile.float(), pad))
             row_ptr.append(len(tiles))
         index = functools.partial(torch.tensor, dtype=torch.int64)
-        packed = torch.stack(keep) if keep else torch.zeros(0, 1, 1, self.block_q, BLOCK_K)
+        empty = torch.zeros(0, 1, 1, self.block_q, self.block_k)
+        packed = torch.stack(keep) if keep else empty
         return index(row_ptr), index(tiles), index(partial), packed.contiguous()
 
 
 @functools.lru_cache(maxsize=16)
-def _unmasked_plan(Tq: int, Tk: int, block_q: int) -> _Plan:
+def _unmasked_plan(Tq: int, Tk: int, block_q: int, block_k: int) -> _Plan:
     """Without a mask a plan depends only on the lengths: one per shape, not one per call."""
-    return _Plan(Tq, Tk, block_q)
+    return _Plan(Tq, Tk, block_q, block_k)
 
 
 def _plan(call: AttentionCall) -> _Plan:
-    block_q, _ = tile_shape(call)
+    shape = tile_shape(call)
     if call.mask is None:
-        return _unmasked_plan(call.Tq, call.Tk, block_q)
+        return _unmasked_plan(call.Tq, call.Tk, *shape)
     key = ("blocksparse", call.Tq, call.Tk, str(call.device), call.accumulation_dtype,
-           call.Hkv, call.groups, block_q)  # fmt: skip
-    return call.mask.cached(key, lambda: _Plan(call.Tq, call.Tk, block_q, call))
+           call.Hkv, call.groups, shape)  # fmt: skip
+    return call.mask.cached(key, lambda: _Plan(call.Tq, call.Tk, *shape, call))
 
 
-def _apply(s: Tensor, tiles: dict[tuple[int, int], Tensor], i: int, run, op: str) -> Tensor:
+def _apply(
+    s: Tensor, tiles: dict[tuple[int, int], Tensor], i: int, run, op: str, block_k: int
+) -> Tensor:
     """``s [B, Hkv, G, bq, L]`` with each partial tile of ``run`` combined (``op``: ``add_``
     or ``mul_``) with its entry of ``tiles``."""
     first, _, partial = run
     for j in partial:
         tile = tiles[i, j]
-        lo = (j - first) * BLOCK_K
+        lo = (j - first) * block_k
         getattr(s[..., lo : lo + tile.shape[-1]], op)(tile)
     return s
 
 
-def _scores(q_rows: Tensor, k: Tensor, run) -> Tensor:
-    """Scores ``[B, Hkv, G, bq, L]`` (input dtype) of a query block against a run of tiles."""
+def _scores(q_rows: Tensor, k: Tensor, cols: slice) -> Tensor:
+    """Scores ``[B, Hkv, G, bq, L]`` (input dtype) of a query block against keys ``cols``."""
     B, Hkv, G, bq, _ = q_rows.shape
-    keys = k[:, :, run[0] * BLOCK_K : run[1] * BLOCK_K]
+    keys = k[:, :, cols]
     return (q_rows.reshape(B, Hkv, G * bq, -1) @ keys.transpose(-1, -2)).view(B, Hkv, G, bq, -1)
 
 
@@ -262,9 +269,10 @@ def _forward(
             (B, Hkv, G, bq, 1), -math.inf if shifted else 0.0, dtype=acc, device=v.device
         )
         for run in runs:
-            s = _scores(q_rows, k, run)
+            cols = slice(run[0] * plan.block_k, run[1] * plan.block_k)
+            s = _scores(q_rows, k, cols)
             if shifted:
-                s = _apply(s.to(acc), plan.blocked, i, run, "add_")
+                s = _apply(s.to(acc), plan.blocked, i, run, "add_", plan.block_k)
                 new_shift = torch.maximum(shift, s.amax(dim=-1, keepdim=True))
                 finite = new_shift.nan_to_num(neginf=0.0)
                 rescale = torch.exp(shift - finite).view(B, Hkv, G * bq, 1)
@@ -274,10 +282,10 @@ def _forward(
                 s = s.sub_(finite).clamp_(min=_EXP_FLOOR)
             # Unshifted scores lie in ±BOUND (masked pairs included), so exp runs in the
             # input dtype (bfloat16 keeps float32's exponent range) without conversions.
-            p = _apply(s.exp_(), plan.keep_as(s.dtype), i, run, "mul_")
+            p = _apply(s.exp_(), plan.keep_as(s.dtype), i, run, "mul_", plan.block_k)
             p = p.view(B, Hkv, G * bq, -1)
             sums += _row_sums(p, widened)
-            total += (p.to(v.dtype) @ v[:, :, run[0] * BLOCK_K : run[1] * BLOCK_K]).to(acc)
+            total += (p.to(v.dtype) @ v[:, :, cols]).to(acc)
         sums = sums.view(B, Hkv, G, bq, 1)
         out[:, :, :, rows] = (
             total.view(B, Hkv, G, bq, Dv) / sums.clamp_min(torch.finfo(acc).tiny)
@@ -310,11 +318,12 @@ def _backward(
         q_flat = q_rows.reshape(B, Hkv, G * bq, D)
         d_flat = d_rows.reshape(B, Hkv, G * bq, -1)
         for run in runs:
-            cols = slice(run[0] * BLOCK_K, run[1] * BLOCK_K)
+            cols = slice(run[0] * plan.block_k, run[1] * plan.block_k)
             # Kept pairs have s - lse <= 0; masked ones may exceed it, hence the upper clamp
             # before they are zeroed.
-            s = _scores(q_rows, k, run).to(acc).sub_(finite_lse[:, :, :, rows])
-            p = _apply(s.clamp_(_EXP_FLOOR, -_EXP_FLOOR).exp_(), plan.keep, i, run, "mul_")
+            s = _scores(q_rows, k, cols).to(acc).sub_(finite_lse[:, :, :, rows])
+            p = s.clamp_(_EXP_FLOOR, -_EXP_FLOOR).exp_()
+            p = _apply(p, plan.keep, i, run, "mul_", plan.block_k)
             dp = (d_flat @ v[:, :, cols].transpose(-1, -2)).to(acc).view(p.shape)
             ds = dp.sub_(delta[:, :, :, rows]).mul_(p).view(B, Hkv, G * bq, -1)
             p = p.view(B, Hkv, G * bq, -1).to(v.dtype)
@@ -349,7 +358,7 @@ class _KernelAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, plan, kernel, shifted, scale):  # type: ignore[override]
-        tiles = (*plan.csr, plan.block_q, BLOCK_K, RUN_TILES)
+        tiles = (*plan.csr, plan.block_q, plan.block_k, plan.run_tiles)
         out, lse = kernel.forward(q, k, v, *tiles, shifted, scale)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.tiles, ctx.kernel, ctx.scale, ctx.plan = tiles, kernel, scale, plan
