@@ -1,7 +1,7 @@
-"""The compiled chunked kernel (float32 forward; no gate, scalar or per-dimension gates)
-against the PyTorch chunked form and the reference, on the cases that stress it: strong decay
-(the per-pair exp path), GQA, chunk sizes that do not divide T, an initial state,
-normalisation."""
+"""The compiled chunked kernel (forward; float32 and bfloat16 inputs; no gate, scalar or
+per-dimension gates; feature maps applied in the kernel) against the PyTorch chunked form and
+the reference, on the cases that stress it: strong decay (the per-pair exp path), GQA, chunk
+sizes that do not divide T, an initial state, normalisation."""
 
 from __future__ import annotations
 
@@ -58,10 +58,7 @@ GATES = {  # (log-gate magnitude, width): none, per head, per key dimension; mil
 def test_kernel_matches_reference(gate: str, normalize: bool, chunk_size: int) -> None:
     gate_scale, gate_width = GATES[gate]
     x = _inputs(150, gate_scale, normalize, gate_width)
-    problem = _problem(gate_scale, normalize, **x)
-    q, k, v, g = chunked._prepared(problem)
-    S0 = chunked._initial(problem, None, torch.float32)
-    assert chunked._kernel(q, k, v, g, S0, True) is not None
+    assert chunked._kernel(_problem(gate_scale, normalize, **x), "chunked") is not None
 
     def form(name: str):
         return lambda **y: solve(_problem(gate_scale, normalize, **y), form=name,
@@ -83,16 +80,52 @@ def test_initial_and_final_state_match_the_pytorch_form(monkeypatch) -> None:
     torch.testing.assert_close(final.kv, expected_final.kv, rtol=1e-5, atol=1e-5)
 
 
-def test_gradients_and_float64_take_the_pytorch_form() -> None:
+def test_gradients_float64_and_other_forms_take_the_pytorch_form() -> None:
     x = _inputs(40, 0.5, False)
-    problem = _problem(0.5, False, **x)
-    q, k, v, g = chunked._prepared(problem)
-    S0 = torch.zeros(2, 2, 16, 12)
-    assert chunked._kernel(q.requires_grad_(), k, v, g, S0, True) is None
-    q = q.detach()
-    assert (
-        chunked._kernel(q.double(), k.double(), v.double(), g.double(), S0.double(), True) is None
-    )
+    assert chunked._kernel(_problem(0.5, False, **x), "chunked") is not None
+    assert chunked._kernel(_problem(0.5, False, **x), "recurrent") is None
+    grad = x | {"q": x["q"].clone().requires_grad_()}
+    assert chunked._kernel(_problem(0.5, False, **grad), "chunked") is None
+    as64 = {name: t.double() for name, t in x.items()}
+    assert chunked._kernel(_problem(0.5, False, **as64), "chunked") is None
+
+
+@pytest.mark.parametrize("gate", ["no_gate", "scalar_mild", "vector_mild"])
+def test_bfloat16_inputs_are_read_by_the_kernel(gate: str) -> None:
+    gate_scale, gate_width = GATES[gate]
+    x = _inputs(150, gate_scale, True, gate_width)
+    x = {name: t.bfloat16() if name != "log_gate" else t for name, t in x.items()}
+    problem = _problem(gate_scale, True, **x)
+    assert chunked._kernel(problem, "chunked") is not None
+    assert solve(problem, chunk_size=64).dtype == torch.bfloat16
+
+    def form(name: str):
+        return lambda **y: solve(_problem(gate_scale, True, **y), form=name, chunk_size=64)
+
+    check_function(form("chunked"), form("reference"), x, grads=False).assert_ok()
+
+
+@pytest.mark.parametrize("feature_map", ["elu", "relu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_elementwise_feature_maps_applied_in_the_kernel(
+    feature_map: str, dtype: torch.dtype
+) -> None:
+    g = torch.Generator().manual_seed(9)
+    x = {
+        "q": torch.randn(2, 100, 4, 8, generator=g).to(dtype),
+        "k": torch.randn(2, 100, 2, 8, generator=g).to(dtype),
+        "v": torch.randn(2, 100, 2, 8, generator=g).to(dtype),
+    }
+
+    def form(name: str):
+        return lambda **y: solve(
+            LinearProblem(**y, normalize=True, feature_map=feature_map), form=name,
+            chunk_size=16,
+        )  # fmt: skip
+
+    problem = LinearProblem(**x, normalize=True, feature_map=feature_map)
+    assert chunked._kernel(problem, "chunked") is not None and problem.state_dim == 8
+    check_function(form("chunked"), form("reference"), x, grads=False).assert_ok()
 
 
 @pytest.mark.parametrize("chunk_size", [7, 64])
@@ -112,8 +145,7 @@ def test_taylor_features_built_in_the_kernel_match_the_reference(chunk_size: int
 
     problem = LinearProblem(**x, normalize=True, feature_map="taylor")
     assert problem.state_dim == 1 + 4 + 16
-    q, k, v, gate = chunked._prepared(problem)
-    assert chunked._kernel(q, k, v, gate, chunked._initial(problem, None, q.dtype), True)
+    assert chunked._kernel(problem, "chunked") is not None
     check_function(form("chunked"), form("reference"), x, grads=False).assert_ok()
 
 

@@ -23,12 +23,14 @@ runs one of three forms, which are exact rewritings of each other:
 States and sums accumulate in float32 whatever the input dtype (float64 stays float64); the
 normaliser of normalised mechanisms is carried as an extra value column of ones.
 
-The chunked form without gradients, in float32 on the CPU (every causal mechanism built on this
-core: linear attention, Lightning, RetNet, GLA, BASED's linear half with its Taylor features
-built in cache) runs a compiled kernel (``attnkit/backends/csrc/linear_cpu.cpp``): the same
-chunk algebra with each head's state kept in cache across its chunks and q, k, v read in place,
-instead of the batched tensors below (whose permutes, paddings and materialised per-chunk
-states cost more than the matmuls). Gradients and float64 use the PyTorch form.
+The chunked form without gradients, in float32 or bfloat16 on the CPU (every causal mechanism
+built on this core: linear attention with its feature map, Lightning, RetNet, GLA, BASED's
+linear half with its Taylor features) runs a compiled kernel
+(``attnkit/backends/csrc/linear_cpu.cpp``): the same chunk algebra with each head's state kept
+in cache across its chunks, q, k, v read in place in their own dtype and the feature maps
+applied per chunk, instead of the batched tensors below (whose permutes, paddings and
+materialised per-chunk states cost more than the matmuls). Gradients and float64 use the
+PyTorch form.
 """
 
 from __future__ import annotations
@@ -64,9 +66,9 @@ class LinearProblem:
         normalize: divide by ``scale * q_t . z_t + eps`` (Katharopoulos et al.'s denominator).
         eps: added to the denominator.
         causal: False for the bidirectional form (every query sees every key; no gate).
-        feature_map: a name in ``attnkit.linear.features.FEATURES`` (``"taylor"``): ``q``
-            and ``k`` are then the raw inputs of that map, and ``Dk`` above is its output
-            dimension (``state_dim``); None: ``q`` and ``k`` are the features.
+        feature_map: a name in ``attnkit.linear.features.FEATURES`` (``"taylor"``, ``"elu"``,
+            ``"relu"``): ``q`` and ``k`` are then the raw inputs of that map, and ``Dk`` above
+            is its output dimension (``state_dim``); None: ``q`` and ``k`` are the features.
     """
 
     q: Tensor
@@ -84,7 +86,9 @@ class LinearProblem:
         if self.feature_map is not None:
             pick(FEATURES, self.feature_map, "feature_map")
             if self.log_gate is not None:
-                raise ValueError("a feature_map problem takes no log-gate (BASED has none)")
+                raise ValueError(
+                    "a feature_map problem takes no log-gate (no mechanism combines them)"
+                )
         g = self.log_gate
         if g is None:
             return
@@ -272,17 +276,25 @@ def _chunked_states(updates: Tensor, log_decay: Tensor | None, S0: Tensor) -> Te
     return states.transpose(1, 2)
 
 
-#: Feature maps the compiled kernel applies itself (None: q and k are the features).
-KERNEL_FEATURES = (None, "taylor")
+#: Feature maps the compiled kernel applies itself, by its code for them (None: q and k are
+#: the features).
+KERNEL_FEATURES = {None: 0, "taylor": 1, "elu": 2, "relu": 3}
+#: Input dtypes the kernel reads (it computes in float32 and writes the output in this dtype).
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
 
-def _kernel(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, S0: Tensor, causal: bool):
+def _kernel(problem: LinearProblem, form: str):
     """The compiled chunked kernel where it applies (see the module docstring), else None."""
-    tensors = (q, k, v, S0) if g is None else (q, k, v, S0, g)
+    tensors = [problem.q, problem.k, problem.v]
+    if problem.log_gate is not None:
+        tensors.append(problem.log_gate)
     if (
-        not causal
-        or q.dtype != torch.float32
-        or q.device.type != "cpu"
+        form != "chunked"
+        or not problem.causal
+        or problem.feature_map not in KERNEL_FEATURES
+        or {t.dtype for t in tensors[:3]} - {problem.q.dtype}
+        or problem.q.dtype not in KERNEL_DTYPES
+        or problem.q.device.type != "cpu"
         or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
     ):
         return None
@@ -392,18 +404,22 @@ def solve(
     ``LinearState`` (after all ``T`` tokens, the initial state included).
     """
     run = pick(FORMS, form, "form")(check_chunk_size(chunk_size))
-    q, k, v, g = _prepared(problem)
-    S0 = _initial(problem, initial_state, q.dtype)
-    eligible = form == "chunked" and problem.feature_map in KERNEL_FEATURES
-    kernel = _kernel(q, k, v, g, S0, problem.causal) if eligible else None
-    if kernel is not None:
-        gate = torch.empty(0) if g is None else g.contiguous()
-        q, k, v, S0 = (t.contiguous() for t in (q, k, v, S0))
-        taylor = problem.feature_map == "taylor"
+    kernel = _kernel(problem, form)
+    if kernel is not None:  # q, k, v read in their own dtype (module docstring)
+        B, T, Hq, Dk = problem.q.shape
+        Hkv = problem.k.shape[2]
+        q = problem.q.reshape(B, T, Hkv, Hq // Hkv, Dk)
+        g = problem.log_gate
+        gate = torch.empty(0) if g is None else g.to(torch.float32).contiguous()
+        S0 = _initial(problem, initial_state, torch.float32).contiguous()
+        q, k, v = (t.contiguous() for t in (q, problem.k, problem.v))
         out, S = kernel.forward(
-            q, k, v, gate, S0, problem.scale, chunk_size, taylor, problem.normalize, problem.eps
-        )
+            q, k, v, gate, S0, problem.scale, chunk_size,
+            KERNEL_FEATURES[problem.feature_map], problem.normalize, problem.eps,
+        )  # fmt: skip
     else:
+        q, k, v, g = _prepared(problem)
+        S0 = _initial(problem, initial_state, q.dtype)
         q, k, v = _expanded(problem, q, k, v)
         out, S = run(q, k, v, g, problem.scale, S0, problem.causal)
         if problem.normalize:

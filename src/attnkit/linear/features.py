@@ -1,9 +1,10 @@
 """Feature maps that a ``LinearProblem`` can apply to its queries and keys itself.
 
-A problem built with ``feature_map=name`` holds the raw (small) queries and keys; the forms see
-``phi(q)``, ``phi(k)``. The reason is cost, not convenience: BASED's Taylor map turns 16 dims
-into 273, and the compiled chunked kernel builds them per chunk in cache instead of reading
-them from memory (``attnkit/backends/csrc/linear_cpu.cpp``).
+A problem built with ``feature_map=name`` holds the raw queries and keys; the forms see
+``phi(q)``, ``phi(k)``. The reason is cost, not convenience: the compiled chunked kernel
+(``attnkit/backends/csrc/linear_cpu.cpp``) applies the map per chunk in cache instead of
+reading features from memory. BASED's Taylor map turns 16 dims into 273; ``elu + 1`` applied to
+the whole input first cost 3.8 ms of a 10 ms call at T=8192 (two fresh 8 MB tensors).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import math
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -29,7 +31,18 @@ def taylor_dim(d: int) -> int:
     return 1 + d + d * d
 
 
+def elu_plus_one(x: Tensor) -> Tensor:
+    """``elu(x) + 1``, positive (Katharopoulos et al., 2020)."""
+    return F.elu(x).add_(1.0)
+
+
+def _same_dim(d: int) -> int:
+    return d
+
+
 #: name -> (map, feature dimension for an input dimension)
 FEATURES: dict[str, tuple[Callable[[Tensor], Tensor], Callable[[int], int]]] = {
     "taylor": (taylor_feature_map, taylor_dim),
+    "elu": (elu_plus_one, _same_dim),
+    "relu": (F.relu, _same_dim),
 }

@@ -14,10 +14,8 @@ tests check against a dense formula.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch.nn.functional as F
 from torch import Tensor
 
 from attnkit.linear._common import pick
@@ -32,18 +30,19 @@ PAPER = (
 
 @dataclass(frozen=True)
 class FeatureMap:
-    """A feature map ``phi`` applied to queries and keys, and whether ``phi >= 0`` (which keeps
-    the normaliser ``phi(q) . z`` positive)."""
+    """A feature map ``phi`` for queries and keys: its name in
+    ``attnkit.linear.features.FEATURES`` (None: the identity), which the problem applies
+    itself, and whether ``phi >= 0`` (which keeps the normaliser ``phi(q) . z`` positive)."""
 
-    fn: Callable[[Tensor], Tensor]
+    feature: str | None
     nonnegative: bool
 
 
 #: Feature maps by name: the paper's ``elu(x) + 1``, ``relu`` and the identity.
 FEATURE_MAPS: dict[str, FeatureMap] = {
-    "elu": FeatureMap(lambda x: F.elu(x).add_(1.0), True),  # in place: one buffer fewer
-    "relu": FeatureMap(F.relu, True),
-    "identity": FeatureMap(lambda x: x, False),
+    "elu": FeatureMap("elu", True),
+    "relu": FeatureMap("relu", True),
+    "identity": FeatureMap(None, False),
 }
 
 
@@ -66,8 +65,9 @@ def linear_attention_problem(
             "use normalize=False or a non-negative map ('elu', 'relu')"
         )
     return LinearProblem(
-        phi.fn(q), phi.fn(k), v, scale=scale, normalize=normalize, eps=eps, causal=causal
-    )
+        q, k, v, scale=scale, normalize=normalize, eps=eps, causal=causal,
+        feature_map=phi.feature,
+    )  # fmt: skip
 
 
 def linear_attention(
