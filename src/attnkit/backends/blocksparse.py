@@ -36,8 +36,11 @@ Two implementations of these steps share the plan of live tiles:
   elementwise step is a pass over memory). It uses 128-row query tiles instead of 256 when
   that cuts the live area enough, and 64x64 tiles when those cut it further
   (``KERNEL_TILES``, ``NARROW_GAIN``: narrow bands, documents, neighborhoods).
-- bfloat16 and float16 (and float32 where the kernel cannot be compiled) run the batched
-  matmuls, whose bf16 GEMMs already beat SDPA's bf16 kernel by ~2x.
+- bfloat16 runs the same kernel forward, its two GEMMs through ``at::mm_out`` (oneDNN's bf16
+  kernels, 2-3x float32 BLAS here; the bf16 GEMMs libtorch exports at the BLAS level run at
+  float32 speed on CPUs without AMX, which is why SDPA's bf16 kernel is slow): 2.4-2.8x dense
+  SDPA bf16 and 2.4-13x Flex. Its gradients run on the batched matmuls below.
+- float16, and everything where the kernel cannot be compiled, run the batched matmuls.
 
 Scores: plain softmax (no soft-capping, no bias) — the call pattern of every sparse pattern in
 the catalog. Other score functions run on ``chunked``.
@@ -456,7 +459,7 @@ def _supports(call: AttentionCall) -> str | None:
 
 BACKEND = Backend(
     name="blocksparse",
-    summary="softmax over live tiles: a compiled fp32 CPU kernel or batched matmuls (bf16)",
+    summary="softmax over live tiles: a compiled CPU kernel (fp32; bf16 forward) or batched bmm",
     supports=_supports,
     run=blocksparse_forward,
 )
