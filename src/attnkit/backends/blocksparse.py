@@ -36,10 +36,10 @@ Two implementations of these steps share the plan of live tiles:
   elementwise step is a pass over memory). It uses 128-row query tiles instead of 256 when
   that cuts the live area enough, and 64x64 tiles when those cut it further
   (``KERNEL_TILES``, ``NARROW_GAIN``: narrow bands, documents, neighborhoods).
-- bfloat16 runs the same kernel forward, its two GEMMs through ``at::mm_out`` (oneDNN's bf16
-  kernels, 2-3x float32 BLAS here; the bf16 GEMMs libtorch exports at the BLAS level run at
-  float32 speed on CPUs without AMX, which is why SDPA's bf16 kernel is slow): 2.4-2.8x dense
-  SDPA bf16 and 2.4-13x Flex. Its gradients run on the batched matmuls below.
+- bfloat16 runs the same kernel, forward and backward, its GEMMs through ``at::mm_out``
+  (oneDNN's bf16 kernels, 2-3x float32 BLAS here; the bf16 GEMMs libtorch exports at the BLAS
+  level run at float32 speed on CPUs without AMX, which is why SDPA's bf16 kernel is slow):
+  forward 2.4-2.8x dense SDPA bf16 and 2.4-13x Flex. Gradients accumulate in float32.
 - float16, and everything where the kernel cannot be compiled, run the batched matmuls.
 
 Scores: plain softmax (no soft-capping, no bias) — the call pattern of every sparse pattern in
@@ -96,9 +96,8 @@ def _runs(kinds_row: list[int], longest: int) -> list[tuple[int, int, list[int]]
     return runs
 
 
-#: Dtypes the compiled kernel runs: float32 forward and backward, bfloat16 forward (its
-#: gradients run on the batched matmuls).
-KERNEL_DTYPES = {torch.float32: True, torch.bfloat16: False}  # dtype -> has a backward
+#: Dtypes the compiled kernel runs, forward and backward.
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _kernel(call: AttentionCall) -> ModuleType | None:
@@ -364,7 +363,7 @@ class _KernelAttention(torch.autograd.Function):
         tiles = (*plan.csr, plan.block_q, plan.block_k, plan.run_tiles)
         out, lse = kernel.forward(q, k, v, *tiles, shifted, scale)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.tiles, ctx.kernel, ctx.scale, ctx.plan = tiles, kernel, scale, plan
+        ctx.tiles, ctx.kernel, ctx.scale = tiles, kernel, scale
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -372,51 +371,12 @@ class _KernelAttention(torch.autograd.Function):
     def backward(ctx, grad_out, grad_lse):  # type: ignore[override]
         q, k, v, out, lse = ctx.saved_tensors
         grad_out = grad_out.contiguous()
-        if not KERNEL_DTYPES[q.dtype]:
-            grads = _batched_backward(q, k, v, out, lse, grad_out, ctx.plan, ctx.scale)
-            return *grads, None, None, None, None
-        delta = (grad_out * out).sum(-1)
+        delta = (grad_out.float() * out.float()).sum(-1)
         finite_lse = torch.where(torch.isneginf(lse), 0.0, lse)
         dq, dk, dv = ctx.kernel.backward(
             q, k, v, grad_out, finite_lse, delta, *ctx.tiles, ctx.scale
-        )
-        return dq, dk, dv, None, None, None, None
-
-
-def _batched_backward(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    out: Tensor,
-    lse: Tensor,
-    grad_out: Tensor,
-    plan: _Plan,
-    scale: float,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The batched-matmul backward for tensors in the kernel's ``[B, T, H, D]`` layout
-    (``lse [B, Tq, Hq]``): gradients w.r.t. the unscaled ``q`` and ``k``, ``v``."""
-    B, Tq, Hq, D = q.shape
-    Hkv = k.shape[2]
-    G = Hq // Hkv
-
-    def grouped(x: Tensor) -> Tensor:  # [B, Tq, Hq, ...] -> [B, Hkv, G, Tq, ...]
-        return x.transpose(1, 2).reshape(B, Hkv, G, Tq, *x.shape[3:])
-
-    def heads_first(x: Tensor) -> Tensor:
-        return x.transpose(1, 2).contiguous()
-
-    dq, dk, dv = _backward(
-        grouped(q * scale),
-        heads_first(k),
-        heads_first(v),
-        grouped(out),
-        grouped(lse),
-        grouped(grad_out),
-        plan,
-        torch.float32,
-    )
-    dq = dq.mul_(scale).reshape(B, Hq, Tq, D).transpose(1, 2)
-    return dq.to(q.dtype), dk.transpose(1, 2).to(k.dtype), dv.transpose(1, 2).to(v.dtype)
+        )  # float32 gradients
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 
 def needs_shift(call: AttentionCall) -> bool:
@@ -459,7 +419,7 @@ def _supports(call: AttentionCall) -> str | None:
 
 BACKEND = Backend(
     name="blocksparse",
-    summary="softmax over live tiles: a compiled CPU kernel (fp32; bf16 forward) or batched bmm",
+    summary="softmax over live tiles: a compiled CPU kernel (fp32, bf16) or batched matmuls",
     supports=_supports,
     run=blocksparse_forward,
 )

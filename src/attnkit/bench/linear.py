@@ -587,10 +587,10 @@ def plot_linear(results: LinearBenchResults, path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     dtypes = sorted({r.dtype for r in results.records})
-    fig, axes = plt.subplots(1, len(dtypes) + 1, figsize=(6 * (len(dtypes) + 1), 5), squeeze=False)
-    panels = [(f"prefill, {d}", "prefill", d) for d in dtypes] + [
-        (f"decode, ms per token, {dtypes[0]}", "decode", None)
-    ]
+    panels = [(f"prefill, {d}", "prefill", d) for d in dtypes]
+    if any(r.phase == "decode" for r in results.records):  # none with --no-decode
+        panels.append((f"decode, ms per token, {dtypes[0]}", "decode", None))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 5), squeeze=False)
     for ax, (title, phase, dtype) in zip(axes[0], panels, strict=True):
         series: dict[str, list[tuple[int, float]]] = {}
         for r in results.records:

@@ -1,5 +1,4 @@
-// Fused block-sparse FlashAttention-2 for the CPU: float32 forward and backward, bfloat16
-// forward.
+// Fused block-sparse FlashAttention-2 for the CPU, forward and backward, float32 and bfloat16.
 //
 // The Python module attnkit/backends/blocksparse.py states the algorithm; this file runs the
 // same tiles with the per-row work (mask, exp, sums, rescale) done in cache between two GEMMs,
@@ -133,38 +132,47 @@ Work work_of(int64_t item, const Dims& d, const Tiles& t) {
   return Work{i, head / d.Hq, h, h / d.G, r0, std::min(t.BQ, d.Tq - r0)};
 }
 
-// The two GEMMs of the forward pass in float32: BLAS, with the scale folded into the first.
+// The three GEMM shapes of the forward and backward passes, on row-major float32 buffers and
+// row-strided views of q, k, v, dO in the caller's layout (A, X: [rows, ld] of scalar_t):
+//   products(S, A, B):      S[rows, n] = alpha A[rows, inner] B[n, inner]ᵀ
+//   accumulate(C, P, X):    C[rows, cols] += alpha P[rows, n] X[n, cols]
+//   accumulate_t(C, P, X):  C[n, cols] += alpha P[rows, n]ᵀ X[rows, cols]
+// Float32 through BLAS.
 struct Float32Gemms {
   using scalar_t = float;
   Float32Gemms(int64_t, int64_t, int64_t) {}
 
-  // S[bq, n] = scale Q Kᵀ, row-major (BLAS sees the transposes).
-  void scores(float* S, const float* q, int64_t ldq, const float* k, int64_t ldk, int64_t bq,
-              int64_t n, int64_t D, float scale) {
-    gemm(true, false, n, bq, D, scale, k, ldk, q, ldq, 0.0f, S, n);
+  void products(float* S, const float* a, int64_t lda, const float* b, int64_t ldb, int64_t rows,
+                int64_t n, int64_t inner, float alpha) {
+    gemm(true, false, n, rows, inner, alpha, b, ldb, a, lda, 0.0f, S, n);
   }
 
-  // O[bq, Dv] += P V, P = S [bq, n].
-  void accumulate(float* O, const float* P, const float* v, int64_t ldv, int64_t bq, int64_t n,
-                  int64_t Dv) {
-    gemm(false, false, Dv, bq, n, 1.0f, v, ldv, P, n, 1.0f, O, Dv);
+  void accumulate(float* C, int64_t ldc, const float* P, const float* x, int64_t ldx,
+                  int64_t rows, int64_t n, int64_t cols, float alpha) {
+    gemm(false, false, cols, rows, n, alpha, x, ldx, P, n, 1.0f, C, ldc);
+  }
+
+  void accumulate_t(float* C, int64_t ldc, const float* P, const float* x, int64_t ldx,
+                    int64_t rows, int64_t n, int64_t cols, float alpha) {
+    gemm(false, true, cols, n, rows, alpha, x, ldx, P, n, 1.0f, C, ldc);
   }
 };
 
 // The same GEMMs in bfloat16 through at::mm_out, which reaches oneDNN's bf16 kernels (2-3x
 // float32 BLAS here); the BLAS-level bf16 entry points libtorch exports (MKL's
-// gemm_bf16bf16f32, ATen's brgemm) run at float32 speed on CPUs without AMX. Views of q, k, v
-// in place; the products are rounded to bfloat16 as any bf16 matmul's are, then widened, and
-// the running sums stay in float32.
+// gemm_bf16bf16f32, ATen's brgemm) run at float32 speed on CPUs without AMX. Views of the
+// inputs in place; P is rounded to bfloat16 before its GEMM and each product is rounded to
+// bfloat16 as any bf16 matmul's is, then widened: sums, accumulators and gradients stay in
+// float32.
 struct BFloat16Gemms {
   using scalar_t = at::BFloat16;
-  at::Tensor S16, P16, O16;
+  at::Tensor P16, out16;
 
-  BFloat16Gemms(int64_t rows, int64_t keys, int64_t Dv) {
+  // Buffers for products of up to `rows` x `keys` and outputs of up to `keys` x `cols`.
+  BFloat16Gemms(int64_t rows, int64_t keys, int64_t cols) {
     const auto options = at::TensorOptions().dtype(at::kBFloat16);
-    S16 = at::empty({rows * keys}, options);
     P16 = at::empty({rows * keys}, options);
-    O16 = at::empty({rows * Dv}, options);
+    out16 = at::empty({std::max(rows, keys) * std::max(keys, cols)}, options);
   }
 
   static at::Tensor view(const at::BFloat16* data, at::IntArrayRef sizes,
@@ -177,21 +185,41 @@ struct BFloat16Gemms {
     return buffer.narrow(0, 0, rows * cols).view({rows, cols});
   }
 
-  void scores(float* S, const at::BFloat16* q, int64_t ldq, const at::BFloat16* k, int64_t ldk,
-              int64_t bq, int64_t n, int64_t D, float scale) {
-    auto out = rows_of(S16, bq, n);
-    at::mm_out(out, view(q, {bq, D}, {ldq, 1}), view(k, {D, n}, {1, ldk}));
-    const at::BFloat16* s16 = S16.data_ptr<at::BFloat16>();
-    for (int64_t c = 0; c < bq * n; ++c) S[c] = scale * static_cast<float>(s16[c]);
+  // dst[r * ldc + c] (+)= alpha * out16[r, c] over a [rows, cols] product.
+  void widen(float* dst, int64_t ldc, int64_t rows, int64_t cols, float alpha, bool add) {
+    const at::BFloat16* o = out16.data_ptr<at::BFloat16>();
+    for (int64_t r = 0; r < rows; ++r) {
+      float* d = dst + r * ldc;
+      const at::BFloat16* src = o + r * cols;
+      if (add) {
+        for (int64_t c = 0; c < cols; ++c) d[c] += alpha * static_cast<float>(src[c]);
+      } else {
+        for (int64_t c = 0; c < cols; ++c) d[c] = alpha * static_cast<float>(src[c]);
+      }
+    }
   }
 
-  void accumulate(float* O, const float* P, const at::BFloat16* v, int64_t ldv, int64_t bq,
-                  int64_t n, int64_t Dv) {
-    at::vec::convert(P, P16.data_ptr<at::BFloat16>(), bq * n);
-    auto out = rows_of(O16, bq, Dv);
-    at::mm_out(out, rows_of(P16, bq, n), view(v, {n, Dv}, {ldv, 1}));
-    const at::BFloat16* o16 = O16.data_ptr<at::BFloat16>();
-    for (int64_t c = 0; c < bq * Dv; ++c) O[c] += static_cast<float>(o16[c]);
+  void products(float* S, const at::BFloat16* a, int64_t lda, const at::BFloat16* b,
+                int64_t ldb, int64_t rows, int64_t n, int64_t inner, float alpha) {
+    auto out = rows_of(out16, rows, n);
+    at::mm_out(out, view(a, {rows, inner}, {lda, 1}), view(b, {inner, n}, {1, ldb}));
+    widen(S, n, rows, n, alpha, false);
+  }
+
+  void accumulate(float* C, int64_t ldc, const float* P, const at::BFloat16* x, int64_t ldx,
+                  int64_t rows, int64_t n, int64_t cols, float alpha) {
+    at::vec::convert(P, P16.data_ptr<at::BFloat16>(), rows * n);
+    auto out = rows_of(out16, rows, cols);
+    at::mm_out(out, rows_of(P16, rows, n), view(x, {n, cols}, {ldx, 1}));
+    widen(C, ldc, rows, cols, alpha, true);
+  }
+
+  void accumulate_t(float* C, int64_t ldc, const float* P, const at::BFloat16* x, int64_t ldx,
+                    int64_t rows, int64_t n, int64_t cols, float alpha) {
+    at::vec::convert(P, P16.data_ptr<at::BFloat16>(), rows * n);
+    auto out = rows_of(out16, n, cols);
+    at::mm_out(out, rows_of(P16, rows, n).t(), view(x, {rows, cols}, {ldx, 1}));
+    widen(C, ldc, n, cols, alpha, true);
   }
 };
 
@@ -227,7 +255,8 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
     for_each_run(t, w.i, [&](int64_t first, int64_t stop) {
       const int64_t c0 = t.tiles[first] * t.BK;
       const int64_t n = std::min(t.tiles[stop - 1] * t.BK + t.BK, d.Tk) - c0;
-      gemms[thread].scores(S.data(), qi, d.ldq, kb + c0 * d.ldk, d.ldk, w.bq, n, d.D, scale);
+      // S[bq, n] = scale Q Kᵀ
+      gemms[thread].products(S.data(), qi, d.ldq, kb + c0 * d.ldk, d.ldk, w.bq, n, d.D, scale);
       for (int64_t r = 0; r < w.bq; ++r) {
         float* s = S.data() + r * n;
         float shift = 0.0f;
@@ -262,7 +291,9 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
         }
         L[r] += row_sum(s, n);
       }
-      gemms[thread].accumulate(O.data(), S.data(), vb + c0 * d.ldv, d.ldv, w.bq, n, d.Dv);
+      // O[bq, Dv] += P V
+      gemms[thread].accumulate(O.data(), d.Dv, S.data(), vb + c0 * d.ldv, d.ldv, w.bq, n, d.Dv,
+                               1.0f);
     });
 
     for (int64_t r = 0; r < w.bq; ++r) {
@@ -276,15 +307,19 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   });
 }
 
+// Gradients accumulate in float32 whatever the inputs' dtype: dq [B, Tq, Hq, D], and dK, dV
+// in one buffer per thread (summed by the caller).
+template <typename Gemms>
 void backward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      const at::Tensor& grad_out, const at::Tensor& lse,
                      const at::Tensor& delta, const Tiles& t, float scale, at::Tensor& dq,
                      at::Tensor& dk_parts, at::Tensor& dv_parts) {
+  using scalar_t = typename Gemms::scalar_t;
   const Dims d = dims_of(q, k, v, t);
-  const float* qp = q.data_ptr<float>();
-  const float* kp = k.data_ptr<float>();
-  const float* vp = v.data_ptr<float>();
-  const float* dop = grad_out.data_ptr<float>();
+  const scalar_t* qp = q.data_ptr<scalar_t>();
+  const scalar_t* kp = k.data_ptr<scalar_t>();
+  const scalar_t* vp = v.data_ptr<scalar_t>();
+  const scalar_t* dop = grad_out.data_ptr<scalar_t>();
   const float* lp = lse.data_ptr<float>();
   const float* deltap = delta.data_ptr<float>();
   float* dqp = dq.data_ptr<float>();
@@ -294,29 +329,33 @@ void backward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 
   const int64_t threads = at::get_num_threads();
   std::vector<std::vector<float>> scores(threads), dscores(threads);
+  std::vector<Gemms> gemms;
+  for (int64_t thread = 0; thread < threads; ++thread) {
+    gemms.emplace_back(t.BQ, d.max_keys, std::max(d.D, d.Dv));
+  }
   run_items(d.B * d.Hq * d.nq, [&](int64_t item, int64_t thread) {
     const Work w = work_of(item, d, t);
     auto& S = scores[thread];
     auto& dS = dscores[thread];
+    auto& g = gemms[thread];
     S.resize(t.BQ * d.max_keys);
     dS.resize(t.BQ * d.max_keys);
     const int64_t row0 = (w.b * d.Tq + w.r0) * d.Hq + w.h;  // rows of lse and delta step by Hq
-    const float* qi = qp + row0 * d.D;
-    const float* doi = dop + row0 * d.Dv;
+    const scalar_t* qi = qp + row0 * d.D;
+    const scalar_t* doi = dop + row0 * d.Dv;
     float* dqi = dqp + row0 * d.D;
     const int64_t key0 = w.b * d.Tk * d.Hkv + w.hkv;
-    const float* kb = kp + key0 * d.D;
-    const float* vb = vp + key0 * d.Dv;
+    const scalar_t* kb = kp + key0 * d.D;
+    const scalar_t* vb = vp + key0 * d.Dv;
     float* dkb = dkp + thread * part_k + key0 * d.D;
     float* dvb = dvp + thread * part_v + key0 * d.Dv;
 
     for_each_run(t, w.i, [&](int64_t first, int64_t stop) {
       const int64_t c0 = t.tiles[first] * t.BK;
       const int64_t n = std::min(t.tiles[stop - 1] * t.BK + t.BK, d.Tk) - c0;
-      gemm(true, false, n, w.bq, d.D, scale, kb + c0 * d.ldk, d.ldk, qi, d.ldq, 0.0f, S.data(), n);
-      // dP[bq, n] = dO Vᵀ (becomes dS in place)
-      gemm(true, false, n, w.bq, d.Dv, 1.0f, vb + c0 * d.ldv, d.ldv, doi, d.ldo, 0.0f, dS.data(),
-           n);
+      // S[bq, n] = scale Q Kᵀ;  dP[bq, n] = dO Vᵀ (becomes dS in place)
+      g.products(S.data(), qi, d.ldq, kb + c0 * d.ldk, d.ldk, w.bq, n, d.D, scale);
+      g.products(dS.data(), doi, d.ldo, vb + c0 * d.ldv, d.ldv, w.bq, n, d.Dv, 1.0f);
       for (int64_t r = 0; r < w.bq; ++r) {
         float* s = S.data() + r * n;
         float* ds = dS.data() + r * n;
@@ -343,27 +382,22 @@ void backward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
         }
       }
       // dV[n, Dv] += Pᵀ dO;  dQ[bq, D] += scale dS K;  dK[n, D] += scale dSᵀ Q
-      gemm(false, true, d.Dv, n, w.bq, 1.0f, doi, d.ldo, S.data(), n, 1.0f, dvb + c0 * d.ldv,
-           d.ldv);
-      gemm(false, false, d.D, w.bq, n, scale, kb + c0 * d.ldk, d.ldk, dS.data(), n, 1.0f, dqi,
-           d.ldq);
-      gemm(false, true, d.D, n, w.bq, scale, qi, d.ldq, dS.data(), n, 1.0f, dkb + c0 * d.ldk,
-           d.ldk);
+      g.accumulate_t(dvb + c0 * d.ldv, d.ldv, S.data(), doi, d.ldo, w.bq, n, d.Dv, 1.0f);
+      g.accumulate(dqi, d.ldq, dS.data(), kb + c0 * d.ldk, d.ldk, w.bq, n, d.D, scale);
+      g.accumulate_t(dkb + c0 * d.ldk, d.ldk, dS.data(), qi, d.ldq, w.bq, n, d.D, scale);
     });
   });
 }
 
-void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                  bool bfloat16_allowed) {
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   TORCH_CHECK(q.device().is_cpu(), "blocksparse_cpu runs on CPU tensors");
   TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous(),
               "blocksparse_cpu needs contiguous q, k, v");
   const auto dtype = q.scalar_type();
   TORCH_CHECK(k.scalar_type() == dtype && v.scalar_type() == dtype,
               "blocksparse_cpu needs q, k, v of one dtype");
-  TORCH_CHECK(dtype == at::kFloat || (bfloat16_allowed && dtype == at::kBFloat16),
-              bfloat16_allowed ? "blocksparse_cpu runs float32 or bfloat16 q, k, v"
-                               : "blocksparse_cpu's backward runs float32 q, k, v");
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16,
+              "blocksparse_cpu runs float32 or bfloat16 q, k, v");
 }
 
 std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -371,7 +405,7 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
                                 const at::Tensor& partial, const at::Tensor& keep,
                                 int64_t block_q, int64_t block_k, int64_t max_run,
                                 bool shifted, double scale) {
-  check_inputs(q, k, v, true);
+  check_inputs(q, k, v);
   const Tiles t = tiles_of(row_ptr, tiles, partial, keep, block_q, block_k, max_run);
   auto out = at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, v.options());
   auto lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
@@ -389,14 +423,22 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
                                  const at::Tensor& tiles, const at::Tensor& partial,
                                  const at::Tensor& keep, int64_t block_q, int64_t block_k,
                                  int64_t max_run, double scale) {
-  check_inputs(q, k, v, false);
+  check_inputs(q, k, v);
+  TORCH_CHECK(grad_out.scalar_type() == q.scalar_type() && grad_out.is_contiguous(),
+              "blocksparse_cpu's backward needs a contiguous grad_out of q's dtype");
   const Tiles t = tiles_of(row_ptr, tiles, partial, keep, block_q, block_k, max_run);
   const auto f32 = q.options().dtype(at::kFloat);
   const int64_t threads = at::get_num_threads();
   auto dq = at::zeros(q.sizes(), f32);
   auto dk = at::zeros({threads, k.size(0), k.size(1), k.size(2), k.size(3)}, f32);
   auto dv = at::zeros({threads, v.size(0), v.size(1), v.size(2), v.size(3)}, f32);
-  backward_kernel(q, k, v, grad_out, lse, delta, t, static_cast<float>(scale), dq, dk, dv);
+  if (q.scalar_type() == at::kBFloat16) {
+    backward_kernel<BFloat16Gemms>(q, k, v, grad_out, lse, delta, t, static_cast<float>(scale),
+                                   dq, dk, dv);
+  } else {
+    backward_kernel<Float32Gemms>(q, k, v, grad_out, lse, delta, t, static_cast<float>(scale), dq,
+                                  dk, dv);
+  }
   return {dq, dk.sum(0), dv.sum(0)};
 }
 
