@@ -321,8 +321,9 @@ def bench_linear(
         )  # fmt: skip
     console.print(table)
     summary = Table(title="summary per mechanism (goals: crossing ≤ 2048, ≥ 10× at 32k, slope ≈ 1)")
-    columns = ("mechanism", "dtype", "crossing_T", "ratio_at_32k", "slope_ours", "slope_sdpa",
-               "speedup_vs_peer_at_8k", "decode_slope")  # fmt: skip
+    columns = ("mechanism", "dtype", "crossing_T", "ratio_at_32k", "recurrent_ratio_at_32k",
+               "slope_ours", "slope_sdpa", "speedup_vs_peer_at_8k", "peer_compared_form",
+               "decode_slope")  # fmt: skip
     for column in columns:
         summary.add_column(column)
     for row in results.summary:

@@ -6,13 +6,16 @@ import math
 
 import pytest
 
+from attnkit.backends import native
 from attnkit.bench.linear import (
     LinearBenchConfig,
+    LinearRecord,
     crossing_point,
     loglog_slope,
     plot_linear,
     quick_linear_config,
     run_linear_bench,
+    summarize,
     write_linear,
 )
 
@@ -32,18 +35,38 @@ def test_tiny_run_records_checks_and_plot(tmp_path) -> None:
     results = run_linear_bench(config)
     prefill = [r for r in results.records if r.phase == "prefill"]
     decode = [r for r in results.records if r.phase == "decode"]
-    assert {(r.T, r.role) for r in prefill} == {
-        (64, "ours"), (128, "ours"), (64, "baseline"), (128, "baseline")
-    }  # fmt: skip
-    ours = [r for r in prefill if r.role == "ours"]
+    # the recurrent form is timed for prefill where it runs on the compiled kernel
+    roles = ("ours", "baseline", "recurrent") if native.load("linear_cpu") else ("ours", "baseline")
+    assert {(r.T, r.role) for r in prefill} == {(T, role) for T in (64, 128) for role in roles}
+    ours = [r for r in prefill if r.role in ("ours", "recurrent")]
     assert all(r.verified and r.check.startswith("passed") for r in ours)
     assert all(r.median_ms > 0 and r.ratio > 0 for r in ours)
     assert {r.candidate for r in decode} == {"recurrent", "sdpa over KV cache"}
     (row,) = results.summary
     assert row["mechanism"] == "retention" and math.isfinite(row["slope_ours"])
+    assert row["peer_compared_form"] is None  # no T=8192 cell in this run
     assert plot_linear(results, tmp_path / "linear.png").stat().st_size > 0
     data, _ = write_linear(results, tmp_path / "out")
     assert '"summary"' in data.read_text()
+
+
+def test_the_peer_is_compared_with_the_faster_of_our_forms() -> None:
+    def cell(candidate: str, role: str, ms: float, T: int = 8192) -> LinearRecord:
+        record = LinearRecord("prefill", "lightning_attention", T, "float32", candidate, role)
+        record.median_ms, record.ratio = ms, 100.0 / ms
+        return record
+
+    records = [
+        cell("chunked", "ours", 8.0), cell("recurrent", "recurrent", 4.0),
+        cell("sdpa causal", "baseline", 100.0), cell("fla", "peer", 20.0),
+        cell("chunked", "ours", 40.0, 32768), cell("recurrent", "recurrent", 20.0, 32768),
+        cell("sdpa causal", "baseline", 1600.0, 32768),
+    ]  # fmt: skip
+    (row,) = summarize(records)
+    assert row["peer_compared_form"] == "recurrent"
+    assert row["speedup_vs_peer_at_8k"] == pytest.approx(5.0)
+    assert row["ratio_at_32k"] == pytest.approx(2.5)  # the chunked form's ratio
+    assert row["recurrent_ratio_at_32k"] == pytest.approx(5.0)
 
 
 def test_config_errors() -> None:

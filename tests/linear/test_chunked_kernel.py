@@ -155,3 +155,66 @@ def test_feature_map_errors_name_the_choices() -> None:
         LinearProblem(**x, feature_map="cosine")
     with pytest.raises(ValueError, match="takes no log-gate"):
         LinearProblem(**x, log_gate=-torch.ones(2, 20, 2, 1), feature_map="taylor")
+
+
+# -- the recurrent form's kernel -------------------------------------------------------------
+
+
+def _one_head_inputs(T: int, Dv: int, gate: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(T + Dv)
+    x = {name: torch.randn(2, T, 3, d, generator=g).to(dtype) for name, d in
+         (("q", 16), ("k", 16), ("v", Dv))}  # fmt: skip
+    gate_scale, width = GATES[gate]
+    if gate_scale is not None:
+        x["log_gate"] = -torch.rand(2, T, 3, width, generator=g) * gate_scale
+    return x
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("Dv", [12, 64, 127])  # one, four and eight vectors per state row
+@pytest.mark.parametrize("gate", ["no_gate", "scalar_strong", "vector_mild"])
+def test_recurrent_kernel_matches_reference(gate: str, Dv: int, dtype: torch.dtype) -> None:
+    x = _one_head_inputs(37, Dv, gate, dtype)  # odd T: the last token runs alone
+
+    # feature maps come without gates (LinearProblem refuses both at once)
+    cases = [("elu", True), ("relu", False)] if gate == "no_gate" else [(None, False)]
+    for feature_map, normalize in cases:
+
+        def form(name: str, feature_map=feature_map, normalize=normalize):
+            return lambda **y: solve(
+                LinearProblem(**y, scale=0.25, normalize=normalize, feature_map=feature_map),
+                form=name,
+            )
+
+        problem = LinearProblem(**x, normalize=normalize, feature_map=feature_map)
+        assert chunked._kernel_entry(problem, "recurrent") == "recurrent"
+        assert chunked._kernel(problem, "recurrent") is not None
+        check_function(form("recurrent"), form("reference"), x, grads=False).assert_ok()
+
+
+def test_recurrent_kernel_carries_the_state_like_the_pytorch_form(monkeypatch) -> None:
+    x = _one_head_inputs(30, 8, "scalar_mild", torch.float32)
+    x["q"], x["k"] = x["q"].abs(), x["k"].abs()  # positive, as a feature map would give
+    problem = LinearProblem(**x, normalize=True)
+    g = torch.Generator().manual_seed(4)
+    state = LinearState(torch.rand(2, 3, 16, 8, generator=g), torch.rand(2, 3, 16, generator=g))
+    out, final = solve(problem, form="recurrent", initial_state=state, return_state=True)
+    monkeypatch.setattr(chunked, "_kernel", lambda *args: None)
+    expected, expected_final = solve(
+        problem, form="recurrent", initial_state=state, return_state=True
+    )
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(final.kv, expected_final.kv, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(final.z, expected_final.z, rtol=1e-5, atol=1e-5)
+
+
+def test_recurrent_kernel_scope() -> None:
+    x = _one_head_inputs(8, 8, "no_gate", torch.float32)
+    gqa = x | {"q": torch.randn(2, 8, 6, 16)}
+    wide = x | {"v": torch.randn(2, 8, 3, chunked.RECURRENT_KERNEL_MAX_DZ)}
+    assert chunked._kernel_entry(LinearProblem(**gqa), "recurrent") is None
+    assert chunked._kernel_entry(LinearProblem(**wide), "recurrent") == "recurrent"
+    assert chunked._kernel_entry(LinearProblem(**wide, normalize=True), "recurrent") is None
+    taylor = LinearProblem(**x, feature_map="taylor")
+    assert chunked._kernel_entry(taylor, "recurrent") is None
+    assert chunked._kernel_entry(taylor, "chunked") == "forward"

@@ -2,7 +2,10 @@
 
 For every (mechanism, T, dtype) cell, on the same ``q, k, v [B, T, H, D]``:
 
-- **ours**: the mechanism's chunked form (``attnkit.linear.MECHANISMS[name].run``);
+- **ours**: the mechanism's chunked form (``attnkit.linear.MECHANISMS[name].run``), and its
+  recurrent form where that runs on the compiled kernel (role ``recurrent``: token by token with
+  the state in cache, fewer flops per token than chunks; otherwise the recurrent form is a
+  PyTorch loop meant for decoding and is not timed for prefill);
 - **baseline**: ``F.scaled_dot_product_attention(..., is_causal=True)``, as a user would call it;
 - **peers**: flash-linear-attention's pure-PyTorch reference functions (``fla.ops.*.naive``),
   where the ``fla`` package is importable (its Triton kernels need a GPU; the naive functions
@@ -13,14 +16,16 @@ Each candidate gets one first call, one call with sampled peak memory
 candidate once per round, order rotating); a candidate whose single call exceeds
 ``slow_call_s`` is timed by its memory-sampled call alone. Medians are reported; ``ratio =
 sdpa_ms / ms`` (> 1: faster than SDPA causal), only for configurations whose correctness check
-passed (chunked vs the quadratic reference under the 2x rule at ``verify_T``).
+passed (each of our forms vs the quadratic reference under the 2x rule at ``verify_T``).
 
 Decoding: after a prefill of ``T`` tokens, the time per generated token of the recurrent form
 (carrying the state) against SDPA with one query over a ``T``-key cache.
 
 Derived: per (mechanism, dtype) the crossing point (smallest length from which the chunked form
 stays faster than SDPA, interpolated on log-log axes between grid lengths), the ratio at 32k,
-and the log-log slope of time against ``T`` (about 1 for a linear form, about 2 for SDPA).
+and the log-log slope of time against ``T`` (about 1 for a linear form, about 2 for SDPA), the
+ratio at 32k of the recurrent kernel, and the speed-up over the peer at 8k of the faster of our
+forms (``peer_compared_form``).
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ import attnkit
 from attnkit import linear
 from attnkit.bench.measure import median, peak_rss_increase_mb, release_memory, timed
 from attnkit.bench.speed import DTYPES
+from attnkit.linear import chunked as linear_core
 from attnkit.linear.based import based_problem
 from attnkit.linear.decay import lightning_decay, retnet_decay
 from attnkit.testing import check_function
@@ -114,7 +120,8 @@ def quick_linear_config(**overrides: Any) -> LinearBenchConfig:
 @dataclass
 class LinearRecord:
     """One timed candidate. ``phase``: ``prefill`` or ``decode`` (``median_ms`` per token);
-    ``role``: ``ours``, ``baseline`` or ``peer``; ``status``: ``ok``, ``skipped``, ``error``."""
+    ``role``: ``ours`` (the chunked form), ``recurrent`` (the recurrent kernel), ``baseline``
+    or ``peer``; ``status``: ``ok``, ``skipped``, ``error``."""
 
     phase: str
     mechanism: str
@@ -292,16 +299,19 @@ def _time_cell(candidates: list[_Timed], config: LinearBenchConfig) -> None:
 
 
 def _verify(
-    mechanism: linear.LinearMechanism, config: LinearBenchConfig, dtype: torch.dtype
+    mechanism: linear.LinearMechanism,
+    config: LinearBenchConfig,
+    dtype: torch.dtype,
+    form: str = "chunked",
 ) -> tuple[bool, str]:
-    """Chunked vs the quadratic reference (forward, 2x rule) at ``verify_T``."""
+    """``form`` vs the quadratic reference (forward, 2x rule) at ``verify_T``."""
     everything = mechanism.inputs(**_inputs(config, config.verify_T, dtype))
     tensors = {n: t for n, t in everything.items() if isinstance(t, Tensor)}
     options = {n: t for n, t in everything.items() if not isinstance(t, Tensor)}
-    chunking = _chunk_options(mechanism, config)
+    chunking = _chunk_options(mechanism, config) if form == "chunked" else {}
 
     def chunked(**y: Tensor) -> Tensor:
-        return mechanism.chunked(**y, **options, **chunking)
+        return mechanism.form(form)(**y, **options, **chunking)
 
     def reference(**y: Tensor) -> Tensor:
         return mechanism.reference(**y, **options)
@@ -323,6 +333,14 @@ def _peer_check(peer_out: Tensor, ours: Tensor) -> tuple[bool, str]:
     tol = 1e-2 if ours.dtype == torch.bfloat16 else 1e-4
     ok = err <= tol * scale
     return ok, f"{'matches' if ok else 'DIFFERS FROM'} ours: max |diff| {err:.2e}"
+
+
+def _recurrent_on_kernel(mechanism: linear.LinearMechanism, inputs: dict[str, Any]) -> bool:
+    """True where the mechanism's recurrent form runs on the compiled kernel for ``inputs``."""
+    if mechanism.problem is None or "recurrent" not in mechanism.forms:
+        return False
+    with torch.no_grad():
+        return linear_core._kernel(mechanism.problem(**inputs), "recurrent") is not None
 
 
 def _chunk_options(mechanism: linear.LinearMechanism, config: LinearBenchConfig) -> dict:
@@ -370,6 +388,12 @@ def _prefill_cell(
         lambda: mechanism.chunked(**inputs, **options),
     )
     candidates = [ours]
+    if _recurrent_on_kernel(mechanism, inputs):
+        key = (name, dtype_name, "recurrent")
+        if key not in verified:
+            verified[key] = _verify(mechanism, config, dtype, "recurrent")
+        entry = record("recurrent", "recurrent", verified=verified[key][0], check=verified[key][1])
+        candidates.append(_Timed(entry, lambda: mechanism.recurrent(**inputs)))
     skipped: list[LinearRecord] = []
     if config.sdpa_max_T is None or config.sdpa_max_T >= T:
         candidates.append(_Timed(record("sdpa causal", "baseline"), lambda: _sdpa_causal(**x)))
@@ -496,6 +520,10 @@ def crossing_point(ratios: list[tuple[int, float]]) -> float | None:
     return None
 
 
+#: Roles of our own forms in the records: the chunked form, the recurrent kernel.
+OUR_ROLES = ("ours", "recurrent")
+
+
 def summarize(records: list[LinearRecord]) -> list[dict[str, Any]]:
     """Per (mechanism, dtype): crossing point, ratio at 32k, slopes, decode flatness."""
     rows = []
@@ -515,7 +543,11 @@ def summarize(records: list[LinearRecord]) -> list[dict[str, Any]]:
         )
         peers = [r for r in prefill if r.role == "peer"]
         peer_8k = next((r.ratio for r in peers if r.T == 8192 and r.ratio), None)
-        ours_8k = next((ratio for T, ratio in ours if T == 8192), None)
+        forms_8k = [r for r in prefill if r.T == 8192 and r.role in OUR_ROLES and r.ratio]
+        best_8k = max(forms_8k, key=lambda r: r.ratio, default=None)
+        recurrent_32k = next(
+            (r.ratio for r in prefill if r.role == "recurrent" and r.T == 32768 and r.ratio), None
+        )
         rows.append(
             {
                 "mechanism": name,
@@ -524,7 +556,11 @@ def summarize(records: list[LinearRecord]) -> list[dict[str, Any]]:
                 "ratio_at_32k": at_32k,
                 "slope_ours": slope("ours"),
                 "slope_sdpa": slope("baseline"),
-                "speedup_vs_peer_at_8k": (ours_8k / peer_8k) if ours_8k and peer_8k else None,
+                "recurrent_ratio_at_32k": recurrent_32k,
+                "speedup_vs_peer_at_8k": (
+                    best_8k.ratio / peer_8k if best_8k is not None and peer_8k else None
+                ),
+                "peer_compared_form": best_8k.candidate if best_8k is not None else None,
                 "decode_ms_per_token": decode,
                 "decode_slope": loglog_slope(decode),
             }

@@ -279,6 +279,179 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   return forward_impl<float>(q, k, v, log_gate, S0, scale, chunk, f, normalize, eps);
 }
 
+// -- the recurrent form ------------------------------------------------------------------
+//
+// S_t = diag(alpha_t) S_(t-1) + phi(k_t)^T [v_t, 1],  o_t = scale phi(q_t) S_t, token by token.
+// On a CPU this beats the chunked form for prefill as well as decoding: it takes 4 Dk Dz flops
+// per token where chunk size C takes 2 (Dk + Dz) C + 4 Dk Dz, and the state of one head
+// (Dk x Dz floats, 16 KB at 64 x 64) stays in L1 while each pass over it serves TB tokens: per
+// state row, the row is held in registers, decayed and updated by each token in turn, and each
+// token's output accumulates q_t[d] times the row as it stands after that token.
+// Scope: one query head per key/value head (no GQA), Dz (Dv + normalize) <= 16 * kMaxVectors.
+
+constexpr int kMaxVectors = 8;
+constexpr int kTokens = 2;  // tokens per pass over the state (measured: 1: 5.3, 2: 3.8, 4: 3.9 ms)
+
+struct Recurrence {
+  int64_t B, T, H, Dk, Dv, Dz, W;
+  float scale, eps;
+  Feature feature;
+  bool normalize;
+};
+
+// TB tokens starting at t of head (b, h), with NV vectors per state row (the row padded to
+// NV * 16 floats, padding zero).
+template <typename scalar_t, int TB, int NV>
+void recurrent_step(const Recurrence& r, const scalar_t* qp, const scalar_t* kp,
+                    const scalar_t* vp, const float* gp, scalar_t* op, int64_t b, int64_t h,
+                    int64_t t, float* S, float* qs, float* ks, float* vs, float* decay) {
+  // rows of q, k, v, gate and out are indexed by (b, token, h); one head's row is Dk, Dv or W
+  // values
+  constexpr int64_t Dp = NV * Vec::size();
+  for (int u = 0; u < TB; ++u) {
+    const int64_t row = (b * r.T + t + u) * r.H + h;
+    stage(qp + row * r.Dk, r.Dk, 1, r.Dk, r.feature, qs + u * r.Dk);
+    stage(kp + row * r.Dk, r.Dk, 1, r.Dk, r.feature, ks + u * r.Dk);
+    float* vu = vs + u * Dp;
+    stage(vp + row * r.Dv, r.Dv, 1, r.Dv, kNone, vu);
+    std::fill(vu + r.Dv, vu + Dp, 0.0f);
+    if (r.normalize) vu[r.Dv] = 1.0f;
+    float* du = decay + u * r.Dk;
+    if (r.W == 0) {
+      std::fill(du, du + r.Dk, 1.0f);
+    } else if (r.W == 1) {
+      std::fill(du, du + r.Dk, std::exp(gp[row]));
+    } else {
+      at::vec::map([](Vec x) { return x.exp(); }, du, gp + row * r.W, r.Dk);
+    }
+  }
+  Vec o[TB][NV];
+  for (int u = 0; u < TB; ++u) {
+    for (int j = 0; j < NV; ++j) o[u][j] = Vec(0.0f);
+  }
+  Vec value[TB][NV];  // the tokens' [v, 1] rows, in registers for the whole pass
+  for (int u = 0; u < TB; ++u) {
+    for (int j = 0; j < NV; ++j) value[u][j] = Vec::loadu(vs + u * Dp + j * Vec::size());
+  }
+  const int64_t Dk = r.Dk;
+  for (int64_t d = 0; d < Dk; ++d) {
+    float k_d[TB], q_d[TB], decay_d[TB];  // scalars of row d, read before the row is written
+    for (int u = 0; u < TB; ++u) {
+      k_d[u] = ks[u * Dk + d];
+      q_d[u] = qs[u * Dk + d];
+      decay_d[u] = decay[u * Dk + d];
+    }
+    float* state_row = S + d * Dp;
+    for (int j = 0; j < NV; ++j) {
+      Vec x = Vec::loadu(state_row + j * Vec::size());
+      for (int u = 0; u < TB; ++u) {
+        x = at::vec::fmadd(x, Vec(decay_d[u]), Vec(k_d[u]) * value[u][j]);
+        o[u][j] = at::vec::fmadd(Vec(q_d[u]), x, o[u][j]);
+      }
+      x.store(state_row + j * Vec::size());
+    }
+  }
+  for (int u = 0; u < TB; ++u) {
+    alignas(64) float result[Dp];
+    for (int j = 0; j < NV; ++j) (o[u][j] * Vec(r.scale)).store(result + j * Vec::size());
+    const float inv = r.normalize ? 1.0f / (result[r.Dv] + r.eps) : 1.0f;
+    scalar_t* out = op + ((b * r.T + t + u) * r.H + h) * r.Dv;
+    for (int64_t e = 0; e < r.Dv; ++e) out[e] = static_cast<scalar_t>(result[e] * inv);
+  }
+}
+
+template <typename scalar_t, int NV>
+void recurrent_heads(const Recurrence& r, const at::Tensor& q, const at::Tensor& k,
+                     const at::Tensor& v, const at::Tensor& log_gate, at::Tensor& out,
+                     at::Tensor& S_final) {
+  constexpr int64_t Dp = NV * Vec::size();
+  const scalar_t* qp = q.data_ptr<scalar_t>();
+  const scalar_t* kp = k.data_ptr<scalar_t>();
+  const scalar_t* vp = v.data_ptr<scalar_t>();
+  const float* gp = r.W > 0 ? log_gate.data_ptr<float>() : nullptr;
+  scalar_t* op = out.data_ptr<scalar_t>();
+  float* sp = S_final.data_ptr<float>();
+  at::parallel_for(0, r.B * r.H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> S(r.Dk * Dp), qs(kTokens * r.Dk), ks(kTokens * r.Dk);
+    std::vector<float> vs(kTokens * Dp), decay(kTokens * r.Dk);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / r.H, h = bh % r.H;
+      float* state = sp + bh * r.Dk * r.Dz;
+      for (int64_t d = 0; d < r.Dk; ++d) {  // into the padded rows
+        std::copy(state + d * r.Dz, state + (d + 1) * r.Dz, S.data() + d * Dp);
+        std::fill(S.data() + d * Dp + r.Dz, S.data() + (d + 1) * Dp, 0.0f);
+      }
+      int64_t t = 0;
+      for (; t + kTokens <= r.T; t += kTokens) {
+        recurrent_step<scalar_t, kTokens, NV>(r, qp, kp, vp, gp, op, b, h, t, S.data(),
+                                              qs.data(), ks.data(), vs.data(), decay.data());
+      }
+      for (; t < r.T; ++t) {
+        recurrent_step<scalar_t, 1, NV>(r, qp, kp, vp, gp, op, b, h, t, S.data(), qs.data(),
+                                        ks.data(), vs.data(), decay.data());
+      }
+      for (int64_t d = 0; d < r.Dk; ++d) {
+        std::copy(S.data() + d * Dp, S.data() + d * Dp + r.Dz, state + d * r.Dz);
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void recurrent_dispatch(const Recurrence& r, const at::Tensor& q, const at::Tensor& k,
+                        const at::Tensor& v, const at::Tensor& log_gate, at::Tensor& out,
+                        at::Tensor& S_final) {
+  switch ((r.Dz + Vec::size() - 1) / Vec::size()) {
+    case 1: return recurrent_heads<scalar_t, 1>(r, q, k, v, log_gate, out, S_final);
+    case 2: return recurrent_heads<scalar_t, 2>(r, q, k, v, log_gate, out, S_final);
+    case 3: return recurrent_heads<scalar_t, 3>(r, q, k, v, log_gate, out, S_final);
+    case 4: return recurrent_heads<scalar_t, 4>(r, q, k, v, log_gate, out, S_final);
+    case 5: return recurrent_heads<scalar_t, 5>(r, q, k, v, log_gate, out, S_final);
+    case 6: return recurrent_heads<scalar_t, 6>(r, q, k, v, log_gate, out, S_final);
+    case 7: return recurrent_heads<scalar_t, 7>(r, q, k, v, log_gate, out, S_final);
+    default: return recurrent_heads<scalar_t, kMaxVectors>(r, q, k, v, log_gate, out, S_final);
+  }
+}
+
+// q [B, T, Hkv, 1, Dk], k [B, T, Hkv, Dk], v [B, T, Hkv, Dv] (float32 or bfloat16), log_gate
+// [B, T, Hkv, 1 or Dk] float32 or empty, S0 [B, Hkv, Dk, Dz] float32 -> out [B, T, Hkv, 1, Dv]
+// in the inputs' dtype, S_final like S0.
+std::vector<at::Tensor> recurrent(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                  const at::Tensor& log_gate, const at::Tensor& S0,
+                                  double scale, int64_t feature, bool normalize, double eps) {
+  const auto dtype = q.scalar_type();
+  TORCH_CHECK(q.device().is_cpu() && k.scalar_type() == dtype && v.scalar_type() == dtype &&
+                  (dtype == at::kFloat || dtype == at::kBFloat16) &&
+                  S0.scalar_type() == at::kFloat,
+              "linear_cpu runs CPU q, k, v of one dtype (float32 or bfloat16), a float32 state");
+  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous() && S0.is_contiguous(),
+              "linear_cpu needs contiguous inputs");
+  TORCH_CHECK(q.size(3) == 1, "linear_cpu's recurrent form takes one query head per KV head");
+  TORCH_CHECK(feature == kNone || feature == kElu || feature == kRelu,
+              "linear_cpu's recurrent form applies elementwise feature maps only");
+  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), Dk = q.size(4), Dv = v.size(3);
+  const int64_t Dz = Dv + (normalize ? 1 : 0);
+  TORCH_CHECK(Dz <= kMaxVectors * Vec::size(), "linear_cpu's recurrent form takes Dv + normalize <= ",
+              kMaxVectors * Vec::size());
+  TORCH_CHECK(S0.size(2) == Dk && S0.size(3) == Dz, "linear_cpu: the state is ", S0.sizes(),
+              ", expected [B, Hkv, ", Dk, ", ", Dz, "]");
+  const int64_t W = log_gate.numel() > 0 ? log_gate.size(3) : 0;
+  TORCH_CHECK(W == 0 || (log_gate.is_contiguous() && log_gate.scalar_type() == at::kFloat &&
+                         (W == 1 || W == Dk)),
+              "linear_cpu needs a contiguous float32 log-gate [B, T, Hkv, 1 or Dk]");
+  const Recurrence r{B, T, H, Dk, Dv, Dz, W, static_cast<float>(scale), static_cast<float>(eps),
+                     static_cast<Feature>(feature), normalize};
+  auto out = at::empty({B, T, H, 1, Dv}, q.options());
+  auto S_final = S0.clone();
+  if (dtype == at::kBFloat16) {
+    recurrent_dispatch<at::BFloat16>(r, q, k, v, log_gate, out, S_final);
+  } else {
+    recurrent_dispatch<float>(r, q, k, v, log_gate, out, S_final);
+  }
+  return {out, S_final};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "chunked gated linear attention, forward (CPU)");
+  m.def("recurrent", &recurrent, "gated linear attention token by token, forward (CPU)");
 }
