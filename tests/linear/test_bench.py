@@ -67,6 +67,11 @@ def test_the_peer_is_compared_with_the_faster_of_our_forms() -> None:
     assert row["speedup_vs_peer_at_8k"] == pytest.approx(5.0)
     assert row["ratio_at_32k"] == pytest.approx(2.5)  # the chunked form's ratio
     assert row["recurrent_ratio_at_32k"] == pytest.approx(5.0)
+    # a peer computing part of the mechanism (BASED's Taylor half) meets our rows for that part
+    matching = [cell("half, chunked", "matching", 10.0), cell("half, recurrent", "matching", 5.0)]
+    (row,) = summarize(records + matching)
+    assert row["peer_compared_form"] == "half, recurrent"
+    assert row["speedup_vs_peer_at_8k"] == pytest.approx(4.0)
 
 
 def test_config_errors() -> None:

@@ -216,5 +216,21 @@ def test_recurrent_kernel_scope() -> None:
     assert chunked._kernel_entry(LinearProblem(**wide), "recurrent") == "recurrent"
     assert chunked._kernel_entry(LinearProblem(**wide, normalize=True), "recurrent") is None
     taylor = LinearProblem(**x, feature_map="taylor")
-    assert chunked._kernel_entry(taylor, "recurrent") is None
+    assert chunked._kernel_entry(taylor, "recurrent") == "recurrent"
     assert chunked._kernel_entry(taylor, "chunked") == "forward"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_recurrent_kernel_builds_taylor_features(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(6)
+    x = {name: torch.randn(2, 41, 2, d, generator=g).to(dtype) for name, d in
+         (("q", 4), ("k", 4), ("v", 8))}  # fmt: skip
+
+    def form(name: str):
+        return lambda **y: solve(
+            LinearProblem(**y, normalize=True, feature_map="taylor"), form=name
+        )
+
+    problem = LinearProblem(**x, normalize=True, feature_map="taylor")
+    assert chunked._kernel(problem, "recurrent") is not None
+    check_function(form("recurrent"), form("reference"), x, grads=False).assert_ok()

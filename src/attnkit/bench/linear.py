@@ -31,6 +31,7 @@ forms (``peer_compared_form``).
 from __future__ import annotations
 
 import datetime
+import functools
 import importlib
 import importlib.util
 import math
@@ -46,11 +47,13 @@ from torch import Tensor
 
 import attnkit
 from attnkit import linear
+from attnkit.backends import native
 from attnkit.bench.measure import median, peak_rss_increase_mb, release_memory, timed
 from attnkit.bench.speed import DTYPES
 from attnkit.linear import chunked as linear_core
 from attnkit.linear.based import based_problem
 from attnkit.linear.decay import lightning_decay, retnet_decay
+from attnkit.linear.state import LinearState
 from attnkit.testing import check_function
 
 #: Causal mechanisms with a chunked form, timed by default.
@@ -120,8 +123,9 @@ def quick_linear_config(**overrides: Any) -> LinearBenchConfig:
 @dataclass
 class LinearRecord:
     """One timed candidate. ``phase``: ``prefill`` or ``decode`` (``median_ms`` per token);
-    ``role``: ``ours`` (the chunked form), ``recurrent`` (the recurrent kernel), ``baseline``
-    or ``peer``; ``status``: ``ok``, ``skipped``, ``error``."""
+    ``role``: ``ours`` (the chunked form), ``recurrent`` (the recurrent kernel), ``baseline``,
+    ``peer`` or ``matching`` (our computation of a peer's function that is only part of the
+    mechanism); ``status``: ``ok``, ``skipped``, ``error``."""
 
     phase: str
     mechanism: str
@@ -188,8 +192,12 @@ class Peer:
     call: Callable[[Any, dict[str, Any]], Tensor]
     recurrent: bool = False
     note: str = ""
-    #: our output computing the same function (default: the mechanism's chunked form).
-    ours: Callable[[dict[str, Any]], Tensor] | None = None
+    #: ``ours(inputs, form)``: our computation of the peer's function where it is not the whole
+    #: mechanism (BASED's peer is its Taylor half), timed as its own rows (role ``matching``)
+    #: so that the peer is compared with the same function.
+    ours: Callable[[dict[str, Any], str], Tensor] | None = None
+    #: what ``ours`` computes, for its rows' candidate names
+    ours_label: str = ""
 
 
 def _elu1(x: Tensor) -> Tensor:
@@ -221,8 +229,8 @@ def _fla_based(mod: Any, x: dict[str, Any]) -> Tensor:
     return mod.naive_chunk_based(*tr, chunk_size=64).transpose(1, 2)
 
 
-def _based_linear_half(x: dict[str, Any]) -> Tensor:
-    return linear.solve(based_problem(x["feature_q"], x["feature_k"], x["v"]))
+def _based_linear_half(x: dict[str, Any], form: str) -> Tensor:
+    return linear.solve(based_problem(x["feature_q"], x["feature_k"], x["v"]), form=form)
 
 
 #: Peers by our mechanism name.
@@ -247,6 +255,7 @@ PEERS: dict[str, Peer] = {
         _fla_based,
         note="Taylor linear half only (no window); T must be a multiple of 64",
         ours=_based_linear_half,
+        ours_label="Taylor half",
     ),
 }
 
@@ -336,8 +345,10 @@ def _peer_check(peer_out: Tensor, ours: Tensor) -> tuple[bool, str]:
 
 
 def _recurrent_on_kernel(mechanism: linear.LinearMechanism, inputs: dict[str, Any]) -> bool:
-    """True where the mechanism's recurrent form runs on the compiled kernel for ``inputs``."""
-    if mechanism.problem is None or "recurrent" not in mechanism.forms:
+    """True where the mechanism's recurrent form runs on the compiled kernel for ``inputs``:
+    it is its problem's recurrence alone (its state is a plain ``LinearState``; BASED's also
+    carries a softmax window, decoded by a PyTorch loop) and the kernel takes that problem."""
+    if mechanism.problem is None or mechanism.state is not LinearState:
         return False
     with torch.no_grad():
         return linear_core._kernel(mechanism.problem(**inputs), "recurrent") is not None
@@ -358,7 +369,12 @@ def _peer_candidate(
 ) -> _Timed:
     """The peer, checked first against our output on ``verify_T`` tokens."""
     small = mechanism.inputs(**_inputs(config, config.verify_T, inputs["k"].dtype))
-    ours = peer.ours or (lambda x: mechanism.chunked(**x, **_chunk_options(mechanism, config)))
+
+    def ours(x: dict[str, Any]) -> Tensor:
+        if peer.ours is not None:
+            return peer.ours(x, "chunked")
+        return mechanism.chunked(**x, **_chunk_options(mechanism, config))
+
     try:
         with torch.no_grad():
             ok, check = _peer_check(peer.call(module, small), ours(small))
@@ -366,6 +382,32 @@ def _peer_candidate(
         ok, check = False, f"FAILED: {type(error).__name__}: {error}"
     entry = record(peer.name, "peer", verified=ok, check=check, reason=peer.note or None)
     return _Timed(entry, lambda: peer.call(module, inputs))
+
+
+def _matching_candidates(
+    peer: Peer,
+    module: Any,
+    mechanism: linear.LinearMechanism,
+    inputs: dict[str, Any],
+    record: Callable[..., LinearRecord],
+    config: LinearBenchConfig,
+) -> list[_Timed]:
+    """Our computation of the peer's function in each of our fast forms (the recurrent one
+    where the compiled kernel runs it), where the peer's function is not the whole mechanism;
+    each checked against the peer at ``verify_T``."""
+    if peer.ours is None:
+        return []
+    forms = ["chunked"] if native.load("linear_cpu") is None else ["chunked", "recurrent"]
+    small = mechanism.inputs(**_inputs(config, config.verify_T, inputs["k"].dtype))
+    with torch.no_grad():
+        expected = peer.call(module, small)
+    timed_forms = []
+    for form in forms:
+        with torch.no_grad():
+            ok, check = _peer_check(expected, peer.ours(small, form))
+        entry = record(f"{peer.ours_label}, {form}", "matching", verified=ok, check=check)
+        timed_forms.append(_Timed(entry, functools.partial(peer.ours, inputs, form)))
+    return timed_forms
 
 
 def _prefill_cell(
@@ -415,6 +457,7 @@ def _prefill_cell(
             skipped.append(record(peer.name, "peer", status="skipped", reason=reason))
         else:
             candidates.append(_peer_candidate(peer, module, mechanism, inputs, record, config))
+            candidates += _matching_candidates(peer, module, mechanism, inputs, record, config)
     _time_cell(candidates, config)
     base = next((c.record for c in candidates if c.record.role == "baseline"), None)
     for c in candidates:
@@ -543,7 +586,9 @@ def summarize(records: list[LinearRecord]) -> list[dict[str, Any]]:
         )
         peers = [r for r in prefill if r.role == "peer"]
         peer_8k = next((r.ratio for r in peers if r.T == 8192 and r.ratio), None)
-        forms_8k = [r for r in prefill if r.T == 8192 and r.role in OUR_ROLES and r.ratio]
+        # the peer is compared with the same function: its matching rows where it has them
+        roles = ("matching",) if any(r.role == "matching" for r in prefill) else OUR_ROLES
+        forms_8k = [r for r in prefill if r.T == 8192 and r.role in roles and r.ratio]
         best_8k = max(forms_8k, key=lambda r: r.ratio, default=None)
         recurrent_32k = next(
             (r.ratio for r in prefill if r.role == "recurrent" and r.T == 32768 and r.ratio), None

@@ -287,9 +287,8 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
 
 #: The recurrent kernel's limits: one query head per key/value head, Dv (+ 1 when normalised)
-#: at most this wide, elementwise feature maps only.
+#: at most this wide.
 RECURRENT_KERNEL_MAX_DZ = 128
-RECURRENT_KERNEL_FEATURES = (None, "elu", "relu")
 
 
 def _kernel_entry(problem: LinearProblem, form: str) -> str | None:
@@ -300,7 +299,7 @@ def _kernel_entry(problem: LinearProblem, form: str) -> str | None:
     one_head = problem.q.shape[2] == problem.k.shape[2]
     narrow = problem.v.shape[-1] + problem.normalize <= RECURRENT_KERNEL_MAX_DZ
     if form == "recurrent" and one_head and narrow:
-        return "recurrent" if problem.feature_map in RECURRENT_KERNEL_FEATURES else None
+        return "recurrent" if problem.feature_map in KERNEL_FEATURES else None
     return None
 
 

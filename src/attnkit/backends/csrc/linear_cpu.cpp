@@ -287,13 +287,15 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
 // (Dk x Dz floats, 16 KB at 64 x 64) stays in L1 while each pass over it serves TB tokens: per
 // state row, the row is held in registers, decayed and updated by each token in turn, and each
 // token's output accumulates q_t[d] times the row as it stands after that token.
-// Scope: one query head per key/value head (no GQA), Dz (Dv + normalize) <= 16 * kMaxVectors.
+// With the Taylor feature the state has F = 1 + Dk + Dk^2 rows (BASED: 273 x 65 floats, in L2),
+// built per token from the raw q and k. Scope: one query head per key/value head (no GQA),
+// Dz (Dv + normalize) <= 16 * kMaxVectors.
 
 constexpr int kMaxVectors = 8;
 constexpr int kTokens = 2;  // tokens per pass over the state (measured: 1: 5.3, 2: 3.8, 4: 3.9 ms)
 
 struct Recurrence {
-  int64_t B, T, H, Dk, Dv, Dz, W;
+  int64_t B, T, H, Dk, F, Dv, Dz, W;  // F: state rows (Dk, or the Taylor features')
   float scale, eps;
   Feature feature;
   bool normalize;
@@ -304,23 +306,31 @@ struct Recurrence {
 template <typename scalar_t, int TB, int NV>
 void recurrent_step(const Recurrence& r, const scalar_t* qp, const scalar_t* kp,
                     const scalar_t* vp, const float* gp, scalar_t* op, int64_t b, int64_t h,
-                    int64_t t, float* S, float* qs, float* ks, float* vs, float* decay) {
+                    int64_t t, float* S, float* qs, float* ks, float* vs, float* decay,
+                    float* raw) {
   // rows of q, k, v, gate and out are indexed by (b, token, h); one head's row is Dk, Dv or W
   // values
   constexpr int64_t Dp = NV * Vec::size();
   for (int u = 0; u < TB; ++u) {
     const int64_t row = (b * r.T + t + u) * r.H + h;
-    stage(qp + row * r.Dk, r.Dk, 1, r.Dk, r.feature, qs + u * r.Dk);
-    stage(kp + row * r.Dk, r.Dk, 1, r.Dk, r.feature, ks + u * r.Dk);
+    if (r.feature == kTaylor) {  // features from the raw values
+      stage(qp + row * r.Dk, r.Dk, 1, r.Dk, kNone, raw);
+      taylor_features(raw, r.Dk, 1.0f, qs + u * r.F);
+      stage(kp + row * r.Dk, r.Dk, 1, r.Dk, kNone, raw);
+      taylor_features(raw, r.Dk, 1.0f, ks + u * r.F);
+    } else {
+      stage(qp + row * r.Dk, r.Dk, 1, r.Dk, r.feature, qs + u * r.F);
+      stage(kp + row * r.Dk, r.Dk, 1, r.Dk, r.feature, ks + u * r.F);
+    }
     float* vu = vs + u * Dp;
     stage(vp + row * r.Dv, r.Dv, 1, r.Dv, kNone, vu);
     std::fill(vu + r.Dv, vu + Dp, 0.0f);
     if (r.normalize) vu[r.Dv] = 1.0f;
-    float* du = decay + u * r.Dk;
+    float* du = decay + u * r.F;
     if (r.W == 0) {
-      std::fill(du, du + r.Dk, 1.0f);
+      std::fill(du, du + r.F, 1.0f);
     } else if (r.W == 1) {
-      std::fill(du, du + r.Dk, std::exp(gp[row]));
+      std::fill(du, du + r.F, std::exp(gp[row]));
     } else {
       at::vec::map([](Vec x) { return x.exp(); }, du, gp + row * r.W, r.Dk);
     }
@@ -333,13 +343,13 @@ void recurrent_step(const Recurrence& r, const scalar_t* qp, const scalar_t* kp,
   for (int u = 0; u < TB; ++u) {
     for (int j = 0; j < NV; ++j) value[u][j] = Vec::loadu(vs + u * Dp + j * Vec::size());
   }
-  const int64_t Dk = r.Dk;
-  for (int64_t d = 0; d < Dk; ++d) {
+  const int64_t F = r.F;
+  for (int64_t d = 0; d < F; ++d) {
     float k_d[TB], q_d[TB], decay_d[TB];  // scalars of row d, read before the row is written
     for (int u = 0; u < TB; ++u) {
-      k_d[u] = ks[u * Dk + d];
-      q_d[u] = qs[u * Dk + d];
-      decay_d[u] = decay[u * Dk + d];
+      k_d[u] = ks[u * F + d];
+      q_d[u] = qs[u * F + d];
+      decay_d[u] = decay[u * F + d];
     }
     float* state_row = S + d * Dp;
     for (int j = 0; j < NV; ++j) {
@@ -372,25 +382,26 @@ void recurrent_heads(const Recurrence& r, const at::Tensor& q, const at::Tensor&
   scalar_t* op = out.data_ptr<scalar_t>();
   float* sp = S_final.data_ptr<float>();
   at::parallel_for(0, r.B * r.H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> S(r.Dk * Dp), qs(kTokens * r.Dk), ks(kTokens * r.Dk);
-    std::vector<float> vs(kTokens * Dp), decay(kTokens * r.Dk);
+    std::vector<float> S(r.F * Dp), qs(kTokens * r.F), ks(kTokens * r.F);
+    std::vector<float> vs(kTokens * Dp), decay(kTokens * r.F), raw(r.Dk);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / r.H, h = bh % r.H;
-      float* state = sp + bh * r.Dk * r.Dz;
-      for (int64_t d = 0; d < r.Dk; ++d) {  // into the padded rows
+      float* state = sp + bh * r.F * r.Dz;
+      for (int64_t d = 0; d < r.F; ++d) {  // into the padded rows
         std::copy(state + d * r.Dz, state + (d + 1) * r.Dz, S.data() + d * Dp);
         std::fill(S.data() + d * Dp + r.Dz, S.data() + (d + 1) * Dp, 0.0f);
       }
       int64_t t = 0;
       for (; t + kTokens <= r.T; t += kTokens) {
         recurrent_step<scalar_t, kTokens, NV>(r, qp, kp, vp, gp, op, b, h, t, S.data(),
-                                              qs.data(), ks.data(), vs.data(), decay.data());
+                                              qs.data(), ks.data(), vs.data(), decay.data(),
+                                              raw.data());
       }
       for (; t < r.T; ++t) {
         recurrent_step<scalar_t, 1, NV>(r, qp, kp, vp, gp, op, b, h, t, S.data(), qs.data(),
-                                        ks.data(), vs.data(), decay.data());
+                                        ks.data(), vs.data(), decay.data(), raw.data());
       }
-      for (int64_t d = 0; d < r.Dk; ++d) {
+      for (int64_t d = 0; d < r.F; ++d) {
         std::copy(S.data() + d * Dp, S.data() + d * Dp + r.Dz, state + d * r.Dz);
       }
     }
@@ -414,7 +425,7 @@ void recurrent_dispatch(const Recurrence& r, const at::Tensor& q, const at::Tens
 }
 
 // q [B, T, Hkv, 1, Dk], k [B, T, Hkv, Dk], v [B, T, Hkv, Dv] (float32 or bfloat16), log_gate
-// [B, T, Hkv, 1 or Dk] float32 or empty, S0 [B, Hkv, Dk, Dz] float32 -> out [B, T, Hkv, 1, Dv]
+// [B, T, Hkv, 1 or Dk] float32 or empty, S0 [B, Hkv, F, Dz] float32 -> out [B, T, Hkv, 1, Dv]
 // in the inputs' dtype, S_final like S0.
 std::vector<at::Tensor> recurrent(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                   const at::Tensor& log_gate, const at::Tensor& S0,
@@ -427,19 +438,20 @@ std::vector<at::Tensor> recurrent(const at::Tensor& q, const at::Tensor& k, cons
   TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous() && S0.is_contiguous(),
               "linear_cpu needs contiguous inputs");
   TORCH_CHECK(q.size(3) == 1, "linear_cpu's recurrent form takes one query head per KV head");
-  TORCH_CHECK(feature == kNone || feature == kElu || feature == kRelu,
-              "linear_cpu's recurrent form applies elementwise feature maps only");
+  TORCH_CHECK(feature >= kNone && feature <= kRelu, "linear_cpu: unknown feature code ", feature);
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2), Dk = q.size(4), Dv = v.size(3);
   const int64_t Dz = Dv + (normalize ? 1 : 0);
   TORCH_CHECK(Dz <= kMaxVectors * Vec::size(), "linear_cpu's recurrent form takes Dv + normalize <= ",
               kMaxVectors * Vec::size());
-  TORCH_CHECK(S0.size(2) == Dk && S0.size(3) == Dz, "linear_cpu: the state is ", S0.sizes(),
-              ", expected [B, Hkv, ", Dk, ", ", Dz, "]");
+  const int64_t F = feature == kTaylor ? 1 + Dk + Dk * Dk : Dk;
+  TORCH_CHECK(S0.size(2) == F && S0.size(3) == Dz, "linear_cpu: the state is ", S0.sizes(),
+              ", expected [B, Hkv, ", F, ", ", Dz, "]");
   const int64_t W = log_gate.numel() > 0 ? log_gate.size(3) : 0;
   TORCH_CHECK(W == 0 || (log_gate.is_contiguous() && log_gate.scalar_type() == at::kFloat &&
                          (W == 1 || W == Dk)),
               "linear_cpu needs a contiguous float32 log-gate [B, T, Hkv, 1 or Dk]");
-  const Recurrence r{B, T, H, Dk, Dv, Dz, W, static_cast<float>(scale), static_cast<float>(eps),
+  TORCH_CHECK(!(feature == kTaylor && W > 0), "linear_cpu: the Taylor feature map takes no gate");
+  const Recurrence r{B, T, H, Dk, F, Dv, Dz, W, static_cast<float>(scale), static_cast<float>(eps),
                      static_cast<Feature>(feature), normalize};
   auto out = at::empty({B, T, H, 1, Dv}, q.options());
   auto S_final = S0.clone();
