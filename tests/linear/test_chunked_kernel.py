@@ -171,7 +171,7 @@ def _one_head_inputs(T: int, Dv: int, gate: str, dtype: torch.dtype) -> dict[str
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("Dv", [12, 64, 127])  # one, four and eight vectors per state row
+@pytest.mark.parametrize("Dv", [12, 64, 128])  # one, four and eight vectors per state row
 @pytest.mark.parametrize("gate", ["no_gate", "scalar_strong", "vector_mild"])
 def test_recurrent_kernel_matches_reference(gate: str, Dv: int, dtype: torch.dtype) -> None:
     x = _one_head_inputs(37, Dv, gate, dtype)  # odd T: the last token runs alone
@@ -211,10 +211,11 @@ def test_recurrent_kernel_carries_the_state_like_the_pytorch_form(monkeypatch) -
 def test_recurrent_kernel_scope() -> None:
     x = _one_head_inputs(8, 8, "no_gate", torch.float32)
     gqa = x | {"q": torch.randn(2, 8, 6, 16)}
-    wide = x | {"v": torch.randn(2, 8, 3, chunked.RECURRENT_KERNEL_MAX_DZ)}
+    widest = x | {"v": torch.randn(2, 8, 3, chunked.RECURRENT_KERNEL_MAX_DV)}
+    too_wide = x | {"v": torch.randn(2, 8, 3, chunked.RECURRENT_KERNEL_MAX_DV + 1)}
     assert chunked._kernel_entry(LinearProblem(**gqa), "recurrent") is None
-    assert chunked._kernel_entry(LinearProblem(**wide), "recurrent") == "recurrent"
-    assert chunked._kernel_entry(LinearProblem(**wide, normalize=True), "recurrent") is None
+    assert chunked._kernel_entry(LinearProblem(**widest, normalize=True), "recurrent")
+    assert chunked._kernel_entry(LinearProblem(**too_wide), "recurrent") is None
     taylor = LinearProblem(**x, feature_map="taylor")
     assert chunked._kernel_entry(taylor, "recurrent") == "recurrent"
     assert chunked._kernel_entry(taylor, "chunked") == "forward"

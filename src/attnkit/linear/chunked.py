@@ -286,9 +286,8 @@ KERNEL_FEATURES = {None: 0, "taylor": 1, "elu": 2, "relu": 3}
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
 
-#: The recurrent kernel's limits: one query head per key/value head, Dv (+ 1 when normalised)
-#: at most this wide.
-RECURRENT_KERNEL_MAX_DZ = 128
+#: The recurrent kernel's limits: one query head per key/value head, Dv at most this wide.
+RECURRENT_KERNEL_MAX_DV = 128
 
 
 def _kernel_entry(problem: LinearProblem, form: str) -> str | None:
@@ -297,7 +296,7 @@ def _kernel_entry(problem: LinearProblem, form: str) -> str | None:
     if form == "chunked" and problem.feature_map in KERNEL_FEATURES:
         return "forward"
     one_head = problem.q.shape[2] == problem.k.shape[2]
-    narrow = problem.v.shape[-1] + problem.normalize <= RECURRENT_KERNEL_MAX_DZ
+    narrow = problem.v.shape[-1] <= RECURRENT_KERNEL_MAX_DV
     if form == "recurrent" and one_head and narrow:
         return "recurrent" if problem.feature_map in KERNEL_FEATURES else None
     return None

@@ -59,12 +59,13 @@ void stage(const scalar_t* src, int64_t ld, int64_t rows, int64_t cols, Feature 
   for (int64_t r = 0; r < rows; ++r) {
     float* out = dst + r * cols;
     for (int64_t c = 0; c < cols; ++c) out[c] = static_cast<float>(src[r * ld + c]);
-    if (feature == kElu) {  // elu(x) + 1 = x + 1 for x > 0, else exp(x)
-      at::vec::map([](Vec x) { return Vec::blendv(x.exp_u20(), x + Vec(1.0f), x > Vec(0.0f)); },
-                   out, out, cols);
-    } else if (feature == kRelu) {
-      at::vec::map([](Vec x) { return at::vec::maximum(x, Vec(0.0f)); }, out, out, cols);
-    }
+  }
+  const int64_t n = rows * cols;  // one pass over the block: per-row calls cost more than the map
+  if (feature == kElu) {  // elu(x) + 1 = x + 1 for x > 0, else exp(x)
+    at::vec::map([](Vec x) { return Vec::blendv(x.exp_u20(), x + Vec(1.0f), x > Vec(0.0f)); },
+                 dst, dst, n);
+  } else if (feature == kRelu) {
+    at::vec::map([](Vec x) { return at::vec::maximum(x, Vec(0.0f)); }, dst, dst, n);
   }
 }
 
@@ -289,7 +290,7 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
 // token's output accumulates q_t[d] times the row as it stands after that token.
 // With the Taylor feature the state has F = 1 + Dk + Dk^2 rows (BASED: 273 x 65 floats, in L2),
 // built per token from the raw q and k. Scope: one query head per key/value head (no GQA),
-// Dz (Dv + normalize) <= 16 * kMaxVectors.
+// Dv <= 16 * kMaxVectors.
 
 constexpr int kMaxVectors = 8;
 constexpr int kTokens = 2;  // tokens per pass over the state (measured: 1: 5.3, 2: 3.8, 4: 3.9 ms)
@@ -301,48 +302,61 @@ struct Recurrence {
   bool normalize;
 };
 
-// TB tokens starting at t of head (b, h), with NV vectors per state row (the row padded to
-// NV * 16 floats, padding zero).
-template <typename scalar_t, int TB, int NV>
-void recurrent_step(const Recurrence& r, const scalar_t* qp, const scalar_t* kp,
-                    const scalar_t* vp, const float* gp, scalar_t* op, int64_t b, int64_t h,
-                    int64_t t, float* S, float* qs, float* ks, float* vs, float* decay,
-                    float* raw) {
-  // rows of q, k, v, gate and out are indexed by (b, token, h); one head's row is Dk, Dv or W
-  // values
-  constexpr int64_t Dp = NV * Vec::size();
-  for (int u = 0; u < TB; ++u) {
-    const int64_t row = (b * r.T + t + u) * r.H + h;
-    if (r.feature == kTaylor) {  // features from the raw values
-      stage(qp + row * r.Dk, r.Dk, 1, r.Dk, kNone, raw);
+// Tokens staged for one pass: qs, ks, decay [kBlock, F] and vs [kBlock, NV * 16] (rows of
+// [v, 0 padding]), float32, feature maps applied.
+constexpr int64_t kBlock = 64;
+
+template <typename scalar_t>
+void stage_block(const Recurrence& r, const scalar_t* qp, const scalar_t* kp,
+                 const scalar_t* vp, const float* gp, int64_t b, int64_t h, int64_t t0,
+                 int64_t n, int64_t Dp, float* qs, float* ks, float* vs, float* decay,
+                 float* raw) {
+  const int64_t row0 = (b * r.T + t0) * r.H + h;  // rows of one head step by H
+  if (r.feature == kTaylor) {  // features from the raw values, token by token
+    for (int64_t u = 0; u < n; ++u) {
+      stage(qp + (row0 + u * r.H) * r.Dk, r.Dk, 1, r.Dk, kNone, raw);
       taylor_features(raw, r.Dk, 1.0f, qs + u * r.F);
-      stage(kp + row * r.Dk, r.Dk, 1, r.Dk, kNone, raw);
+      stage(kp + (row0 + u * r.H) * r.Dk, r.Dk, 1, r.Dk, kNone, raw);
       taylor_features(raw, r.Dk, 1.0f, ks + u * r.F);
-    } else {
-      stage(qp + row * r.Dk, r.Dk, 1, r.Dk, r.feature, qs + u * r.F);
-      stage(kp + row * r.Dk, r.Dk, 1, r.Dk, r.feature, ks + u * r.F);
     }
+  } else {
+    stage(qp + row0 * r.Dk, r.H * r.Dk, n, r.Dk, r.feature, qs);
+    stage(kp + row0 * r.Dk, r.H * r.Dk, n, r.Dk, r.feature, ks);
+  }
+  for (int64_t u = 0; u < n; ++u) {
     float* vu = vs + u * Dp;
-    stage(vp + row * r.Dv, r.Dv, 1, r.Dv, kNone, vu);
+    stage(vp + (row0 + u * r.H) * r.Dv, r.Dv, 1, r.Dv, kNone, vu);
     std::fill(vu + r.Dv, vu + Dp, 0.0f);
-    if (r.normalize) vu[r.Dv] = 1.0f;
     float* du = decay + u * r.F;
+    const float* g = gp == nullptr ? nullptr : gp + (row0 + u * r.H) * r.W;
     if (r.W == 0) {
       std::fill(du, du + r.F, 1.0f);
     } else if (r.W == 1) {
-      std::fill(du, du + r.F, std::exp(gp[row]));
+      std::fill(du, du + r.F, std::exp(g[0]));
     } else {
-      at::vec::map([](Vec x) { return x.exp(); }, du, gp + row * r.W, r.Dk);
+      at::vec::map([](Vec x) { return x.exp(); }, du, g, r.Dk);
     }
   }
+}
+
+// TB staged tokens (token t of head (b, h) and the next ones), NV vectors per state row (the
+// row padded to NV * 16 floats, padding zero).
+template <typename scalar_t, int TB, int NV>
+void recurrent_step(const Recurrence& r, const float* qs, const float* ks, const float* vs,
+                    const float* decay, scalar_t* op, int64_t b, int64_t h, int64_t t, float* S,
+                    float* z) {
+  constexpr int64_t Dp = NV * Vec::size();
   Vec o[TB][NV];
   for (int u = 0; u < TB; ++u) {
     for (int j = 0; j < NV; ++j) o[u][j] = Vec(0.0f);
   }
-  Vec value[TB][NV];  // the tokens' [v, 1] rows, in registers for the whole pass
+  Vec value[TB][NV];  // the tokens' v rows, in registers for the whole pass
   for (int u = 0; u < TB; ++u) {
     for (int j = 0; j < NV; ++j) value[u][j] = Vec::loadu(vs + u * Dp + j * Vec::size());
   }
+  // The normaliser's column (the key sum z) is kept apart in scalars: as a 65th column it
+  // would cost a whole vector per row (1.25x the work at Dv = 64).
+  float oz[TB] = {};
   const int64_t F = r.F;
   for (int64_t d = 0; d < F; ++d) {
     float k_d[TB], q_d[TB], decay_d[TB];  // scalars of row d, read before the row is written
@@ -350,6 +364,14 @@ void recurrent_step(const Recurrence& r, const scalar_t* qp, const scalar_t* kp,
       k_d[u] = ks[u * F + d];
       q_d[u] = qs[u * F + d];
       decay_d[u] = decay[u * F + d];
+    }
+    if (r.normalize) {
+      float z_d = z[d];
+      for (int u = 0; u < TB; ++u) {
+        z_d = z_d * decay_d[u] + k_d[u];
+        oz[u] += q_d[u] * z_d;
+      }
+      z[d] = z_d;
     }
     float* state_row = S + d * Dp;
     for (int j = 0; j < NV; ++j) {
@@ -364,7 +386,7 @@ void recurrent_step(const Recurrence& r, const scalar_t* qp, const scalar_t* kp,
   for (int u = 0; u < TB; ++u) {
     alignas(64) float result[Dp];
     for (int j = 0; j < NV; ++j) (o[u][j] * Vec(r.scale)).store(result + j * Vec::size());
-    const float inv = r.normalize ? 1.0f / (result[r.Dv] + r.eps) : 1.0f;
+    const float inv = r.normalize ? 1.0f / (r.scale * oz[u] + r.eps) : 1.0f;
     scalar_t* out = op + ((b * r.T + t + u) * r.H + h) * r.Dv;
     for (int64_t e = 0; e < r.Dv; ++e) out[e] = static_cast<scalar_t>(result[e] * inv);
   }
@@ -382,27 +404,35 @@ void recurrent_heads(const Recurrence& r, const at::Tensor& q, const at::Tensor&
   scalar_t* op = out.data_ptr<scalar_t>();
   float* sp = S_final.data_ptr<float>();
   at::parallel_for(0, r.B * r.H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> S(r.F * Dp), qs(kTokens * r.F), ks(kTokens * r.F);
-    std::vector<float> vs(kTokens * Dp), decay(kTokens * r.F), raw(r.Dk);
+    std::vector<float> S(r.F * Dp), qs(kBlock * r.F), ks(kBlock * r.F);
+    std::vector<float> vs(kBlock * Dp), decay(kBlock * r.F), raw(r.Dk), z(r.F);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / r.H, h = bh % r.H;
       float* state = sp + bh * r.F * r.Dz;
-      for (int64_t d = 0; d < r.F; ++d) {  // into the padded rows
-        std::copy(state + d * r.Dz, state + (d + 1) * r.Dz, S.data() + d * Dp);
-        std::fill(S.data() + d * Dp + r.Dz, S.data() + (d + 1) * Dp, 0.0f);
+      for (int64_t d = 0; d < r.F; ++d) {  // into the padded rows, z apart
+        std::copy(state + d * r.Dz, state + d * r.Dz + r.Dv, S.data() + d * Dp);
+        std::fill(S.data() + d * Dp + r.Dv, S.data() + (d + 1) * Dp, 0.0f);
+        if (r.normalize) z[d] = state[d * r.Dz + r.Dv];
       }
-      int64_t t = 0;
-      for (; t + kTokens <= r.T; t += kTokens) {
-        recurrent_step<scalar_t, kTokens, NV>(r, qp, kp, vp, gp, op, b, h, t, S.data(),
-                                              qs.data(), ks.data(), vs.data(), decay.data(),
-                                              raw.data());
-      }
-      for (; t < r.T; ++t) {
-        recurrent_step<scalar_t, 1, NV>(r, qp, kp, vp, gp, op, b, h, t, S.data(), qs.data(),
-                                        ks.data(), vs.data(), decay.data(), raw.data());
+      for (int64_t t0 = 0; t0 < r.T; t0 += kBlock) {
+        const int64_t n = std::min(kBlock, r.T - t0);
+        stage_block(r, qp, kp, vp, gp, b, h, t0, n, Dp, qs.data(), ks.data(), vs.data(),
+                    decay.data(), raw.data());
+        int64_t u = 0;
+        for (; u + kTokens <= n; u += kTokens) {
+          recurrent_step<scalar_t, kTokens, NV>(r, qs.data() + u * r.F, ks.data() + u * r.F,
+                                                vs.data() + u * Dp, decay.data() + u * r.F, op,
+                                                b, h, t0 + u, S.data(), z.data());
+        }
+        for (; u < n; ++u) {
+          recurrent_step<scalar_t, 1, NV>(r, qs.data() + u * r.F, ks.data() + u * r.F,
+                                          vs.data() + u * Dp, decay.data() + u * r.F, op, b, h,
+                                          t0 + u, S.data(), z.data());
+        }
       }
       for (int64_t d = 0; d < r.F; ++d) {
-        std::copy(S.data() + d * Dp, S.data() + d * Dp + r.Dz, state + d * r.Dz);
+        std::copy(S.data() + d * Dp, S.data() + d * Dp + r.Dv, state + d * r.Dz);
+        if (r.normalize) state[d * r.Dz + r.Dv] = z[d];
       }
     }
   });
@@ -412,7 +442,7 @@ template <typename scalar_t>
 void recurrent_dispatch(const Recurrence& r, const at::Tensor& q, const at::Tensor& k,
                         const at::Tensor& v, const at::Tensor& log_gate, at::Tensor& out,
                         at::Tensor& S_final) {
-  switch ((r.Dz + Vec::size() - 1) / Vec::size()) {
+  switch ((r.Dv + Vec::size() - 1) / Vec::size()) {
     case 1: return recurrent_heads<scalar_t, 1>(r, q, k, v, log_gate, out, S_final);
     case 2: return recurrent_heads<scalar_t, 2>(r, q, k, v, log_gate, out, S_final);
     case 3: return recurrent_heads<scalar_t, 3>(r, q, k, v, log_gate, out, S_final);
@@ -441,7 +471,7 @@ std::vector<at::Tensor> recurrent(const at::Tensor& q, const at::Tensor& k, cons
   TORCH_CHECK(feature >= kNone && feature <= kRelu, "linear_cpu: unknown feature code ", feature);
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2), Dk = q.size(4), Dv = v.size(3);
   const int64_t Dz = Dv + (normalize ? 1 : 0);
-  TORCH_CHECK(Dz <= kMaxVectors * Vec::size(), "linear_cpu's recurrent form takes Dv + normalize <= ",
+  TORCH_CHECK(Dv <= kMaxVectors * Vec::size(), "linear_cpu's recurrent form takes Dv <= ",
               kMaxVectors * Vec::size());
   const int64_t F = feature == kTaylor ? 1 + Dk + Dk * Dk : Dk;
   TORCH_CHECK(S0.size(2) == F && S0.size(3) == Dz, "linear_cpu: the state is ", S0.sizes(),
