@@ -41,6 +41,7 @@
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -251,9 +252,12 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k,
   return {out, S_final};
 }
 
-std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                const at::Tensor& log_gate, const at::Tensor& S0, double scale,
-                                int64_t chunk, int64_t feature, bool normalize, double eps) {
+// The checks of both entry points; returns the state rows F (the key features, BASED's Taylor
+// features of the raw keys, or the keys) and the gate width W (0: no gate, 1: one per head and
+// token, Dk: one per key dimension).
+std::pair<int64_t, int64_t> checked_shape(const at::Tensor& q, const at::Tensor& k,
+                                          const at::Tensor& v, const at::Tensor& log_gate,
+                                          const at::Tensor& S0, int64_t feature, bool normalize) {
   const auto dtype = q.scalar_type();
   TORCH_CHECK(q.device().is_cpu() && k.scalar_type() == dtype && v.scalar_type() == dtype &&
                   (dtype == at::kFloat || dtype == at::kBFloat16) &&
@@ -263,18 +267,23 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
               "linear_cpu needs contiguous inputs");
   TORCH_CHECK(feature >= kNone && feature <= kRelu, "linear_cpu: unknown feature code ", feature);
   const int64_t Dk = q.size(4), Dz = v.size(3) + (normalize ? 1 : 0);
-  // State rows: the key features, BASED's Taylor features of the raw keys, or the keys
   const int64_t F = feature == kTaylor ? 1 + Dk + Dk * Dk : Dk;
   TORCH_CHECK(S0.size(2) == F && S0.size(3) == Dz, "linear_cpu: the state is ", S0.sizes(),
               ", expected [B, Hkv, ", F, ", ", Dz, "]");
-  // Gate width W: 0 (no gate), 1 (one per head and token) or Dk (one per key dimension)
   const int64_t W = log_gate.numel() > 0 ? log_gate.size(3) : 0;
   TORCH_CHECK(W == 0 || (log_gate.is_contiguous() && log_gate.scalar_type() == at::kFloat &&
                          (W == 1 || W == Dk)),
               "linear_cpu needs a contiguous float32 log-gate [B, T, Hkv, 1 or Dk]");
   TORCH_CHECK(!(feature == kTaylor && W > 0), "linear_cpu: the Taylor feature map takes no gate");
+  return {F, W};
+}
+
+std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                const at::Tensor& log_gate, const at::Tensor& S0, double scale,
+                                int64_t chunk, int64_t feature, bool normalize, double eps) {
+  checked_shape(q, k, v, log_gate, S0, feature, normalize);
   const auto f = static_cast<Feature>(feature);
-  if (dtype == at::kBFloat16) {
+  if (q.scalar_type() == at::kBFloat16) {
     return forward_impl<at::BFloat16>(q, k, v, log_gate, S0, scale, chunk, f, normalize, eps);
   }
   return forward_impl<float>(q, k, v, log_gate, S0, scale, chunk, f, normalize, eps);
@@ -460,32 +469,17 @@ void recurrent_dispatch(const Recurrence& r, const at::Tensor& q, const at::Tens
 std::vector<at::Tensor> recurrent(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                   const at::Tensor& log_gate, const at::Tensor& S0,
                                   double scale, int64_t feature, bool normalize, double eps) {
-  const auto dtype = q.scalar_type();
-  TORCH_CHECK(q.device().is_cpu() && k.scalar_type() == dtype && v.scalar_type() == dtype &&
-                  (dtype == at::kFloat || dtype == at::kBFloat16) &&
-                  S0.scalar_type() == at::kFloat,
-              "linear_cpu runs CPU q, k, v of one dtype (float32 or bfloat16), a float32 state");
-  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous() && S0.is_contiguous(),
-              "linear_cpu needs contiguous inputs");
+  const auto [F, W] = checked_shape(q, k, v, log_gate, S0, feature, normalize);
   TORCH_CHECK(q.size(3) == 1, "linear_cpu's recurrent form takes one query head per KV head");
-  TORCH_CHECK(feature >= kNone && feature <= kRelu, "linear_cpu: unknown feature code ", feature);
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2), Dk = q.size(4), Dv = v.size(3);
   const int64_t Dz = Dv + (normalize ? 1 : 0);
   TORCH_CHECK(Dv <= kMaxVectors * Vec::size(), "linear_cpu's recurrent form takes Dv <= ",
               kMaxVectors * Vec::size());
-  const int64_t F = feature == kTaylor ? 1 + Dk + Dk * Dk : Dk;
-  TORCH_CHECK(S0.size(2) == F && S0.size(3) == Dz, "linear_cpu: the state is ", S0.sizes(),
-              ", expected [B, Hkv, ", F, ", ", Dz, "]");
-  const int64_t W = log_gate.numel() > 0 ? log_gate.size(3) : 0;
-  TORCH_CHECK(W == 0 || (log_gate.is_contiguous() && log_gate.scalar_type() == at::kFloat &&
-                         (W == 1 || W == Dk)),
-              "linear_cpu needs a contiguous float32 log-gate [B, T, Hkv, 1 or Dk]");
-  TORCH_CHECK(!(feature == kTaylor && W > 0), "linear_cpu: the Taylor feature map takes no gate");
   const Recurrence r{B, T, H, Dk, F, Dv, Dz, W, static_cast<float>(scale), static_cast<float>(eps),
                      static_cast<Feature>(feature), normalize};
   auto out = at::empty({B, T, H, 1, Dv}, q.options());
   auto S_final = S0.clone();
-  if (dtype == at::kBFloat16) {
+  if (q.scalar_type() == at::kBFloat16) {
     recurrent_dispatch<at::BFloat16>(r, q, k, v, log_gate, out, S_final);
   } else {
     recurrent_dispatch<float>(r, q, k, v, log_gate, out, S_final);
