@@ -293,13 +293,13 @@ RECURRENT_KERNEL_MAX_DV = 128
 def _kernel_entry(problem: LinearProblem, form: str) -> str | None:
     """The kernel function that runs ``form`` for ``problem`` (``"forward"``: chunked,
     ``"recurrent"``), or None where the PyTorch form runs."""
-    if form == "chunked" and problem.feature_map in KERNEL_FEATURES:
+    if problem.feature_map not in KERNEL_FEATURES:
+        return None
+    if form == "chunked":
         return "forward"
     one_head = problem.q.shape[2] == problem.k.shape[2]
     narrow = problem.v.shape[-1] <= RECURRENT_KERNEL_MAX_DV
-    if form == "recurrent" and one_head and narrow:
-        return "recurrent" if problem.feature_map in KERNEL_FEATURES else None
-    return None
+    return "recurrent" if form == "recurrent" and one_head and narrow else None
 
 
 def _kernel(problem: LinearProblem, form: str):
