@@ -359,32 +359,7 @@ def _chunk_options(mechanism: linear.LinearMechanism, config: LinearBenchConfig)
     return {} if mechanism.name == "rat" else {"chunk_size": config.chunk_size}
 
 
-def _peer_candidate(
-    peer: Peer,
-    module: Any,
-    mechanism: linear.LinearMechanism,
-    inputs: dict[str, Any],
-    record: Callable[..., LinearRecord],
-    config: LinearBenchConfig,
-) -> _Timed:
-    """The peer, checked first against our output on ``verify_T`` tokens."""
-    small = mechanism.inputs(**_inputs(config, config.verify_T, inputs["k"].dtype))
-
-    def ours(x: dict[str, Any]) -> Tensor:
-        if peer.ours is not None:
-            return peer.ours(x, "chunked")
-        return mechanism.chunked(**x, **_chunk_options(mechanism, config))
-
-    try:
-        with torch.no_grad():
-            ok, check = _peer_check(peer.call(module, small), ours(small))
-    except Exception as error:  # a peer that cannot run these inputs is reported, not fatal
-        ok, check = False, f"FAILED: {type(error).__name__}: {error}"
-    entry = record(peer.name, "peer", verified=ok, check=check, reason=peer.note or None)
-    return _Timed(entry, lambda: peer.call(module, inputs))
-
-
-def _matching_candidates(
+def _peer_candidates(
     peer: Peer,
     module: Any,
     mechanism: linear.LinearMechanism,
@@ -392,22 +367,34 @@ def _matching_candidates(
     record: Callable[..., LinearRecord],
     config: LinearBenchConfig,
 ) -> list[_Timed]:
-    """Our computation of the peer's function in each of our fast forms (the recurrent one
-    where the compiled kernel runs it), where the peer's function is not the whole mechanism;
-    each checked against the peer at ``verify_T``."""
-    if peer.ours is None:
-        return []
-    forms = ["chunked"] if native.load("linear_cpu") is None else ["chunked", "recurrent"]
+    """The peer, checked first against our output on ``verify_T`` tokens; where the peer's
+    function is only part of the mechanism (``Peer.ours``), also our rows for that part in each
+    of our fast forms (the recurrent one where the compiled kernel runs it), each checked
+    against the same peer output."""
     small = mechanism.inputs(**_inputs(config, config.verify_T, inputs["k"].dtype))
-    with torch.no_grad():
-        expected = peer.call(module, small)
-    timed_forms = []
-    for form in forms:
+
+    def ours(x: dict[str, Any], form: str = "chunked") -> Tensor:
+        if peer.ours is not None:
+            return peer.ours(x, form)
+        return mechanism.chunked(**x, **_chunk_options(mechanism, config))
+
+    try:
         with torch.no_grad():
-            ok, check = _peer_check(expected, peer.ours(small, form))
+            expected = peer.call(module, small)
+            ok, check = _peer_check(expected, ours(small))
+    except Exception as error:  # a peer that cannot run these inputs is reported, not fatal
+        expected, ok, check = None, False, f"FAILED: {type(error).__name__}: {error}"
+    entry = record(peer.name, "peer", verified=ok, check=check, reason=peer.note or None)
+    timed = [_Timed(entry, lambda: peer.call(module, inputs))]
+    if peer.ours is None or expected is None:
+        return timed
+    for form in ["chunked"] if native.load("linear_cpu") is None else ["chunked", "recurrent"]:
+        if form != "chunked":  # the chunked form's check is the peer's own, above
+            with torch.no_grad():
+                ok, check = _peer_check(expected, ours(small, form))
         entry = record(f"{peer.ours_label}, {form}", "matching", verified=ok, check=check)
-        timed_forms.append(_Timed(entry, functools.partial(peer.ours, inputs, form)))
-    return timed_forms
+        timed.append(_Timed(entry, functools.partial(peer.ours, inputs, form)))
+    return timed
 
 
 def _prefill_cell(
@@ -456,8 +443,7 @@ def _prefill_cell(
         if reason is not None:
             skipped.append(record(peer.name, "peer", status="skipped", reason=reason))
         else:
-            candidates.append(_peer_candidate(peer, module, mechanism, inputs, record, config))
-            candidates += _matching_candidates(peer, module, mechanism, inputs, record, config)
+            candidates += _peer_candidates(peer, module, mechanism, inputs, record, config)
     _time_cell(candidates, config)
     base = next((c.record for c in candidates if c.record.role == "baseline"), None)
     for c in candidates:
