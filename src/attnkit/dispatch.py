@@ -23,9 +23,10 @@ T=1024-8192; medians of 3):
   211-223 vs SDPA is_causal 216-230; SDPA's float32 kernel already runs at ~150-170 of this
   CPU's ~180 GFLOPS float32 matmul peak) and forward+backward (T=4096: dense 379 vs 392 ms,
   causal 213 vs 224), plus ~0.15 per partial tile (window 256 at T=8192: 23-25 ms vs Flex
-  29-31, documents 54-56 vs 70-73); float32 through batched matmuls (no compiler) ~1.2x;
-  bfloat16 ~0.6x forward and ~0.8x forward+backward (bf16 matmuls reach ~800 GFLOPS, SDPA's
-  bf16 kernel ~165); float16 matmuls have no fast path here (20x slower). Its fixed cost per
+  29-31, documents 54-56 vs 70-73); bfloat16 through the same kernel ~0.39x forward and
+  ~0.58x forward+backward (its GEMMs reach oneDNN's bf16 kernels, SDPA's bf16 kernel does
+  not); through batched matmuls (no compiler) float32 ~1.2x, bfloat16 ~0.6x forward and
+  ~0.8x forward+backward; float16 matmuls have no fast path here (20x slower). Its fixed cost per
   call (~0.2 ms of Python and small ops for the batched path, less for the kernel) is charged
   as the pairs dense SDPA would process in that time, so short calls and decoding stay on SDPA.
 - Flex compiles once per shape (seconds), so it is not chosen for short query blocks

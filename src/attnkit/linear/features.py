@@ -1,10 +1,11 @@
 """Feature maps that a ``LinearProblem`` can apply to its queries and keys itself.
 
 A problem built with ``feature_map=name`` holds the raw queries and keys; the forms see
-``phi(q)``, ``phi(k)``. The reason is cost, not convenience: the compiled chunked kernel
-(``attnkit/backends/csrc/linear_cpu.cpp``) applies the map per chunk in cache instead of
-reading features from memory. BASED's Taylor map turns 16 dims into 273; ``elu + 1`` applied to
-the whole input first cost 3.8 ms of a 10 ms call at T=8192 (two fresh 8 MB tensors).
+``phi(q)``, ``phi(k)``. The reason is cost, not convenience: the compiled chunked and
+recurrent kernels (``attnkit/backends/csrc/linear_cpu.cpp``) apply the map to a block of
+tokens in cache instead of reading features from memory. BASED's Taylor map turns 16 dims
+into 273; ``elu + 1`` applied to the whole input first cost 3.8 ms of a 10 ms call at T=8192
+(two fresh 8 MB tensors).
 """
 
 from __future__ import annotations

@@ -19,10 +19,10 @@
 // When a chunk's total decay stays within e^-60, exp(b_i - b_j) factors as exp(b_i) exp(-b_j)
 // (GLA's one-matmul form); otherwise each pair is evaluated in log space.
 //
-// With the Taylor feature (`taylor`), q and k are BASED's small raw features and phi is its 2nd-order Taylor map,
-// built per chunk in cache: A from the raw q . k (1 + s + s^2 / 2), the state from phi(k).
-// At long T the materialised features (1 + Df + Df^2 = 273 floats per token and head) would
-// cost more memory traffic than the whole computation.
+// With the Taylor feature (`taylor`), q and k are BASED's small raw features and phi is its
+// 2nd-order Taylor map, built per chunk in cache: A from the raw q . k (1 + s + s^2 / 2), the
+// state from phi(k). At long T the materialised features (1 + Df + Df^2 = 273 floats per token
+// and head) would cost more memory traffic than the whole computation.
 //
 // With `normalize`, the state carries one more column (the key sum z, from a column of ones
 // appended to v in cache) and the output is divided by it in place: o / (scale q . z + eps).
@@ -92,12 +92,11 @@ template <typename scalar_t>
 std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k,
                                      const at::Tensor& v, const at::Tensor& log_gate,
                                      const at::Tensor& S0, double scale, int64_t chunk,
-                                     Feature feature, bool normalize, double eps) {
+                                     Feature feature, bool normalize, double eps, int64_t F,
+                                     int64_t W) {
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2), G = q.size(3), Dk = q.size(4);
   const int64_t Dv = v.size(3), Dz = Dv + (normalize ? 1 : 0);
   const bool taylor = feature == kTaylor;
-  const int64_t F = taylor ? 1 + Dk + Dk * Dk : Dk;
-  const int64_t W = log_gate.numel() > 0 ? log_gate.size(3) : 0;
   auto out = at::empty({B, T, H, G, Dv}, q.options());
   auto S_final = S0.clone();
   const scalar_t* qp = q.data_ptr<scalar_t>();
@@ -281,12 +280,13 @@ std::pair<int64_t, int64_t> checked_shape(const at::Tensor& q, const at::Tensor&
 std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                 const at::Tensor& log_gate, const at::Tensor& S0, double scale,
                                 int64_t chunk, int64_t feature, bool normalize, double eps) {
-  checked_shape(q, k, v, log_gate, S0, feature, normalize);
+  const auto [F, W] = checked_shape(q, k, v, log_gate, S0, feature, normalize);
   const auto f = static_cast<Feature>(feature);
   if (q.scalar_type() == at::kBFloat16) {
-    return forward_impl<at::BFloat16>(q, k, v, log_gate, S0, scale, chunk, f, normalize, eps);
+    return forward_impl<at::BFloat16>(q, k, v, log_gate, S0, scale, chunk, f, normalize, eps, F,
+                                      W);
   }
-  return forward_impl<float>(q, k, v, log_gate, S0, scale, chunk, f, normalize, eps);
+  return forward_impl<float>(q, k, v, log_gate, S0, scale, chunk, f, normalize, eps, F, W);
 }
 
 // -- the recurrent form ------------------------------------------------------------------
@@ -473,10 +473,10 @@ std::vector<at::Tensor> recurrent(const at::Tensor& q, const at::Tensor& k, cons
   TORCH_CHECK(q.size(3) == 1, "linear_cpu's recurrent form takes one query head per KV head");
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2), Dk = q.size(4), Dv = v.size(3);
   const int64_t Dz = Dv + (normalize ? 1 : 0);
-  TORCH_CHECK(Dv <= kMaxVectors * Vec::size(), "linear_cpu's recurrent form takes Dv <= ",
-              kMaxVectors * Vec::size());
-  const Recurrence r{B, T, H, Dk, F, Dv, Dz, W, static_cast<float>(scale), static_cast<float>(eps),
-                     static_cast<Feature>(feature), normalize};
+  TORCH_CHECK(Dv <= kMaxVectors * Vec::size(),
+              "linear_cpu's recurrent form takes Dv <= ", kMaxVectors * Vec::size());
+  const Recurrence r{B, T, H, Dk, F, Dv, Dz, W, static_cast<float>(scale),
+                     static_cast<float>(eps), static_cast<Feature>(feature), normalize};
   auto out = at::empty({B, T, H, 1, Dv}, q.options());
   auto S_final = S0.clone();
   if (q.scalar_type() == at::kBFloat16) {
