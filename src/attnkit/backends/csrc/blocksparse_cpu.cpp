@@ -63,22 +63,59 @@ void for_each_run(const Tiles& t, int64_t i, F&& body) {
   }
 }
 
-// p = exp(max(s - shift, floor)) over n values, in place; returns nothing (sums come later).
-inline void exp_shifted(float* s, int64_t n, float shift) {
+// A row's sum of weights, kept in a vector across a run's tiles and reduced once.
+struct RowSum {
+  Vec partial{0.0f};
+  float tail = 0.0f;
+
+  float value() const {
+    return at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, partial) +
+           tail;
+  }
+};
+
+// p = exp(max(s - shift, floor)) · keep over n values in place (keep = nullptr: a full tile),
+// added to `sum`. One pass: the exp, the tile's 0/1 factor and the row sum share each load.
+inline void exp_keep_sum(float* s, const float* keep, int64_t n, float shift, RowSum& sum) {
   const Vec vshift(shift), vfloor(kExpFloor);
   int64_t c = 0;
-  for (; c + Vec::size() <= n; c += Vec::size()) {
-    at::vec::maximum(Vec::loadu(s + c) - vshift, vfloor).exp_u20().store(s + c);
+  if (keep) {
+    for (; c + Vec::size() <= n; c += Vec::size()) {
+      const Vec p = at::vec::maximum(Vec::loadu(s + c) - vshift, vfloor).exp_u20();
+      const Vec kept = p * Vec::loadu(keep + c);
+      kept.store(s + c);
+      sum.partial = sum.partial + kept;
+    }
+  } else {
+    for (; c + Vec::size() <= n; c += Vec::size()) {
+      const Vec p = at::vec::maximum(Vec::loadu(s + c) - vshift, vfloor).exp_u20();
+      p.store(s + c);
+      sum.partial = sum.partial + p;
+    }
   }
-  for (; c < n; ++c) s[c] = std::exp(std::max(s[c] - shift, kExpFloor));
+  for (; c < n; ++c) {
+    s[c] = std::exp(std::max(s[c] - shift, kExpFloor)) * (keep ? keep[c] : 1.0f);
+    sum.tail += s[c];
+  }
 }
 
-inline void multiply(float* s, const float* keep, int64_t n) {
-  for (int64_t c = 0; c < n; ++c) s[c] *= keep[c];
-}
-
-inline float row_sum(const float* s, int64_t n) {
-  return at::vec::reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, s, n);
+// The backward's per-pair step over n values in place: p = exp(s - lse) · keep (keep =
+// nullptr: a full tile) into s, dS = p (dP - Δ) into ds. Kept pairs have s - lse <= 0; masked
+// ones may be larger, hence the upper clamp before their factor zeroes them.
+inline void probabilities_and_grads(float* s, float* ds, const float* keep, int64_t n,
+                                    float lse, float delta) {
+  const Vec vlse(lse), lo(kExpFloor), hi(-kExpFloor), vdelta(delta);
+  int64_t c = 0;
+  for (; c + Vec::size() <= n; c += Vec::size()) {
+    Vec p = at::vec::clamp(Vec::loadu(s + c) - vlse, lo, hi).exp_u20();
+    if (keep) p = p * Vec::loadu(keep + c);
+    p.store(s + c);
+    ((Vec::loadu(ds + c) - vdelta) * p).store(ds + c);
+  }
+  for (; c < n; ++c) {
+    s[c] = std::exp(std::clamp(s[c] - lse, kExpFloor, -kExpFloor)) * (keep ? keep[c] : 1.0f);
+    ds[c] = (ds[c] - delta) * s[c];
+  }
 }
 
 inline float row_max(const float* s, int64_t n) {
@@ -282,14 +319,14 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
           }
           M[r] = shift = new_max;
         }
-        exp_shifted(s, n, shift);
+        RowSum sum;
         for (int64_t e = first; e < stop; ++e) {
           const float* keep = t.keep_tile(e, w.b, w.h);
-          if (!keep) continue;
           const int64_t lo = (t.tiles[e] - t.tiles[first]) * t.BK;
-          multiply(s + lo, keep + r * t.BK, std::min(t.BK, n - lo));
+          exp_keep_sum(s + lo, keep ? keep + r * t.BK : nullptr, std::min(t.BK, n - lo), shift,
+                       sum);
         }
-        L[r] += row_sum(s, n);
+        L[r] += sum.value();
       }
       // O[bq, Dv] += P V
       gemms[thread].accumulate(O.data(), d.Dv, S.data(), vb + c0 * d.ldv, d.ldv, w.bq, n, d.Dv,
@@ -359,26 +396,12 @@ void backward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
       for (int64_t r = 0; r < w.bq; ++r) {
         float* s = S.data() + r * n;
         float* ds = dS.data() + r * n;
-        // Kept pairs have s - lse <= 0; masked ones may be larger, hence the upper clamp.
         const float lse_r = lp[row0 + r * d.Hq], delta_r = deltap[row0 + r * d.Hq];
-        const Vec vlse(lse_r), lo(kExpFloor), hi(-kExpFloor), vdelta(delta_r);
-        int64_t c = 0;
-        for (; c + Vec::size() <= n; c += Vec::size()) {
-          const Vec p = at::vec::clamp(Vec::loadu(s + c) - vlse, lo, hi).exp_u20();
-          p.store(s + c);
-          ((Vec::loadu(ds + c) - vdelta) * p).store(ds + c);
-        }
-        for (; c < n; ++c) {
-          s[c] = std::exp(std::clamp(s[c] - lse_r, kExpFloor, -kExpFloor));
-          ds[c] = (ds[c] - delta_r) * s[c];
-        }
         for (int64_t e = first; e < stop; ++e) {
           const float* keep = t.keep_tile(e, w.b, w.h);
-          if (!keep) continue;
           const int64_t off = (t.tiles[e] - t.tiles[first]) * t.BK;
-          const int64_t w = std::min(t.BK, n - off);
-          multiply(s + off, keep + r * t.BK, w);
-          multiply(ds + off, keep + r * t.BK, w);
+          probabilities_and_grads(s + off, ds + off, keep ? keep + r * t.BK : nullptr,
+                                  std::min(t.BK, n - off), lse_r, delta_r);
         }
       }
       // dV[n, Dv] += Pᵀ dO;  dQ[bq, D] += scale dS K;  dK[n, D] += scale dSᵀ Q
