@@ -7,7 +7,9 @@ import torch
 from linear_helpers import qkv
 
 from attnkit import linear
-from attnkit.testing import check_causality
+from attnkit.backends import native
+from attnkit.linear.chunked import RECURRENT_KERNEL_MAX_DV
+from attnkit.testing import check_causality, check_function
 
 
 def plain_inputs(name: str, dtype=torch.float64):
@@ -45,3 +47,42 @@ def test_get_and_forms() -> None:
     with pytest.raises(ValueError, match="agent_attention has no 'recurrent' form"):
         linear.get("agent_attention").form("recurrent")
     assert linear.get("agent_attention").recurrent is None
+
+
+def _recurrent_kernel_here() -> bool:
+    return native.load("linear_cpu") is not None
+
+
+def test_fastest_form_is_the_recurrent_kernel_exactly_where_it_runs() -> None:
+    recurrent = "recurrent" if _recurrent_kernel_here() else "chunked"
+    gla = linear.get("gla")
+    one_head = qkv(T=33, Hq=2, Hkv=2)
+    assert gla.fastest_form(gla.inputs(**one_head)) == recurrent
+    assert gla.fastest_form(gla.inputs(**one_head, chunk_size=16, return_state=True)) == recurrent
+    grouped = qkv(T=33, Hq=4, Hkv=2)  # GQA: the recurrent kernel runs one query head per KV head
+    assert gla.fastest_form(gla.inputs(**grouped)) == "chunked"
+    wide = qkv(T=9, Hq=2, Hkv=2, Dv=RECURRENT_KERNEL_MAX_DV + 1)
+    assert gla.fastest_form(gla.inputs(**wide)) == "chunked"
+    assert gla.fastest_form(gla.inputs(**qkv(T=9, Hq=2, Hkv=2, dtype=torch.float64))) == "chunked"
+    trained = {name: t.requires_grad_() for name, t in qkv(T=9, Hq=2, Hkv=2).items()}
+    assert gla.fastest_form(gla.inputs(**trained)) == "chunked"
+    with torch.no_grad():
+        assert gla.fastest_form(gla.inputs(**trained)) == recurrent
+    # BASED's state also carries a softmax window; the others have no recurrent kernel.
+    for name in ("based", "linear_attention_noncausal", "agent_attention"):
+        mechanism = linear.get(name)
+        assert mechanism.fastest_form(mechanism.inputs(**plain_inputs(name, torch.float32))) == (
+            "chunked"
+        )
+
+
+@pytest.mark.parametrize("name", ["linear_attention", "gla", "retention"])
+def test_auto_form_matches_the_reference(name: str) -> None:
+    mechanism = linear.get(name)
+    x = qkv(T=70, Hq=2, Hkv=2)
+    check_function(
+        lambda q, k, v: mechanism.run(q, k, v, form="auto"),
+        lambda q, k, v: mechanism.run(q, k, v, form="reference"),
+        x,
+        grads=False,
+    )

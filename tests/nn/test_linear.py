@@ -7,6 +7,7 @@ import torch
 
 from attnkit import linear, masks
 from attnkit import nn as ak
+from attnkit.backends import native
 
 DECODERS = [n for n, m in linear.MECHANISMS.items() if m.causal and m.state is not None]
 ENCODERS = [n for n, m in linear.MECHANISMS.items() if not m.causal]
@@ -30,6 +31,28 @@ def test_recurrent_decoding_equals_the_chunked_forward(mechanism: str) -> None:
         steps += [attention(x[:, t : t + 1], cache=cache) for t in range(29, 40)]
     assert cache.seen(0) == 40 and cache.state(0) is not None and not cache.keys
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("mechanism", ["gla", "retention"])
+def test_inference_runs_the_fastest_form_and_training_the_chunked_one(
+    mechanism: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    attention = layer(mechanism, n_kv_heads=None)  # one query head per KV head
+    forms: list[str] = []
+    form = linear.LinearMechanism.form
+    monkeypatch.setattr(
+        linear.LinearMechanism, "form", lambda self, name: forms.append(name) or form(self, name)
+    )
+    x = torch.randn(2, 40, 32)
+    trained = attention(x)
+    with torch.no_grad():
+        inferred = attention(x)
+        cache = ak.DenseCache()
+        prefilled = attention(x[:, :39], cache=cache)
+    fast = "recurrent" if native.load("linear_cpu") is not None else "chunked"
+    assert forms == ["chunked", fast, fast]
+    torch.testing.assert_close(inferred, trained.detach(), atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(prefilled, inferred[:, :39], atol=2e-5, rtol=2e-5)
 
 
 @pytest.mark.parametrize("mechanism", DECODERS + ENCODERS)

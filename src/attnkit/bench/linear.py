@@ -50,10 +50,8 @@ from attnkit import linear
 from attnkit.backends import native
 from attnkit.bench.measure import median, peak_rss_increase_mb, release_memory, timed
 from attnkit.bench.speed import DTYPES
-from attnkit.linear import chunked as linear_core
 from attnkit.linear.based import based_problem
 from attnkit.linear.decay import lightning_decay, retnet_decay
-from attnkit.linear.state import LinearState
 from attnkit.testing import check_function
 
 #: Causal mechanisms with a chunked form, timed by default.
@@ -344,16 +342,6 @@ def _peer_check(peer_out: Tensor, ours: Tensor) -> tuple[bool, str]:
     return ok, f"{'matches' if ok else 'DIFFERS FROM'} ours: max |diff| {err:.2e}"
 
 
-def _recurrent_on_kernel(mechanism: linear.LinearMechanism, inputs: dict[str, Any]) -> bool:
-    """True where the mechanism's recurrent form runs on the compiled kernel for ``inputs``:
-    it is its problem's recurrence alone (its state is a plain ``LinearState``; BASED's also
-    carries a softmax window, decoded by a PyTorch loop) and the kernel takes that problem."""
-    if mechanism.problem is None or mechanism.state is not LinearState:
-        return False
-    with torch.no_grad():
-        return linear_core._kernel(mechanism.problem(**inputs), "recurrent") is not None
-
-
 def _chunk_options(mechanism: linear.LinearMechanism, config: LinearBenchConfig) -> dict:
     # RAT's chunk is part of the model (16 tokens); the others take the execution chunk.
     return {} if mechanism.name == "rat" else {"chunk_size": config.chunk_size}
@@ -417,7 +405,7 @@ def _prefill_cell(
         lambda: mechanism.chunked(**inputs, **options),
     )
     candidates = [ours]
-    if _recurrent_on_kernel(mechanism, inputs):
+    if mechanism.fastest_form(inputs) == "recurrent":
         key = (name, dtype_name, "recurrent")
         if key not in verified:
             verified[key] = _verify(mechanism, config, dtype, "recurrent")

@@ -15,6 +15,11 @@ another), ``chunk_size`` (an execution detail except for RAT, where it is the mo
 mechanisms (agent attention, FLARE's encoder form, SwiftFormer, non-causal linear attention,
 bidirectional GLA) have no decoding form.
 
+Which form is fastest depends on the hardware: on a CPU without gradients the compiled
+recurrent kernel beats the chunked form at every length (``attnkit bench linear``), on parallel
+hardware and in training the chunked form wins. ``MECHANISMS[name].run(q, k, v, form="auto")``
+and ``LinearMechanism.fastest_form`` choose (``attnkit.nn`` layers do so for prefill).
+
 ``MECHANISMS`` lists the family as data; ``chunk_states`` exposes the state at every chunk
 boundary of the state-based mechanisms (for LASP-2-style context parallelism, together with
 ``combine_states``).

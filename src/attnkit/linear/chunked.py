@@ -319,6 +319,11 @@ def _kernel(problem: LinearProblem, form: str):
     return native.load("linear_cpu")
 
 
+def recurrent_kernel_runs(problem: LinearProblem) -> bool:
+    """True where ``solve(problem, form="recurrent")`` runs on the compiled kernel."""
+    return _kernel(problem, "recurrent") is not None
+
+
 def _chunked(
     q: Tensor,
     k: Tensor,

@@ -1,10 +1,10 @@
 """``LinearAttend``: a mechanism of the linear/recurrent family as a layer's per-head attention.
 
 ``attnkit.nn.Attention(AttentionConfig(mechanism="gla", ...))`` runs the family's chunked form
-for training and prefill and its recurrent form for decoding, carrying each layer's fixed-size
-state in the cache (``StateCache``) instead of keys and values. The extra inputs some mechanisms
-need are learned here, from the per-head ``q``/``k`` the layout hands over (the layout itself
-stays unchanged):
+for training, its fastest form for prefill (``LinearMechanism.fastest_form``) and its recurrent
+form for decoding, carrying each layer's fixed-size state in the cache (``StateCache``) instead
+of keys and values. The extra inputs some mechanisms need are learned here, from the per-head
+``q``/``k`` the layout hands over (the layout itself stays unchanged):
 
 | mechanism            | learned here                                                    |
 |----------------------|-----------------------------------------------------------------|
@@ -110,9 +110,10 @@ class LinearAttend(nn.Module):
     """``attend(q, k, v)`` for a linear/recurrent mechanism; ``step(q, k, v, state)`` runs it
     with a carried state and returns ``(out, new_state)``.
 
-    ``q [B, T, Hq, D]``, ``k``/``v`` ``[B, T, Hkv, D|Dv]`` -> ``[B, T, Hq, Dv]``. Without a state
-    the chunked form runs (training, prefill); ``step`` uses the recurrent form for one token
-    and the chunked form (with the state as its initial state) for several.
+    ``q [B, T, Hq, D]``, ``k``/``v`` ``[B, T, Hkv, D|Dv]`` -> ``[B, T, Hq, Dv]``. Several tokens
+    (training, prefill; with ``step``, the state as the initial state) run in the mechanism's
+    ``fastest_form``: the compiled recurrent kernel for CPU inference where it applies, else
+    the chunked form. ``step`` runs one token in the recurrent form.
     """
 
     def __init__(self, name: str, n_heads: int, n_kv_heads: int, head_dim: int):
@@ -137,7 +138,8 @@ class LinearAttend(nn.Module):
         return {"q": q, "k": k, "v": v} | self.mechanism.options | learned | options
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        return self.mechanism.chunked(**self._inputs(q, k, v))
+        inputs = self._inputs(q, k, v)
+        return self.mechanism.form(self.mechanism.fastest_form(inputs))(**inputs)
 
     def step(self, q: Tensor, k: Tensor, v: Tensor, state: Any) -> tuple[Tensor, Any]:
         if not self.decodes:
@@ -145,10 +147,10 @@ class LinearAttend(nn.Module):
                 f"{self.mechanism.name} is not causal (it sees the whole sequence): it cannot "
                 "decode with a cache; run it without one"
             )
-        form = "recurrent" if q.shape[1] == 1 and state is not None else "chunked"
-        return self.mechanism.form(form)(
-            **self._inputs(q, k, v, initial_state=state, return_state=True)
-        )
+        inputs = self._inputs(q, k, v, initial_state=state, return_state=True)
+        one_token = q.shape[1] == 1 and state is not None
+        form = "recurrent" if one_token else self.mechanism.fastest_form(inputs)
+        return self.mechanism.form(form)(**inputs)
 
     def extra_repr(self) -> str:
         return self.mechanism.name
