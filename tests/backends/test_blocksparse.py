@@ -80,6 +80,12 @@ def test_the_kernel_runs_float32_and_bfloat16_only() -> None:
     for dtype, expected in ((torch.float32, True), (torch.bfloat16, True), (torch.float16, False)):
         x = (q.to(dtype), k.to(dtype), v.to(dtype))
         assert blocksparse.uses_kernel(AttentionCall(*x)) == expected
+        # the benchmarks' bound: the same plan's GEMMs, without the softmax steps
+        gemms = blocksparse.gemms_alone(AttentionCall(*x, mask=masks.causal()))
+        assert (gemms is not None) == expected
+        if gemms is not None:
+            out, _ = gemms()
+            assert out.shape == (*q.shape[:3], v.shape[-1])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from attnkit import masks
+from attnkit.backends import native
 from attnkit.bench.sparse import (
     SparseCell,
     SparseConfig,
@@ -23,6 +24,9 @@ def test_tiny_grid_times_every_candidate_and_writes_files(tmp_path) -> None:
     assert [c.pattern for c in cells] == ["causal", "window_256"]
     causal, window = cells
     assert {"sdpa_dense", "blocksparse", "flex", "sdpa_causal"} <= set(causal.times_ms)
+    kernel = native.load("blocksparse_cpu") is not None
+    assert ("kernel_gemms" in causal.times_ms) == kernel
+    assert ("kernel_gemms" in causal.skipped) != kernel
     assert "sdpa_mask" in window.times_ms
     assert 0 < window.live_fraction <= causal.live_fraction <= 1  # equal at T=512
     # the floor counts kept pairs, not live tiles: the window keeps at most 256 keys per row
@@ -60,6 +64,16 @@ def test_ceilings_explain_goals_out_of_the_machines_reach() -> None:
     assert not vs_flex.passed and vs_flex.value == pytest.approx(1.25)
     assert "ceiling 1.33×" in vs_flex.detail
     assert "1 of 2 failing cells have a ceiling < 1.5×" in vs_flex.detail
+    assert "GEMMs alone" not in vs_flex.detail  # no cell measured them
+
+
+def test_the_kernels_own_gemms_bound_what_its_tiles_can_reach() -> None:
+    times = {"sdpa_dense": 100.0, "blocksparse": 12.5, "flex": 16.0, "kernel_gemms": 11.0}
+    cell = SparseCell("blocks_512", 8192, "float32", 0.1, times, floor_ms=8.0)
+    assert cell.reachable("flex") == pytest.approx(16.0 / 11.0)
+    vs_flex = sparse_targets([cell])[0]
+    assert "reachable 1.45×" in vs_flex.detail and "ceiling 2.00×" in vs_flex.detail
+    assert "in 1 of 1 the kernel's GEMMs alone are slower than the goal" in vs_flex.detail
 
 
 def test_kept_pairs_are_counted_exactly() -> None:

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from types import ModuleType
 
 import torch
@@ -361,7 +362,7 @@ class _KernelAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plan, kernel, shifted, scale):  # type: ignore[override]
         tiles = (*plan.csr, plan.block_q, plan.block_k, plan.run_tiles)
-        out, lse = kernel.forward(q, k, v, *tiles, shifted, scale)
+        out, lse = kernel.forward(q, k, v, *tiles, shifted, scale, True)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.tiles, ctx.kernel, ctx.scale = tiles, kernel, scale
         ctx.mark_non_differentiable(lse)
@@ -377,6 +378,20 @@ class _KernelAttention(torch.autograd.Function):
             q, k, v, grad_out, finite_lse, delta, *ctx.tiles, ctx.scale
         )  # float32 gradients
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+
+
+def gemms_alone(call: AttentionCall) -> Callable[[], object] | None:
+    """For benchmarks: a function running the compiled kernel's GEMMs for ``call`` with the
+    per-row softmax steps between them skipped (its output is not attention). Its time is what
+    the plan's tiles cost at this BLAS's speed: a bound on the kernel's time. None where the
+    kernel does not run ``call``."""
+    kernel = _kernel(call)
+    if kernel is None:
+        return None
+    plan = _plan(call)
+    q, k, v = (x.contiguous() for x in (call.q, call.k, call.v))
+    tiles = (*plan.csr, plan.block_q, plan.block_k, plan.run_tiles)
+    return lambda: kernel.forward(q, k, v, *tiles, False, float(call.scale), False)
 
 
 def needs_shift(call: AttentionCall) -> bool:

@@ -260,9 +260,12 @@ struct BFloat16Gemms {
   }
 };
 
+// With `softmax` false the per-row steps between the GEMMs are skipped and the output is not
+// attention: the time of the plan's GEMMs alone, which benchmarks report as the kernel's bound.
 template <typename Gemms>
 void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                    const Tiles& t, bool shifted, float scale, at::Tensor& out, at::Tensor& lse) {
+                    const Tiles& t, bool shifted, float scale, bool softmax, at::Tensor& out,
+                    at::Tensor& lse) {
   using scalar_t = typename Gemms::scalar_t;
   const Dims d = dims_of(q, k, v, t);
   const scalar_t* qp = q.data_ptr<scalar_t>();
@@ -294,7 +297,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
       const int64_t n = std::min(t.tiles[stop - 1] * t.BK + t.BK, d.Tk) - c0;
       // S[bq, n] = scale Q Kᵀ
       gemms[thread].products(S.data(), qi, d.ldq, kb + c0 * d.ldk, d.ldk, w.bq, n, d.D, scale);
-      for (int64_t r = 0; r < w.bq; ++r) {
+      for (int64_t r = 0; softmax && r < w.bq; ++r) {
         float* s = S.data() + r * n;
         float shift = 0.0f;
         if (shifted) {
@@ -427,15 +430,17 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
                                 const at::Tensor& row_ptr, const at::Tensor& tiles,
                                 const at::Tensor& partial, const at::Tensor& keep,
                                 int64_t block_q, int64_t block_k, int64_t max_run,
-                                bool shifted, double scale) {
+                                bool shifted, double scale, bool softmax) {
   check_inputs(q, k, v);
   const Tiles t = tiles_of(row_ptr, tiles, partial, keep, block_q, block_k, max_run);
   auto out = at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, v.options());
   auto lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   if (q.scalar_type() == at::kBFloat16) {
-    forward_kernel<BFloat16Gemms>(q, k, v, t, shifted, static_cast<float>(scale), out, lse);
+    forward_kernel<BFloat16Gemms>(q, k, v, t, shifted, static_cast<float>(scale), softmax, out,
+                                  lse);
   } else {
-    forward_kernel<Float32Gemms>(q, k, v, t, shifted, static_cast<float>(scale), out, lse);
+    forward_kernel<Float32Gemms>(q, k, v, t, shifted, static_cast<float>(scale), softmax, out,
+                                 lse);
   }
   return {out, lse};
 }
