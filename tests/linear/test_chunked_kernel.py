@@ -83,7 +83,7 @@ def test_initial_and_final_state_match_the_pytorch_form(monkeypatch) -> None:
 def test_gradients_float64_and_other_forms_take_the_pytorch_form() -> None:
     x = _inputs(40, 0.5, False)
     assert chunked._kernel(_problem(0.5, False, **x), "chunked") is not None
-    assert chunked._kernel(_problem(0.5, False, **x), "recurrent") is None
+    assert chunked._kernel(_problem(0.5, False, **x), "reference") is None
     grad = x | {"q": x["q"].clone().requires_grad_()}
     assert chunked._kernel(_problem(0.5, False, **grad), "chunked") is None
     as64 = {name: t.double() for name, t in x.items()}
@@ -160,10 +160,13 @@ def test_feature_map_errors_name_the_choices() -> None:
 # -- the recurrent form's kernel -------------------------------------------------------------
 
 
-def _one_head_inputs(T: int, Dv: int, gate: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _one_head_inputs(
+    T: int, Dv: int, gate: str, dtype: torch.dtype, groups: int = 1
+) -> dict[str, torch.Tensor]:
+    """3 KV heads, each read by ``groups`` query heads."""
     g = torch.Generator().manual_seed(T + Dv)
-    x = {name: torch.randn(2, T, 3, d, generator=g).to(dtype) for name, d in
-         (("q", 16), ("k", 16), ("v", Dv))}  # fmt: skip
+    x = {name: torch.randn(2, T, heads, d, generator=g).to(dtype) for name, heads, d in
+         (("q", 3 * groups, 16), ("k", 3, 16), ("v", 3, Dv))}  # fmt: skip
     gate_scale, width = GATES[gate]
     if gate_scale is not None:
         x["log_gate"] = -torch.rand(2, T, 3, width, generator=g) * gate_scale
@@ -173,8 +176,11 @@ def _one_head_inputs(T: int, Dv: int, gate: str, dtype: torch.dtype) -> dict[str
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("Dv", [12, 64, 128])  # one, four and eight vectors per state row
 @pytest.mark.parametrize("gate", ["no_gate", "scalar_strong", "vector_mild"])
-def test_recurrent_kernel_matches_reference(gate: str, Dv: int, dtype: torch.dtype) -> None:
-    x = _one_head_inputs(37, Dv, gate, dtype)  # odd T: the last token runs alone
+@pytest.mark.parametrize("groups", [1, 2, 3, 8], ids=lambda g: f"G{g}")  # slabs of 8, 4, 4, 2
+def test_recurrent_kernel_matches_reference(
+    groups: int, gate: str, Dv: int, dtype: torch.dtype
+) -> None:
+    x = _one_head_inputs(37, Dv, gate, dtype, groups)  # odd T: the last token runs alone
 
     # feature maps come without gates (LinearProblem refuses both at once)
     cases = [("elu", True), ("relu", False)] if gate == "no_gate" else [(None, False)]
@@ -192,8 +198,9 @@ def test_recurrent_kernel_matches_reference(gate: str, Dv: int, dtype: torch.dty
         check_function(form("recurrent"), form("reference"), x, grads=False).assert_ok()
 
 
-def test_recurrent_kernel_carries_the_state_like_the_pytorch_form(monkeypatch) -> None:
-    x = _one_head_inputs(30, 8, "scalar_mild", torch.float32)
+@pytest.mark.parametrize("groups", [1, 4])
+def test_recurrent_kernel_carries_the_state_like_the_pytorch_form(monkeypatch, groups) -> None:
+    x = _one_head_inputs(30, 8, "scalar_mild", torch.float32, groups)
     x["q"], x["k"] = x["q"].abs(), x["k"].abs()  # positive, as a feature map would give
     problem = LinearProblem(**x, normalize=True)
     g = torch.Generator().manual_seed(4)
@@ -210,10 +217,13 @@ def test_recurrent_kernel_carries_the_state_like_the_pytorch_form(monkeypatch) -
 
 def test_recurrent_kernel_scope() -> None:
     x = _one_head_inputs(8, 8, "no_gate", torch.float32)
-    gqa = x | {"q": torch.randn(2, 8, 6, 16)}
+    most_groups = 3 * chunked.RECURRENT_KERNEL_MAX_GROUPS
+    gqa = x | {"q": torch.randn(2, 8, most_groups, 16)}
+    too_many = x | {"q": torch.randn(2, 8, most_groups + 3, 16)}
     widest = x | {"v": torch.randn(2, 8, 3, chunked.RECURRENT_KERNEL_MAX_DV)}
     too_wide = x | {"v": torch.randn(2, 8, 3, chunked.RECURRENT_KERNEL_MAX_DV + 1)}
-    assert chunked._kernel_entry(LinearProblem(**gqa), "recurrent") is None
+    assert chunked._kernel_entry(LinearProblem(**gqa), "recurrent") == "recurrent"
+    assert chunked._kernel_entry(LinearProblem(**too_many), "recurrent") is None
     assert chunked._kernel_entry(LinearProblem(**widest, normalize=True), "recurrent")
     assert chunked._kernel_entry(LinearProblem(**too_wide), "recurrent") is None
     taylor = LinearProblem(**x, feature_map="taylor")
@@ -222,10 +232,11 @@ def test_recurrent_kernel_scope() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_recurrent_kernel_builds_taylor_features(dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("groups", [1, 2])
+def test_recurrent_kernel_builds_taylor_features(dtype: torch.dtype, groups: int) -> None:
     g = torch.Generator().manual_seed(6)
-    x = {name: torch.randn(2, 41, 2, d, generator=g).to(dtype) for name, d in
-         (("q", 4), ("k", 4), ("v", 8))}  # fmt: skip
+    x = {name: torch.randn(2, 41, heads, d, generator=g).to(dtype) for name, heads, d in
+         (("q", 2 * groups, 4), ("k", 2, 4), ("v", 2, 8))}  # fmt: skip
 
     def form(name: str):
         return lambda **y: solve(

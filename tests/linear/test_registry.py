@@ -8,7 +8,7 @@ from linear_helpers import qkv
 
 from attnkit import linear
 from attnkit.backends import native
-from attnkit.linear.chunked import RECURRENT_KERNEL_MAX_DV
+from attnkit.linear.chunked import RECURRENT_KERNEL_MAX_DV, RECURRENT_KERNEL_MAX_GROUPS
 from attnkit.testing import check_causality, check_function
 
 
@@ -59,8 +59,10 @@ def test_fastest_form_is_the_recurrent_kernel_exactly_where_it_runs() -> None:
     one_head = qkv(T=33, Hq=2, Hkv=2)
     assert gla.fastest_form(gla.inputs(**one_head)) == recurrent
     assert gla.fastest_form(gla.inputs(**one_head, chunk_size=16, return_state=True)) == recurrent
-    grouped = qkv(T=33, Hq=4, Hkv=2)  # GQA: the recurrent kernel runs one query head per KV head
-    assert gla.fastest_form(gla.inputs(**grouped)) == "chunked"
+    grouped = qkv(T=33, Hq=4, Hkv=2)
+    assert gla.fastest_form(gla.inputs(**grouped)) == recurrent
+    too_many = qkv(T=9, Hq=2 * (RECURRENT_KERNEL_MAX_GROUPS + 1), Hkv=2)
+    assert gla.fastest_form(gla.inputs(**too_many)) == "chunked"
     wide = qkv(T=9, Hq=2, Hkv=2, Dv=RECURRENT_KERNEL_MAX_DV + 1)
     assert gla.fastest_form(gla.inputs(**wide)) == "chunked"
     assert gla.fastest_form(gla.inputs(**qkv(T=9, Hq=2, Hkv=2, dtype=torch.float64))) == "chunked"

@@ -29,11 +29,11 @@ linear half with its Taylor features) runs a compiled kernel
 (``attnkit/backends/csrc/linear_cpu.cpp``): the same chunk algebra with each head's state kept
 in cache across its chunks, q, k, v read in place in their own dtype and the feature maps
 applied per chunk, instead of the batched tensors below (whose permutes, paddings and
-materialised per-chunk states cost more than the matmuls). The recurrent form, with one query
-head per key/value head, runs the kernel's token-by-token loop (``recurrent`` in the same file):
-with the state in cache it takes half the flops per token of chunks of 64 and runs prefill
-about twice as fast as the chunked kernel at T=8192, as well as decoding. Gradients and float64
-use the PyTorch forms.
+materialised per-chunk states cost more than the matmuls). The recurrent form, with up to
+``RECURRENT_KERNEL_MAX_GROUPS`` query heads per key/value head, runs the kernel's token-by-token
+loop (``recurrent`` in the same file): with the state in cache it takes half the flops per token
+of chunks of 64 and runs prefill about twice as fast as the chunked kernel at T=8192, as well as
+decoding. Gradients and float64 use the PyTorch forms.
 """
 
 from __future__ import annotations
@@ -286,7 +286,9 @@ KERNEL_FEATURES = {None: 0, "taylor": 1, "elu": 2, "relu": 3}
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
 
-#: The recurrent kernel's limits: one query head per key/value head, Dv at most this wide.
+#: The recurrent kernel's limits: at most this many query heads per key/value head (GQA), and
+#: Dv at most this wide.
+RECURRENT_KERNEL_MAX_GROUPS = 8
 RECURRENT_KERNEL_MAX_DV = 128
 
 
@@ -297,9 +299,9 @@ def _kernel_entry(problem: LinearProblem, form: str) -> str | None:
         return None
     if form == "chunked":
         return "forward"
-    one_head = problem.q.shape[2] == problem.k.shape[2]
+    few_groups = problem.q.shape[2] // problem.k.shape[2] <= RECURRENT_KERNEL_MAX_GROUPS
     narrow = problem.v.shape[-1] <= RECURRENT_KERNEL_MAX_DV
-    return "recurrent" if form == "recurrent" and one_head and narrow else None
+    return "recurrent" if form == "recurrent" and few_groups and narrow else None
 
 
 def _kernel(problem: LinearProblem, form: str):

@@ -294,48 +294,58 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
 // S_t = diag(alpha_t) S_(t-1) + phi(k_t)^T [v_t, 1],  o_t = scale phi(q_t) S_t, token by token.
 // On a CPU this beats the chunked form for prefill as well as decoding: it takes 4 Dk Dz flops
 // per token where chunk size C takes 2 (Dk + Dz) C + 4 Dk Dz, and the state of one head
-// (Dk x Dz floats, 16 KB at 64 x 64) stays in L1 while each pass over it serves TB tokens: per
-// state row, the row is held in registers, decayed and updated by each token in turn, and each
-// token's output accumulates q_t[d] times the row as it stands after that token.
+// (Dk x Dz floats, 16 KB at 64 x 64) stays in L1 while each pass over it serves several
+// readers: per state row, a slab of the row is held in registers, decayed and updated by each
+// token in turn, and each of the token's G query heads (GQA) accumulates q[d] times the slab as
+// it stands after that token. Columns of the state evolve independently, so a row is cut into
+// slabs of NS vectors that keep the G * NS accumulators in registers.
 // With the Taylor feature the state has F = 1 + Dk + Dk^2 rows (BASED: 273 x 65 floats, in L2),
-// built per token from the raw q and k. Scope: one query head per key/value head (no GQA),
+// built per token from the raw q and k. Scope: G <= kMaxGroups query heads per key/value head,
 // Dv <= 16 * kMaxVectors.
 
 constexpr int kMaxVectors = 8;
-constexpr int kTokens = 2;  // tokens per pass over the state (measured: 1: 5.3, 2: 3.8, 4: 3.9 ms)
+constexpr int kMaxGroups = 8;
+// Tokens per pass over the state with one query head per KV head (measured at T=8192: 1: 5.3,
+// 2: 3.8, 4: 3.9 ms); with G > 1 each pass already serves G readers per token.
+constexpr int kTokens = 2;
+
+constexpr int tokens_per_pass(int G) { return G == 1 ? kTokens : 1; }
 
 struct Recurrence {
-  int64_t B, T, H, Dk, F, Dv, Dz, W;  // F: state rows (Dk, or the Taylor features')
+  int64_t B, T, H, G, Dk, F, Dv, Dz, W;  // F: state rows (Dk, or the Taylor features')
+  int64_t Dp;                             // state row width: Dv padded to whole slabs
   float scale, eps;
   Feature feature;
   bool normalize;
 };
 
-// Tokens staged for one pass: qs, ks, decay [kBlock, F] and vs [kBlock, NV * 16] (rows of
-// [v, 0 padding]), float32, feature maps applied.
+// Tokens staged for one pass: qs [kBlock, G, F], ks and decay [kBlock, F] and vs [kBlock, Dp]
+// (rows of [v, 0 padding]), float32, feature maps applied.
 constexpr int64_t kBlock = 64;
 
 template <typename scalar_t>
 void stage_block(const Recurrence& r, const scalar_t* qp, const scalar_t* kp,
                  const scalar_t* vp, const float* gp, int64_t b, int64_t h, int64_t t0,
-                 int64_t n, int64_t Dp, float* qs, float* ks, float* vs, float* decay,
-                 float* raw) {
-  const int64_t row0 = (b * r.T + t0) * r.H + h;  // rows of one head step by H
+                 int64_t n, float* qs, float* ks, float* vs, float* decay, float* raw) {
+  const int64_t row0 = (b * r.T + t0) * r.H + h;  // rows of one KV head step by H
+  const int64_t Gk = r.G * r.Dk;                   // a token's query heads, contiguous
   if (r.feature == kTaylor) {  // features from the raw values, token by token
     for (int64_t u = 0; u < n; ++u) {
-      stage(qp + (row0 + u * r.H) * r.Dk, r.Dk, 1, r.Dk, kNone, raw);
-      taylor_features(raw, r.Dk, 1.0f, qs + u * r.F);
+      for (int64_t g = 0; g < r.G; ++g) {
+        stage(qp + (row0 + u * r.H) * Gk + g * r.Dk, r.Dk, 1, r.Dk, kNone, raw);
+        taylor_features(raw, r.Dk, 1.0f, qs + (u * r.G + g) * r.F);
+      }
       stage(kp + (row0 + u * r.H) * r.Dk, r.Dk, 1, r.Dk, kNone, raw);
       taylor_features(raw, r.Dk, 1.0f, ks + u * r.F);
     }
   } else {
-    stage(qp + row0 * r.Dk, r.H * r.Dk, n, r.Dk, r.feature, qs);
+    stage(qp + row0 * Gk, r.H * Gk, n, Gk, r.feature, qs);
     stage(kp + row0 * r.Dk, r.H * r.Dk, n, r.Dk, r.feature, ks);
   }
   for (int64_t u = 0; u < n; ++u) {
-    float* vu = vs + u * Dp;
+    float* vu = vs + u * r.Dp;
     stage(vp + (row0 + u * r.H) * r.Dv, r.Dv, 1, r.Dv, kNone, vu);
-    std::fill(vu + r.Dv, vu + Dp, 0.0f);
+    std::fill(vu + r.Dv, vu + r.Dp, 0.0f);
     float* du = decay + u * r.F;
     const float* g = gp == nullptr ? nullptr : gp + (row0 + u * r.H) * r.W;
     if (r.W == 0) {
@@ -348,73 +358,99 @@ void stage_block(const Recurrence& r, const scalar_t* qp, const scalar_t* kp,
   }
 }
 
-// TB staged tokens (token t of head (b, h) and the next ones), NV vectors per state row (the
-// row padded to NV * 16 floats, padding zero).
-template <typename scalar_t, int TB, int NV>
-void recurrent_step(const Recurrence& r, const float* qs, const float* ks, const float* vs,
-                    const float* decay, scalar_t* op, int64_t b, int64_t h, int64_t t, float* S,
-                    float* z) {
-  constexpr int64_t Dp = NV * Vec::size();
-  Vec o[TB][NV];
+// The state's columns [j0, j0 + NS) vectors for TB staged tokens and their G query heads:
+// sums [TB, G, Dp] receive each reader's q . state over those columns. Inlined, with the row
+// width a constant for one query head per KV head (one slab): as a call with a runtime stride
+// the token loop ran 1.3x slower.
+template <int TB, int G, int NS>
+C10_ALWAYS_INLINE void recurrent_slab(const Recurrence& r, const float* qs, const float* ks,
+                                      const float* vs, const float* decay, float* S, int64_t j0,
+                                      float* sums) {
+  const int64_t Dp = G == 1 ? NS * Vec::size() : r.Dp;
+  Vec o[TB][G][NS];
   for (int u = 0; u < TB; ++u) {
-    for (int j = 0; j < NV; ++j) o[u][j] = Vec(0.0f);
+    for (int g = 0; g < G; ++g) {
+      for (int j = 0; j < NS; ++j) o[u][g][j] = Vec(0.0f);
+    }
   }
-  Vec value[TB][NV];  // the tokens' v rows, in registers for the whole pass
+  Vec value[TB][NS];  // the tokens' v slabs, in registers for the whole pass
   for (int u = 0; u < TB; ++u) {
-    for (int j = 0; j < NV; ++j) value[u][j] = Vec::loadu(vs + u * Dp + j * Vec::size());
+    for (int j = 0; j < NS; ++j) value[u][j] = Vec::loadu(vs + u * Dp + (j0 + j) * Vec::size());
   }
-  // The normaliser's column (the key sum z) is kept apart in scalars: as a 65th column it
-  // would cost a whole vector per row (1.25x the work at Dv = 64).
-  float oz[TB] = {};
   const int64_t F = r.F;
   for (int64_t d = 0; d < F; ++d) {
-    float k_d[TB], q_d[TB], decay_d[TB];  // scalars of row d, read before the row is written
+    float k_d[TB], decay_d[TB], q_d[TB][G];  // scalars of row d
     for (int u = 0; u < TB; ++u) {
       k_d[u] = ks[u * F + d];
-      q_d[u] = qs[u * F + d];
       decay_d[u] = decay[u * F + d];
+      for (int g = 0; g < G; ++g) q_d[u][g] = qs[(u * G + g) * F + d];
     }
-    if (r.normalize) {
-      float z_d = z[d];
-      for (int u = 0; u < TB; ++u) {
-        z_d = z_d * decay_d[u] + k_d[u];
-        oz[u] += q_d[u] * z_d;
-      }
-      z[d] = z_d;
-    }
-    float* state_row = S + d * Dp;
-    for (int j = 0; j < NV; ++j) {
-      Vec x = Vec::loadu(state_row + j * Vec::size());
+    float* slab = S + d * Dp + j0 * Vec::size();
+    for (int j = 0; j < NS; ++j) {
+      Vec x = Vec::loadu(slab + j * Vec::size());
       for (int u = 0; u < TB; ++u) {
         x = at::vec::fmadd(x, Vec(decay_d[u]), Vec(k_d[u]) * value[u][j]);
-        o[u][j] = at::vec::fmadd(Vec(q_d[u]), x, o[u][j]);
+        for (int g = 0; g < G; ++g) o[u][g][j] = at::vec::fmadd(Vec(q_d[u][g]), x, o[u][g][j]);
       }
-      x.store(state_row + j * Vec::size());
+      x.store(slab + j * Vec::size());
     }
   }
   for (int u = 0; u < TB; ++u) {
-    alignas(64) float result[Dp];
-    for (int j = 0; j < NV; ++j) (o[u][j] * Vec(r.scale)).store(result + j * Vec::size());
-    const float inv = r.normalize ? 1.0f / (r.scale * oz[u] + r.eps) : 1.0f;
-    scalar_t* out = op + ((b * r.T + t + u) * r.H + h) * r.Dv;
-    for (int64_t e = 0; e < r.Dv; ++e) out[e] = static_cast<scalar_t>(result[e] * inv);
+    for (int g = 0; g < G; ++g) {
+      for (int j = 0; j < NS; ++j) {
+        o[u][g][j].store(sums + (u * G + g) * Dp + (j0 + j) * Vec::size());
+      }
+    }
   }
 }
 
-template <typename scalar_t, int NV>
+// TB staged tokens (token t of KV head (b, h) and the next ones) through the whole state: the
+// normaliser's column (the key sum z) in scalars, as a 65th column it would cost a whole
+// vector per row (1.25x the work at Dv = 64), then the slabs, then the outputs.
+template <typename scalar_t, int TB, int G, int NS>
+void recurrent_step(const Recurrence& r, const float* qs, const float* ks, const float* vs,
+                    const float* decay, scalar_t* op, int64_t b, int64_t h, int64_t t, float* S,
+                    float* z, float* sums) {
+  float oz[TB][G] = {};
+  if (r.normalize) {
+    for (int64_t d = 0; d < r.F; ++d) {
+      float z_d = z[d];
+      for (int u = 0; u < TB; ++u) {
+        z_d = z_d * decay[u * r.F + d] + ks[u * r.F + d];
+        for (int g = 0; g < G; ++g) oz[u][g] += qs[(u * G + g) * r.F + d] * z_d;
+      }
+      z[d] = z_d;
+    }
+  }
+  const int64_t slabs = G == 1 ? 1 : r.Dp / (NS * Vec::size());
+  for (int64_t slab = 0; slab < slabs; ++slab) {
+    recurrent_slab<TB, G, NS>(r, qs, ks, vs, decay, S, slab * NS, sums);
+  }
+  for (int u = 0; u < TB; ++u) {
+    for (int g = 0; g < G; ++g) {
+      const float factor = r.scale / (r.normalize ? r.scale * oz[u][g] + r.eps : 1.0f);
+      const float* sum = sums + (u * G + g) * r.Dp;
+      scalar_t* out = op + (((b * r.T + t + u) * r.H + h) * G + g) * r.Dv;
+      for (int64_t e = 0; e < r.Dv; ++e) out[e] = static_cast<scalar_t>(sum[e] * factor);
+    }
+  }
+}
+
+template <typename scalar_t, int G, int NS>
 void recurrent_heads(const Recurrence& r, const at::Tensor& q, const at::Tensor& k,
                      const at::Tensor& v, const at::Tensor& log_gate, at::Tensor& out,
                      at::Tensor& S_final) {
-  constexpr int64_t Dp = NV * Vec::size();
+  constexpr int TB = tokens_per_pass(G);
   const scalar_t* qp = q.data_ptr<scalar_t>();
   const scalar_t* kp = k.data_ptr<scalar_t>();
   const scalar_t* vp = v.data_ptr<scalar_t>();
   const float* gp = r.W > 0 ? log_gate.data_ptr<float>() : nullptr;
   scalar_t* op = out.data_ptr<scalar_t>();
   float* sp = S_final.data_ptr<float>();
+  const int64_t Dp = r.Dp;
   at::parallel_for(0, r.B * r.H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> S(r.F * Dp), qs(kBlock * r.F), ks(kBlock * r.F);
-    std::vector<float> vs(kBlock * Dp), decay(kBlock * r.F), raw(r.Dk), z(r.F);
+    std::vector<float> S(r.F * Dp), qs(kBlock * G * r.F), ks(kBlock * r.F), vs(kBlock * Dp);
+    std::vector<float> decay(kBlock * r.F), raw(r.Dk), z(r.F), sums(TB * G * Dp);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / r.H, h = bh % r.H;
       float* state = sp + bh * r.F * r.Dz;
@@ -425,18 +461,18 @@ void recurrent_heads(const Recurrence& r, const at::Tensor& q, const at::Tensor&
       }
       for (int64_t t0 = 0; t0 < r.T; t0 += kBlock) {
         const int64_t n = std::min(kBlock, r.T - t0);
-        stage_block(r, qp, kp, vp, gp, b, h, t0, n, Dp, qs.data(), ks.data(), vs.data(),
+        stage_block(r, qp, kp, vp, gp, b, h, t0, n, qs.data(), ks.data(), vs.data(),
                     decay.data(), raw.data());
         int64_t u = 0;
-        for (; u + kTokens <= n; u += kTokens) {
-          recurrent_step<scalar_t, kTokens, NV>(r, qs.data() + u * r.F, ks.data() + u * r.F,
-                                                vs.data() + u * Dp, decay.data() + u * r.F, op,
-                                                b, h, t0 + u, S.data(), z.data());
+        for (; u + TB <= n; u += TB) {
+          recurrent_step<scalar_t, TB, G, NS>(
+              r, qs.data() + u * G * r.F, ks.data() + u * r.F, vs.data() + u * Dp,
+              decay.data() + u * r.F, op, b, h, t0 + u, S.data(), z.data(), sums.data());
         }
         for (; u < n; ++u) {
-          recurrent_step<scalar_t, 1, NV>(r, qs.data() + u * r.F, ks.data() + u * r.F,
-                                          vs.data() + u * Dp, decay.data() + u * r.F, op, b, h,
-                                          t0 + u, S.data(), z.data());
+          recurrent_step<scalar_t, 1, G, NS>(
+              r, qs.data() + u * G * r.F, ks.data() + u * r.F, vs.data() + u * Dp,
+              decay.data() + u * r.F, op, b, h, t0 + u, S.data(), z.data(), sums.data());
         }
       }
       for (int64_t d = 0; d < r.F; ++d) {
@@ -447,42 +483,53 @@ void recurrent_heads(const Recurrence& r, const at::Tensor& q, const at::Tensor&
   });
 }
 
-template <typename scalar_t>
-void recurrent_dispatch(const Recurrence& r, const at::Tensor& q, const at::Tensor& k,
-                        const at::Tensor& v, const at::Tensor& log_gate, at::Tensor& out,
-                        at::Tensor& S_final) {
-  switch ((r.Dv + Vec::size() - 1) / Vec::size()) {
-    case 1: return recurrent_heads<scalar_t, 1>(r, q, k, v, log_gate, out, S_final);
-    case 2: return recurrent_heads<scalar_t, 2>(r, q, k, v, log_gate, out, S_final);
-    case 3: return recurrent_heads<scalar_t, 3>(r, q, k, v, log_gate, out, S_final);
-    case 4: return recurrent_heads<scalar_t, 4>(r, q, k, v, log_gate, out, S_final);
-    case 5: return recurrent_heads<scalar_t, 5>(r, q, k, v, log_gate, out, S_final);
-    case 6: return recurrent_heads<scalar_t, 6>(r, q, k, v, log_gate, out, S_final);
-    case 7: return recurrent_heads<scalar_t, 7>(r, q, k, v, log_gate, out, S_final);
-    default: return recurrent_heads<scalar_t, kMaxVectors>(r, q, k, v, log_gate, out, S_final);
+// Vectors per slab at most: the whole row for one query head per KV head (2 tokens x NV
+// accumulators, as measured), else as many as keep G * NS <= 16 accumulators in registers.
+constexpr int max_slab(int G) { return G == 1 ? kMaxVectors : G <= 4 ? 4 : 2; }
+
+// recurrent_heads<scalar_t, G, NS> for the runtime G and NS (G <= kMaxGroups,
+// NS <= max_slab(G)), instantiating only those pairs.
+template <typename scalar_t, int G = 1, int NS = 1>
+void recurrent_dispatch(const Recurrence& r, int64_t slab, const at::Tensor& q,
+                        const at::Tensor& k, const at::Tensor& v, const at::Tensor& log_gate,
+                        at::Tensor& out, at::Tensor& S_final) {
+  if constexpr (G < kMaxGroups) {
+    if (r.G > G) {
+      return recurrent_dispatch<scalar_t, G + 1, 1>(r, slab, q, k, v, log_gate, out, S_final);
+    }
   }
+  if constexpr (NS < max_slab(G)) {
+    if (slab > NS) {
+      return recurrent_dispatch<scalar_t, G, NS + 1>(r, slab, q, k, v, log_gate, out, S_final);
+    }
+  }
+  recurrent_heads<scalar_t, G, NS>(r, q, k, v, log_gate, out, S_final);
 }
 
-// q [B, T, Hkv, 1, Dk], k [B, T, Hkv, Dk], v [B, T, Hkv, Dv] (float32 or bfloat16), log_gate
-// [B, T, Hkv, 1 or Dk] float32 or empty, S0 [B, Hkv, F, Dz] float32 -> out [B, T, Hkv, 1, Dv]
+// q [B, T, Hkv, G, Dk], k [B, T, Hkv, Dk], v [B, T, Hkv, Dv] (float32 or bfloat16), log_gate
+// [B, T, Hkv, 1 or Dk] float32 or empty, S0 [B, Hkv, F, Dz] float32 -> out [B, T, Hkv, G, Dv]
 // in the inputs' dtype, S_final like S0.
 std::vector<at::Tensor> recurrent(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                   const at::Tensor& log_gate, const at::Tensor& S0,
                                   double scale, int64_t feature, bool normalize, double eps) {
   const auto [F, W] = checked_shape(q, k, v, log_gate, S0, feature, normalize);
-  TORCH_CHECK(q.size(3) == 1, "linear_cpu's recurrent form takes one query head per KV head");
-  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), Dk = q.size(4), Dv = v.size(3);
-  const int64_t Dz = Dv + (normalize ? 1 : 0);
+  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), G = q.size(3), Dk = q.size(4);
+  const int64_t Dv = v.size(3), Dz = Dv + (normalize ? 1 : 0);
+  TORCH_CHECK(G <= kMaxGroups, "linear_cpu's recurrent form takes at most ", kMaxGroups,
+              " query heads per KV head");
   TORCH_CHECK(Dv <= kMaxVectors * Vec::size(),
               "linear_cpu's recurrent form takes Dv <= ", kMaxVectors * Vec::size());
-  const Recurrence r{B, T, H, Dk, F, Dv, Dz, W, static_cast<float>(scale),
+  const int64_t NV = (Dv + Vec::size() - 1) / Vec::size();
+  const int64_t NS = std::min<int64_t>(NV, max_slab(static_cast<int>(G)));
+  const int64_t Dp = (NV + NS - 1) / NS * NS * Vec::size();
+  const Recurrence r{B,  T,  H,  G,  Dk, F, Dv, Dz, W, Dp, static_cast<float>(scale),
                      static_cast<float>(eps), static_cast<Feature>(feature), normalize};
-  auto out = at::empty({B, T, H, 1, Dv}, q.options());
+  auto out = at::empty({B, T, H, G, Dv}, q.options());
   auto S_final = S0.clone();
   if (q.scalar_type() == at::kBFloat16) {
-    recurrent_dispatch<at::BFloat16>(r, q, k, v, log_gate, out, S_final);
+    recurrent_dispatch<at::BFloat16>(r, NS, q, k, v, log_gate, out, S_final);
   } else {
-    recurrent_dispatch<float>(r, q, k, v, log_gate, out, S_final);
+    recurrent_dispatch<float>(r, NS, q, k, v, log_gate, out, S_final);
   }
   return {out, S_final};
 }
