@@ -4,7 +4,7 @@ attnkit list [--family "static sparse"]
 attnkit bench [--quick] [--lengths 1024,2048] [--dtypes float32] [--backward] [--out DIR]
 attnkit bench variants [--lengths 1024,4096] [--mechanisms rope,mla] [--backward]
 attnkit bench sparse [--lengths 4096,8192] [--dtypes float32] [--patterns causal,window_256]
-attnkit bench linear [--lengths 1024,8192] [--mechanisms gla,retention] [--no-decode]
+attnkit bench linear [--lengths 1024,8192] [--mechanisms gla,retention] [--no-decode] [--kv-heads 1]
 attnkit bench kv [--policies snapkv,streaming_llm] [--budgets 0.2,128]
 attnkit explain --mechanism sliding_window --length 4096 [--dtype float32] [--grad]
 """
@@ -278,6 +278,9 @@ def bench_linear(
     sdpa_max_t: Annotated[int, typer.Option(help="longest T for the SDPA baseline")] = 32768,
     repeats: Annotated[int, typer.Option(help="timed rounds per candidate")] = 3,
     decode: Annotated[bool, typer.Option(help="also time decoding per token")] = True,
+    kv_heads: Annotated[
+        int | None, typer.Option(help="key/value heads for GQA inputs (default: 4, MHA)")
+    ] = None,
 ) -> None:
     """Linear/recurrent chunked forms vs SDPA causal (and flash-linear-attention's reference
     functions when installed): time, memory, crossing point, slopes, decode per token."""
@@ -291,6 +294,7 @@ def bench_linear(
             sdpa_max_T=sdpa_max_t,
             repeats=repeats,
             decode=decode,
+            Hkv=kv_heads,
             **overrides,
         )
     except (KeyError, ValueError) as error:

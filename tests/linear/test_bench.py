@@ -79,3 +79,22 @@ def test_config_errors() -> None:
         LinearBenchConfig(mechanisms=("agent_attention",))
     with pytest.raises(ValueError, match="unknown dtype"):
         LinearBenchConfig(dtypes=("float8",))
+    with pytest.raises(ValueError, match="need Hkv dividing them"):
+        LinearBenchConfig(H=4, Hkv=3)
+    with pytest.raises(ValueError, match="flare_causal need one key head per query head"):
+        LinearBenchConfig(H=4, Hkv=2)
+
+
+def test_gqa_inputs_run_the_recurrent_kernel_and_skip_mha_peers() -> None:
+    config = quick_linear_config(
+        mechanisms=("gla",), lengths=(64,), H=4, Hkv=2, verify_T=32, decode_steps=2
+    )
+    results = run_linear_bench(config)
+    prefill = {r.candidate: r for r in results.records if r.phase == "prefill"}
+    assert prefill["chunked"].verified and prefill["sdpa causal"].median_ms > 0
+    assert ("recurrent" in prefill) == (native.load("linear_cpu") is not None)
+    assert all(r.verified for r in prefill.values() if r.role in ("ours", "recurrent"))
+    (peer,) = [r for r in results.records if r.role == "peer"]
+    assert peer.status == "skipped" and "as many key/value heads as query heads" in peer.reason
+    decode = [r for r in results.records if r.phase == "decode"]
+    assert all(r.median_ms > 0 for r in decode)

@@ -54,6 +54,9 @@ from attnkit.linear.based import based_problem
 from attnkit.linear.decay import lightning_decay, retnet_decay
 from attnkit.testing import check_function
 
+#: Mechanisms whose keys query their latents: MHA only.
+ONE_KEY_HEAD_PER_QUERY_HEAD = ("flare", "flare_causal")
+
 #: Causal mechanisms with a chunked form, timed by default.
 DEFAULT_MECHANISMS = (
     "linear_attention",
@@ -69,7 +72,8 @@ DEFAULT_MECHANISMS = (
 
 @dataclass(frozen=True)
 class LinearBenchConfig:
-    """The grid: mechanisms x lengths x dtypes at ``B``, ``H`` heads (MHA), head dim ``D``.
+    """The grid: mechanisms x lengths x dtypes at ``B``, ``H`` query heads, ``Hkv`` key/value
+    heads (None: ``H``, MHA; fewer: GQA, against SDPA with ``enable_gqa``), head dim ``D``.
 
     ``sdpa_max_T`` caps the quadratic baseline (None: every length; at 64k one fp32 SDPA causal
     call takes tens of seconds on the project's 2-core CPU). Peers whose naive form is a
@@ -81,6 +85,7 @@ class LinearBenchConfig:
     dtypes: tuple[str, ...] = ("float32", "bfloat16")
     B: int = 1
     H: int = 4
+    Hkv: int | None = None
     D: int = 64
     chunk_size: int = 64
     repeats: int = 3
@@ -101,6 +106,18 @@ class LinearBenchConfig:
         for dtype in self.dtypes:
             if dtype not in DTYPES:
                 raise ValueError(f"unknown dtype {dtype!r}; use one of: {', '.join(DTYPES)}")
+        if self.H % self.kv_heads:
+            raise ValueError(f"H={self.H} query heads need Hkv dividing them, got {self.Hkv}")
+        one_head = [n for n in self.mechanisms if n in ONE_KEY_HEAD_PER_QUERY_HEAD]
+        if self.kv_heads != self.H and one_head:
+            raise ValueError(
+                f"{', '.join(one_head)} need one key head per query head (their keys query the "
+                f"latents): leave them out of --mechanisms for a GQA run (Hkv={self.Hkv})"
+            )
+
+    @property
+    def kv_heads(self) -> int:
+        return self.H if self.Hkv is None else self.Hkv
 
 
 def quick_linear_config(**overrides: Any) -> LinearBenchConfig:
@@ -160,21 +177,30 @@ class LinearBenchResults:
 
 def _inputs(config: LinearBenchConfig, T: int, dtype: torch.dtype) -> dict[str, Tensor]:
     g = torch.Generator().manual_seed(config.seed + T)
-    shape = (config.B, T, config.H, config.D)
-    return {name: (torch.randn(*shape, generator=g) * 0.5).to(dtype) for name in ("q", "k", "v")}
+    heads = {"q": config.H, "k": config.kv_heads, "v": config.kv_heads}
+    return {
+        name: (torch.randn(config.B, T, h, config.D, generator=g) * 0.5).to(dtype)
+        for name, h in heads.items()
+    }
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
+    return F.scaled_dot_product_attention(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        is_causal=causal,
+        enable_gqa=q.shape[2] != k.shape[2],
+    ).transpose(1, 2)
 
 
 def _sdpa_causal(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    return F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
-    ).transpose(1, 2)
+    return _sdpa(q, k, v, causal=True)
 
 
 def _sdpa_decode(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     # One query over the whole cache: no mask needed.
-    return F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    ).transpose(1, 2)
+    return _sdpa(q, k, v, causal=False)
 
 
 @dataclass(frozen=True)
@@ -426,6 +452,8 @@ def _prefill_cell(
     peer = PEERS.get(name) if config.peers else None
     if peer is not None:
         module, reason = _load_peer(peer)
+        if config.kv_heads != config.H:
+            reason = "fla's naive functions take as many key/value heads as query heads"
         if reason is None and peer.recurrent and config.recurrent_peer_max_T < T:
             reason = f"token-by-token loop: timed up to T={config.recurrent_peer_max_T}"
         if reason is not None:
