@@ -1,6 +1,8 @@
-"""Catalog entries for the linear and recurrent family (issue 5): each runs its chunked form
-(``run``) against its quadratic reference (``reference``) on plain ``q, k, v``; gates, latents
-and feature maps come seeded from the family's registry (``attnkit.linear.MECHANISMS``)."""
+"""Catalog entries for the linear and recurrent family (issue 5): each runs its fastest form
+(``run``: ``form="auto"``, the compiled recurrent kernel for CPU inference where it applies,
+else the chunked form) against its quadratic reference (``reference``) on plain ``q, k, v``;
+gates, latents and feature maps come seeded from the family's registry
+(``attnkit.linear.MECHANISMS``)."""
 
 from __future__ import annotations
 
@@ -40,7 +42,7 @@ for _name, _mechanism in linear.MECHANISMS.items():
             "linear",
             _mechanism.paper,
             _mechanism.summary,
-            run=_form(_name, "chunked"),
+            run=_form(_name, "auto"),
             reference=_form(_name, "reference"),
             cross=_name in _OWN_QUERIES,
         )
