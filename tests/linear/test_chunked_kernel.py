@@ -176,7 +176,7 @@ def _one_head_inputs(
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("Dv", [12, 64, 128])  # one, four and eight vectors per state row
 @pytest.mark.parametrize("gate", ["no_gate", "scalar_strong", "vector_mild"])
-@pytest.mark.parametrize("groups", [1, 2, 3, 8], ids=lambda g: f"G{g}")  # slabs of 8, 4, 4, 2
+@pytest.mark.parametrize("groups", [1, 2, 3, 5, 8], ids=lambda g: f"G{g}")  # slabs of 8, 4, 4, 2, 2
 def test_recurrent_kernel_matches_reference(
     groups: int, gate: str, Dv: int, dtype: torch.dtype
 ) -> None:
