@@ -381,10 +381,10 @@ class _KernelAttention(torch.autograd.Function):
 
 
 def gemms_alone(call: AttentionCall) -> Callable[[], object] | None:
-    """For benchmarks: a function running the compiled kernel's GEMMs for ``call`` with the
-    per-row softmax steps between them skipped (its output is not attention). Its time is what
-    the plan's tiles cost at this BLAS's speed: a bound on the kernel's time. None where the
-    kernel does not run ``call``."""
+    """For benchmarks: a function running the compiled kernel's GEMM calls for ``call`` (in
+    bfloat16 with their conversions to and from float32) with the per-row softmax steps between
+    them skipped; its output is not attention. Its time is what the plan's tiles cost at this
+    BLAS's speed: a bound on the kernel's time. None where the kernel does not run ``call``."""
     kernel = _kernel(call)
     if kernel is None:
         return None
