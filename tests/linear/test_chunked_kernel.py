@@ -215,6 +215,36 @@ def test_recurrent_kernel_carries_the_state_like_the_pytorch_form(monkeypatch, g
     torch.testing.assert_close(final.z, expected_final.z, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("Dv", [12, 40, 64, 128])  # 1, 3, 4 and 8 vectors: 1, 3, 4, 4 parts
+@pytest.mark.parametrize("groups", [1, 3])
+def test_recurrent_kernel_splits_the_state_columns_over_spare_threads(
+    monkeypatch, Dv: int, groups: int
+) -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)  # one KV head and four threads: the columns are cut in parts
+    try:
+        g = torch.Generator().manual_seed(Dv)
+        x = {name: torch.randn(1, 37, heads, d, generator=g) for name, heads, d in
+             (("q", groups, 16), ("k", 1, 16), ("v", 1, Dv))}  # fmt: skip
+        x["q"], x["k"] = x["q"].abs(), x["k"].abs()
+        x["log_gate"] = -torch.rand(1, 37, 1, 16, generator=g) * 0.1
+        problem = LinearProblem(**x, normalize=True)
+        state = LinearState(
+            torch.rand(1, 1, 16, Dv, generator=g), torch.rand(1, 1, 16, generator=g)
+        )
+        assert chunked._kernel(problem, "recurrent") is not None
+        out, final = solve(problem, form="recurrent", initial_state=state, return_state=True)
+    finally:
+        torch.set_num_threads(threads)
+    monkeypatch.setattr(chunked, "_kernel", lambda *args: None)
+    expected, expected_final = solve(
+        problem, form="recurrent", initial_state=state, return_state=True
+    )
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(final.kv, expected_final.kv, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(final.z, expected_final.z, rtol=1e-5, atol=1e-5)
+
+
 def test_recurrent_kernel_scope() -> None:
     x = _one_head_inputs(8, 8, "no_gate", torch.float32)
     most_groups = 3 * chunked.RECURRENT_KERNEL_MAX_GROUPS

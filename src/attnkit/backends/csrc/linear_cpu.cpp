@@ -314,6 +314,7 @@ constexpr int tokens_per_pass(int G) { return G == 1 ? kTokens : 1; }
 struct Recurrence {
   int64_t B, T, H, G, Dk, F, Dv, Dz, W;  // F: state rows (Dk, or the Taylor features')
   int64_t Dp;                             // state row width: Dv padded to whole slabs
+  int64_t slabs, parts;                   // slabs per row; column parts per head (one thread each)
   float scale, eps;
   Feature feature;
   bool normalize;
@@ -359,14 +360,13 @@ void stage_block(const Recurrence& r, const scalar_t* qp, const scalar_t* kp,
 }
 
 // The state's columns [j0, j0 + NS) vectors for TB staged tokens and their G query heads:
-// sums [TB, G, Dp] receive each reader's q . state over those columns. Inlined, with the row
-// width a constant for one query head per KV head (one slab): as a call with a runtime stride
-// the token loop ran 1.3x slower.
+// sums [TB, G, Dp] receive each reader's q . state over those columns. Inlined: as a call the
+// token loop ran 1.3x slower.
 template <int TB, int G, int NS>
 C10_ALWAYS_INLINE void recurrent_slab(const Recurrence& r, const float* qs, const float* ks,
                                       const float* vs, const float* decay, float* S, int64_t j0,
                                       float* sums) {
-  const int64_t Dp = G == 1 ? NS * Vec::size() : r.Dp;
+  const int64_t Dp = r.Dp;
   Vec o[TB][G][NS];
   for (int u = 0; u < TB; ++u) {
     for (int g = 0; g < G; ++g) {
@@ -409,8 +409,8 @@ C10_ALWAYS_INLINE void recurrent_slab(const Recurrence& r, const float* qs, cons
 // vector per row (1.25x the work at Dv = 64), then the slabs, then the outputs.
 template <typename scalar_t, int TB, int G, int NS>
 void recurrent_step(const Recurrence& r, const float* qs, const float* ks, const float* vs,
-                    const float* decay, scalar_t* op, int64_t b, int64_t h, int64_t t, float* S,
-                    float* z, float* sums) {
+                    const float* decay, scalar_t* op, int64_t b, int64_t h, int64_t t,
+                    int64_t first_slab, int64_t stop_slab, float* S, float* z, float* sums) {
   float oz[TB][G] = {};
   if (r.normalize) {
     for (int64_t d = 0; d < r.F; ++d) {
@@ -422,38 +422,50 @@ void recurrent_step(const Recurrence& r, const float* qs, const float* ks, const
       z[d] = z_d;
     }
   }
-  const int64_t slabs = G == 1 ? 1 : r.Dp / (NS * Vec::size());
-  for (int64_t slab = 0; slab < slabs; ++slab) {
+  for (int64_t slab = first_slab; slab < stop_slab; ++slab) {
     recurrent_slab<TB, G, NS>(r, qs, ks, vs, decay, S, slab * NS, sums);
   }
+  const int64_t c0 = first_slab * NS * Vec::size();
+  const int64_t c1 = std::min(stop_slab * NS * Vec::size(), r.Dv);
   for (int u = 0; u < TB; ++u) {
     for (int g = 0; g < G; ++g) {
       const float factor = r.scale / (r.normalize ? r.scale * oz[u][g] + r.eps : 1.0f);
       const float* sum = sums + (u * G + g) * r.Dp;
       scalar_t* out = op + (((b * r.T + t + u) * r.H + h) * G + g) * r.Dv;
-      for (int64_t e = 0; e < r.Dv; ++e) out[e] = static_cast<scalar_t>(sum[e] * factor);
+      for (int64_t e = c0; e < c1; ++e) out[e] = static_cast<scalar_t>(sum[e] * factor);
     }
   }
 }
 
 template <typename scalar_t, int G, int NS>
 void recurrent_heads(const Recurrence& r, const at::Tensor& q, const at::Tensor& k,
-                     const at::Tensor& v, const at::Tensor& log_gate, at::Tensor& out,
-                     at::Tensor& S_final) {
+                     const at::Tensor& v, const at::Tensor& log_gate, const at::Tensor& S0,
+                     at::Tensor& out, at::Tensor& S_final) {
   constexpr int TB = tokens_per_pass(G);
   const scalar_t* qp = q.data_ptr<scalar_t>();
   const scalar_t* kp = k.data_ptr<scalar_t>();
   const scalar_t* vp = v.data_ptr<scalar_t>();
   const float* gp = r.W > 0 ? log_gate.data_ptr<float>() : nullptr;
   scalar_t* op = out.data_ptr<scalar_t>();
-  float* sp = S_final.data_ptr<float>();
+  const float* initial = S0.data_ptr<float>();
+  float* final_state = S_final.data_ptr<float>();
   const int64_t Dp = r.Dp;
-  at::parallel_for(0, r.B * r.H, 1, [&](int64_t begin, int64_t end) {
+  // Items: (batch entry, KV head, part of the state's columns); columns evolve independently,
+  // so when there are fewer heads than threads each part runs on its own thread (each part
+  // also carries the normaliser's column, which its outputs need).
+  at::parallel_for(0, r.B * r.H * r.parts, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> S(r.F * Dp), qs(kBlock * G * r.F), ks(kBlock * r.F), vs(kBlock * Dp);
     std::vector<float> decay(kBlock * r.F), raw(r.Dk), z(r.F), sums(TB * G * Dp);
-    for (int64_t bh = begin; bh < end; ++bh) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t bh = item / r.parts, part = item % r.parts;
       const int64_t b = bh / r.H, h = bh % r.H;
-      float* state = sp + bh * r.F * r.Dz;
+      const int64_t first_slab = part * r.slabs / r.parts;
+      const int64_t stop_slab = (part + 1) * r.slabs / r.parts;
+      const int64_t c0 = first_slab * NS * Vec::size();
+      const int64_t c1 = std::min(stop_slab * NS * Vec::size(), r.Dv);
+      // Parts of one head read the initial state and write disjoint columns of the final one.
+      const float* state = initial + bh * r.F * r.Dz;
+      float* result = final_state + bh * r.F * r.Dz;
       for (int64_t d = 0; d < r.F; ++d) {  // into the padded rows, z apart
         std::copy(state + d * r.Dz, state + d * r.Dz + r.Dv, S.data() + d * Dp);
         std::fill(S.data() + d * Dp + r.Dv, S.data() + (d + 1) * Dp, 0.0f);
@@ -467,17 +479,19 @@ void recurrent_heads(const Recurrence& r, const at::Tensor& q, const at::Tensor&
         for (; u + TB <= n; u += TB) {
           recurrent_step<scalar_t, TB, G, NS>(
               r, qs.data() + u * G * r.F, ks.data() + u * r.F, vs.data() + u * Dp,
-              decay.data() + u * r.F, op, b, h, t0 + u, S.data(), z.data(), sums.data());
+              decay.data() + u * r.F, op, b, h, t0 + u, first_slab, stop_slab, S.data(),
+              z.data(), sums.data());
         }
         for (; u < n; ++u) {
           recurrent_step<scalar_t, 1, G, NS>(
               r, qs.data() + u * G * r.F, ks.data() + u * r.F, vs.data() + u * Dp,
-              decay.data() + u * r.F, op, b, h, t0 + u, S.data(), z.data(), sums.data());
+              decay.data() + u * r.F, op, b, h, t0 + u, first_slab, stop_slab, S.data(),
+              z.data(), sums.data());
         }
       }
-      for (int64_t d = 0; d < r.F; ++d) {
-        std::copy(S.data() + d * Dp, S.data() + d * Dp + r.Dv, state + d * r.Dz);
-        if (r.normalize) state[d * r.Dz + r.Dv] = z[d];
+      for (int64_t d = 0; d < r.F; ++d) {  // this part's columns, and z once
+        std::copy(S.data() + d * Dp + c0, S.data() + d * Dp + c1, result + d * r.Dz + c0);
+        if (r.normalize && part == 0) result[d * r.Dz + r.Dv] = z[d];
       }
     }
   });
@@ -492,18 +506,18 @@ constexpr int max_slab(int G) { return G == 1 ? kMaxVectors : G <= 4 ? 4 : 2; }
 template <typename scalar_t, int G = 1, int NS = 1>
 void recurrent_dispatch(const Recurrence& r, int64_t slab, const at::Tensor& q,
                         const at::Tensor& k, const at::Tensor& v, const at::Tensor& log_gate,
-                        at::Tensor& out, at::Tensor& S_final) {
+                        const at::Tensor& S0, at::Tensor& out, at::Tensor& S_final) {
   if constexpr (G < kMaxGroups) {
     if (r.G > G) {
-      return recurrent_dispatch<scalar_t, G + 1, 1>(r, slab, q, k, v, log_gate, out, S_final);
+      return recurrent_dispatch<scalar_t, G + 1, 1>(r, slab, q, k, v, log_gate, S0, out, S_final);
     }
   }
   if constexpr (NS < max_slab(G)) {
     if (slab > NS) {
-      return recurrent_dispatch<scalar_t, G, NS + 1>(r, slab, q, k, v, log_gate, out, S_final);
+      return recurrent_dispatch<scalar_t, G, NS + 1>(r, slab, q, k, v, log_gate, S0, out, S_final);
     }
   }
-  recurrent_heads<scalar_t, G, NS>(r, q, k, v, log_gate, out, S_final);
+  recurrent_heads<scalar_t, G, NS>(r, q, k, v, log_gate, S0, out, S_final);
 }
 
 // q [B, T, Hkv, G, Dk], k [B, T, Hkv, Dk], v [B, T, Hkv, Dv] (float32 or bfloat16), log_gate
@@ -519,17 +533,22 @@ std::vector<at::Tensor> recurrent(const at::Tensor& q, const at::Tensor& k, cons
               " query heads per KV head");
   TORCH_CHECK(Dv <= kMaxVectors * Vec::size(),
               "linear_cpu's recurrent form takes Dv <= ", kMaxVectors * Vec::size());
-  const int64_t NV = (Dv + Vec::size() - 1) / Vec::size();
-  const int64_t NS = std::min<int64_t>(NV, max_slab(static_cast<int>(G)));
-  const int64_t Dp = (NV + NS - 1) / NS * NS * Vec::size();
-  const Recurrence r{B,  T,  H,  G,  Dk, F, Dv, Dz, W, Dp, static_cast<float>(scale),
-                     static_cast<float>(eps), static_cast<Feature>(feature), normalize};
+  // Column parts: one per thread left over by the heads, each a whole number of slabs.
+  const int64_t NV = (Dv + Vec::size() - 1) / Vec::size(), heads = B * H;
+  const int64_t threads = at::get_num_threads();
+  const int64_t wanted = heads >= threads ? 1 : std::min(NV, (threads + heads - 1) / heads);
+  const int64_t widest = max_slab(static_cast<int>(G));
+  const int64_t NS = std::min<int64_t>((NV + wanted - 1) / wanted, widest);
+  const int64_t slabs = (NV + NS - 1) / NS, Dp = slabs * NS * Vec::size();
+  const Recurrence r{B, T, H, G, Dk, F, Dv, Dz, W, Dp, slabs, std::min(wanted, slabs),
+                     static_cast<float>(scale), static_cast<float>(eps),
+                     static_cast<Feature>(feature), normalize};
   auto out = at::empty({B, T, H, G, Dv}, q.options());
-  auto S_final = S0.clone();
+  auto S_final = at::empty_like(S0);
   if (q.scalar_type() == at::kBFloat16) {
-    recurrent_dispatch<at::BFloat16>(r, NS, q, k, v, log_gate, out, S_final);
+    recurrent_dispatch<at::BFloat16>(r, NS, q, k, v, log_gate, S0, out, S_final);
   } else {
-    recurrent_dispatch<float>(r, NS, q, k, v, log_gate, out, S_final);
+    recurrent_dispatch<float>(r, NS, q, k, v, log_gate, S0, out, S_final);
   }
   return {out, S_final};
 }
