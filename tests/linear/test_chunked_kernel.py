@@ -198,14 +198,18 @@ def test_recurrent_kernel_matches_reference(
         check_function(form("recurrent"), form("reference"), x, grads=False).assert_ok()
 
 
-@pytest.mark.parametrize("groups", [1, 4])
-def test_recurrent_kernel_carries_the_state_like_the_pytorch_form(monkeypatch, groups) -> None:
-    x = _one_head_inputs(30, 8, "scalar_mild", torch.float32, groups)
-    x["q"], x["k"] = x["q"].abs(), x["k"].abs()  # positive, as a feature map would give
-    problem = LinearProblem(**x, normalize=True)
-    g = torch.Generator().manual_seed(4)
-    state = LinearState(torch.rand(2, 3, 16, 8, generator=g), torch.rand(2, 3, 16, generator=g))
-    out, final = solve(problem, form="recurrent", initial_state=state, return_state=True)
+def _kernel_carries_the_state_like_the_pytorch_form(
+    problem: LinearProblem, state: LinearState, monkeypatch, threads: int | None = None
+) -> None:
+    """The recurrent kernel (on ``threads`` threads) against the PyTorch recurrence, output and
+    final state, from ``state``."""
+    assert chunked._kernel(problem, "recurrent") is not None
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
+    try:
+        out, final = solve(problem, form="recurrent", initial_state=state, return_state=True)
+    finally:
+        torch.set_num_threads(before)
     monkeypatch.setattr(chunked, "_kernel", lambda *args: None)
     expected, expected_final = solve(
         problem, form="recurrent", initial_state=state, return_state=True
@@ -213,6 +217,17 @@ def test_recurrent_kernel_carries_the_state_like_the_pytorch_form(monkeypatch, g
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(final.kv, expected_final.kv, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(final.z, expected_final.z, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+def test_recurrent_kernel_carries_the_state_like_the_pytorch_form(monkeypatch, groups) -> None:
+    x = _one_head_inputs(30, 8, "scalar_mild", torch.float32, groups)
+    x["q"], x["k"] = x["q"].abs(), x["k"].abs()  # positive, as a feature map would give
+    g = torch.Generator().manual_seed(4)
+    state = LinearState(torch.rand(2, 3, 16, 8, generator=g), torch.rand(2, 3, 16, generator=g))
+    _kernel_carries_the_state_like_the_pytorch_form(
+        LinearProblem(**x, normalize=True), state, monkeypatch
+    )
 
 
 @pytest.mark.parametrize("Dv", [12, 40, 64, 128])  # 1, 3, 4 and 8 vectors: 1, 3, 4, 4 parts
@@ -220,29 +235,15 @@ def test_recurrent_kernel_carries_the_state_like_the_pytorch_form(monkeypatch, g
 def test_recurrent_kernel_splits_the_state_columns_over_spare_threads(
     monkeypatch, Dv: int, groups: int
 ) -> None:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(4)  # one KV head and four threads: the columns are cut in parts
-    try:
-        g = torch.Generator().manual_seed(Dv)
-        x = {name: torch.randn(1, 37, heads, d, generator=g) for name, heads, d in
-             (("q", groups, 16), ("k", 1, 16), ("v", 1, Dv))}  # fmt: skip
-        x["q"], x["k"] = x["q"].abs(), x["k"].abs()
-        x["log_gate"] = -torch.rand(1, 37, 1, 16, generator=g) * 0.1
-        problem = LinearProblem(**x, normalize=True)
-        state = LinearState(
-            torch.rand(1, 1, 16, Dv, generator=g), torch.rand(1, 1, 16, generator=g)
-        )
-        assert chunked._kernel(problem, "recurrent") is not None
-        out, final = solve(problem, form="recurrent", initial_state=state, return_state=True)
-    finally:
-        torch.set_num_threads(threads)
-    monkeypatch.setattr(chunked, "_kernel", lambda *args: None)
-    expected, expected_final = solve(
-        problem, form="recurrent", initial_state=state, return_state=True
+    g = torch.Generator().manual_seed(Dv)
+    x = {name: torch.randn(1, 37, heads, d, generator=g).abs() for name, heads, d in
+         (("q", groups, 16), ("k", 1, 16), ("v", 1, Dv))}  # fmt: skip
+    x["log_gate"] = -torch.rand(1, 37, 1, 16, generator=g) * 0.1
+    state = LinearState(torch.rand(1, 1, 16, Dv, generator=g), torch.rand(1, 1, 16, generator=g))
+    # one KV head and four threads: each head's columns are cut in parts
+    _kernel_carries_the_state_like_the_pytorch_form(
+        LinearProblem(**x, normalize=True), state, monkeypatch, threads=4
     )
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(final.kv, expected_final.kv, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(final.z, expected_final.z, rtol=1e-5, atol=1e-5)
 
 
 def test_recurrent_kernel_scope() -> None:
