@@ -411,3 +411,43 @@ def test_keys_and_from_dense_run_on_every_backend(backend: str) -> None:
             partial(attnkit.attention, backend=backend), q, k, v, mask=mask, grads=backend != "flex"
         )
         report.assert_ok()
+
+
+def test_equal_masks_built_apart_share_their_derived_objects() -> None:
+    built = [masks.sinks(4) | masks.sliding_window(255) for _ in range(2)]
+    assert built[0] is not built[1] and built[0].identity == built[1].identity
+    assert built[0].blocks(1024, 1024, 64, 64) is built[1].blocks(1024, 1024, 64, 64)
+    others = [
+        masks.sinks(4) | masks.sliding_window(254),
+        masks.sinks(4) & masks.sliding_window(255),
+        masks.sinks(5) | masks.sliding_window(255),
+        masks.sliding_window(255),
+        masks.causal(),
+        ~masks.causal(),
+        masks.full(),
+        masks.block_causal(64),
+        masks.prefix_lm(4),  # KeyPrefix(4) | causal: not sinks(4) | window
+    ]
+    identities = [mask.identity for mask in [built[0], *others]]
+    assert None not in identities and len(set(identities)) == len(identities)
+    for mask in others:
+        assert mask.blocks(1024, 1024, 64, 64) is not built[0].blocks(1024, 1024, 64, 64)
+
+
+def test_masks_that_carry_tensors_keep_their_own_caches() -> None:
+    lengths = torch.tensor([5, 8])
+    padded = [masks.key_padding(lengths) for _ in range(2)]
+    segments = torch.tensor([[0] * 4 + [1] * 4, [0] * 8])
+    documents = [masks.documents(segments) for _ in range(2)]
+    for mask in (*padded, *documents, masks.prefix_lm(lengths)):
+        assert mask.identity is None
+    for a, b in (padded, documents):
+        assert a.blocks(8, 8, 4, 4) is not b.blocks(8, 8, 4, 4)
+
+
+def test_shared_plans_never_cross_patterns() -> None:
+    q, k, v = testing.Case("shared", 1, 300, 300, 2, 2, 16).make(torch.float32, seed=3)
+    for left in (63, 63, 64, 63):  # equal masks built apart, then a different one, then back
+        mask = masks.sinks(2) | masks.sliding_window(left)
+        run = partial(attnkit.attention, backend="blocksparse")
+        testing.check_against_reference(run, q, k, v, mask=mask).assert_ok()

@@ -107,6 +107,15 @@ class Mask:
         raise NotImplementedError
 
     @property
+    def identity(self) -> tuple | None:
+        """A hashable description of the pattern when plain parameters define it (equal
+        identities, equal patterns), or None when it carries tensors (documents, padding,
+        dense masks). Masks with an identity share their derived objects (tile structures,
+        plans, BlockMasks), so a mask built anew for every call (``mask=masks.causal()`` in a
+        model's forward) does not rebuild them every call."""
+        return None
+
+    @property
     def batch_size(self) -> int:
         """Batch entries the pattern distinguishes (1 = same for every batch entry)."""
         return 1
@@ -190,7 +199,13 @@ class Mask:
     def _cache(self) -> dict:
         store = self.__dict__.get("_derived")
         if store is None:
-            store = {}
+            identity = self.identity
+            if identity is None:
+                store = {}
+            else:
+                if len(_SHARED_CACHES) >= _SHARED_CACHE_MASKS:
+                    _SHARED_CACHES.clear()
+                store = _SHARED_CACHES.setdefault((type(self), identity), {})
             object.__setattr__(self, "_derived", store)
         return store
 
@@ -214,6 +229,17 @@ def _as_mask(obj: object) -> Mask:
     return obj
 
 
+#: Derived-object stores of masks with an identity, keyed by (class, identity); bounded like
+#: every cache here (a mask keeps its store when the table is cleared).
+_SHARED_CACHES: dict[tuple, dict] = {}
+_SHARED_CACHE_MASKS = 64
+
+
+def _identity_of(tag: str, *parts: Mask) -> tuple | None:
+    identities = [part.identity for part in parts]
+    return None if None in identities else (tag, *identities)
+
+
 def _common_size(a: int, b: int, what: str) -> int:
     if a != b and 1 not in (a, b):
         raise ValueError(f"cannot combine masks built for {what} {a} and {b}")
@@ -226,6 +252,10 @@ class And(Mask):
     def __init__(self, left: Mask, right: Mask):
         self.left, self.right = left, right
         self.name = f"({left!r} & {right!r})"
+
+    @property
+    def identity(self) -> tuple | None:
+        return _identity_of(type(self).__name__, self.left, self.right)
 
     def predicate(self, b, h, q, k, Tq, Tk):
         return self.left.predicate(b, h, q, k, Tq, Tk) & self.right.predicate(b, h, q, k, Tq, Tk)
@@ -272,6 +302,10 @@ class Not(Mask):
     def __init__(self, inner: Mask):
         self.inner = inner
         self.name = f"~{inner!r}"
+
+    @property
+    def identity(self) -> tuple | None:
+        return _identity_of("not", self.inner)
 
     def predicate(self, b, h, q, k, Tq, Tk):
         return ~self.inner.predicate(b, h, q, k, Tq, Tk)

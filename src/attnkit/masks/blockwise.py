@@ -45,6 +45,10 @@ class BlockBand(Mask):
     def __init__(self, block_size: int, lower: int | None, upper: int | None, name: str):
         self.block, self.lower, self.upper, self.name = block_size, lower, upper, name
 
+    @property
+    def identity(self):
+        return ("block_band", self.block, self.lower, self.upper)
+
     def check(self, B, H, Tq, Tk, device):
         super().check(B, H, Tq, Tk, device)
         _check_aligned(self.name, Tq, Tk)

@@ -36,6 +36,10 @@ class Full(Mask):
 
     name = "full"
 
+    @property
+    def identity(self):
+        return ("full",)
+
     def predicate(self, b, h, q, k, Tq, Tk):
         return torch.ones_like(q - k, dtype=torch.bool)
 
@@ -52,6 +56,10 @@ class Band(Mask):
 
     def __init__(self, lower: int | None, upper: int | None, name: str):
         self.lower, self.upper, self.name = lower, upper, name
+
+    @property
+    def identity(self):
+        return ("band", self.lower, self.upper)
 
     def predicate(self, b, h, q, k, Tq, Tk):
         return in_band(k - aligned_query_positions(q, Tq, Tk), self.lower, self.upper)
@@ -88,6 +96,10 @@ class _KeyRangeMask(Mask):
     """Shared checks for masks that carry one count per batch entry."""
 
     count: int | Tensor
+
+    @property
+    def identity(self):
+        return None if isinstance(self.count, Tensor) else (type(self).__name__, self.count)
 
     @property
     def batch_size(self) -> int:
