@@ -451,3 +451,12 @@ def test_shared_plans_never_cross_patterns() -> None:
         mask = masks.sinks(2) | masks.sliding_window(left)
         run = partial(attnkit.attention, backend="blocksparse")
         testing.check_against_reference(run, q, k, v, mask=mask).assert_ok()
+
+
+def test_masks_first_used_inside_private_caches_build_anew() -> None:
+    shared = masks.causal()
+    structure = shared.blocks(512, 512, 64, 64)
+    with masks.base.private_caches():
+        fresh = masks.causal()
+        assert fresh.blocks(512, 512, 64, 64) is not structure
+    assert masks.causal().blocks(512, 512, 64, 64) is structure
