@@ -91,7 +91,8 @@ class Mechanism:
         summary: one line on what it computes here.
         build: kind ``attention``: ``build(spec) -> dict`` of ``attnkit.attention`` keyword
             arguments (``mask``/``score``/``bias``) for inputs of the sizes in ``spec``. Every
-            call builds fresh objects, so per-mask caches start empty.
+            call builds fresh objects; masks equal to earlier ones share their caches
+            (``Mask.identity``) unless built inside ``attnkit.masks.base.private_caches()``.
         backend: the backend the mechanism is defined by, if any (e.g. the memory-efficient
             chunked algorithm); None means ``"auto"``.
         run: kind ``function``: ``run(spec) -> fn`` with ``fn(q, k, v) -> [B, Tq, Hq, Dv]``.
