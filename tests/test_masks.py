@@ -460,3 +460,18 @@ def test_masks_first_used_inside_private_caches_build_anew() -> None:
         fresh = masks.causal()
         assert fresh.blocks(512, 512, 64, 64) is not structure
     assert masks.causal().blocks(512, 512, 64, 64) is structure
+
+
+def test_grid_masks_share_by_their_axes_and_grid() -> None:
+    grid = (12, 10)
+    same = [masks.neighborhood(5, grid) for _ in range(2)]
+    assert same[0].blocks(120, 120, 16, 16) is same[1].blocks(120, 120, 16, 16)
+    others = [
+        masks.neighborhood(5, grid, dilation=2),
+        masks.neighborhood(5, grid, causal=(True, False)),
+        masks.neighborhood((5, 3), grid),
+        masks.neighborhood(5, (10, 12)),
+        masks.halo(4, 1, grid),
+    ]
+    identities = [mask.identity for mask in [same[0], *others]]
+    assert len(set(identities)) == len(identities)

@@ -260,6 +260,11 @@ class GridMask(Mask):
         if self.grid is not None:
             self._validate(self.grid)
 
+    @property
+    def identity(self):
+        # The axes are frozen dataclasses: equal by value, and by kind (neighborhood, halo).
+        return ("grid", self.axes, self.grid)
+
     def _validate(self, grid: tuple[int, ...]) -> None:
         if len(grid) != len(self.axes):
             raise ValueError(
