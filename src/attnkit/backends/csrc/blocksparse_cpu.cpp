@@ -48,6 +48,19 @@ struct Tiles {
     if (p < 0) return nullptr;
     return keep + ((p * Bm + (Bm > 1 ? b : 0)) * Hm + (Hm > 1 ? h : 0)) * BQ * BK;
   }
+
+  // body(lo, width, keep_row) for each tile of the run [first, stop) of n columns, seen from
+  // row r of the query block (batch entry b, head h): the tile's columns [lo, lo + width) of
+  // the run, and its 0/1 factors for that row (nullptr: a full tile).
+  template <typename F>
+  void for_each_tile(int64_t first, int64_t stop, int64_t n, int64_t b, int64_t h, int64_t r,
+                     F&& body) const {
+    for (int64_t e = first; e < stop; ++e) {
+      const float* factors = keep_tile(e, b, h);
+      const int64_t lo = (tiles[e] - tiles[first]) * BK;
+      body(lo, std::min(BK, n - lo), factors ? factors + r * BK : nullptr);
+    }
+  }
 };
 
 // A run: entries [first, stop) of one CSR row whose tiles are consecutive (one GEMM each way).
@@ -79,19 +92,11 @@ struct RowSum {
 inline void exp_keep_sum(float* s, const float* keep, int64_t n, float shift, RowSum& sum) {
   const Vec vshift(shift), vfloor(kExpFloor);
   int64_t c = 0;
-  if (keep) {
-    for (; c + Vec::size() <= n; c += Vec::size()) {
-      const Vec p = at::vec::maximum(Vec::loadu(s + c) - vshift, vfloor).exp_u20();
-      const Vec kept = p * Vec::loadu(keep + c);
-      kept.store(s + c);
-      sum.partial = sum.partial + kept;
-    }
-  } else {
-    for (; c + Vec::size() <= n; c += Vec::size()) {
-      const Vec p = at::vec::maximum(Vec::loadu(s + c) - vshift, vfloor).exp_u20();
-      p.store(s + c);
-      sum.partial = sum.partial + p;
-    }
+  for (; c + Vec::size() <= n; c += Vec::size()) {
+    Vec p = at::vec::maximum(Vec::loadu(s + c) - vshift, vfloor).exp_u20();
+    if (keep) p = p * Vec::loadu(keep + c);
+    p.store(s + c);
+    sum.partial = sum.partial + p;
   }
   for (; c < n; ++c) {
     s[c] = std::exp(std::max(s[c] - shift, kExpFloor)) * (keep ? keep[c] : 1.0f);
@@ -301,15 +306,13 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
         float* s = S.data() + r * n;
         float shift = 0.0f;
         if (shifted) {
-          for (int64_t e = first; e < stop; ++e) {
-            const float* keep = t.keep_tile(e, w.b, w.h);
-            if (!keep) continue;
-            const int64_t lo = (t.tiles[e] - t.tiles[first]) * t.BK;
-            const int64_t w = std::min(t.BK, n - lo);
-            for (int64_t c = 0; c < w; ++c) {
-              if (keep[r * t.BK + c] == 0.0f) s[lo + c] = kNegInf;
-            }
-          }
+          t.for_each_tile(first, stop, n, w.b, w.h, r,
+                          [&](int64_t lo, int64_t width, const float* keep) {
+                            if (!keep) return;
+                            for (int64_t c = 0; c < width; ++c) {
+                              if (keep[c] == 0.0f) s[lo + c] = kNegInf;
+                            }
+                          });
           const float new_max = std::max(M[r], row_max(s, n));
           if (new_max == kNegInf) {  // nothing kept yet in this row
             std::fill(s, s + n, 0.0f);
@@ -323,12 +326,10 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
           M[r] = shift = new_max;
         }
         RowSum sum;
-        for (int64_t e = first; e < stop; ++e) {
-          const float* keep = t.keep_tile(e, w.b, w.h);
-          const int64_t lo = (t.tiles[e] - t.tiles[first]) * t.BK;
-          exp_keep_sum(s + lo, keep ? keep + r * t.BK : nullptr, std::min(t.BK, n - lo), shift,
-                       sum);
-        }
+        t.for_each_tile(first, stop, n, w.b, w.h, r,
+                        [&](int64_t lo, int64_t width, const float* keep) {
+                          exp_keep_sum(s + lo, keep, width, shift, sum);
+                        });
         L[r] += sum.value();
       }
       // O[bq, Dv] += P V
@@ -400,12 +401,10 @@ void backward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
         float* s = S.data() + r * n;
         float* ds = dS.data() + r * n;
         const float lse_r = lp[row0 + r * d.Hq], delta_r = deltap[row0 + r * d.Hq];
-        for (int64_t e = first; e < stop; ++e) {
-          const float* keep = t.keep_tile(e, w.b, w.h);
-          const int64_t off = (t.tiles[e] - t.tiles[first]) * t.BK;
-          probabilities_and_grads(s + off, ds + off, keep ? keep + r * t.BK : nullptr,
-                                  std::min(t.BK, n - off), lse_r, delta_r);
-        }
+        t.for_each_tile(first, stop, n, w.b, w.h, r,
+                        [&](int64_t lo, int64_t width, const float* keep) {
+                          probabilities_and_grads(s + lo, ds + lo, keep, width, lse_r, delta_r);
+                        });
       }
       // dV[n, Dv] += Pᵀ dO;  dQ[bq, D] += scale dS K;  dK[n, D] += scale dSᵀ Q
       g.accumulate_t(dvb + c0 * d.ldv, d.ldv, S.data(), doi, d.ldo, w.bq, n, d.Dv, 1.0f);
