@@ -177,6 +177,12 @@ class _Plan:
             self._keep_by_dtype[dtype] = {key: t.to(dtype) for key, t in self.keep.items()}
         return self._keep_by_dtype[dtype]
 
+    @property
+    def kernel_tiles(self) -> tuple[Tensor | int, ...]:
+        """The tile arguments of the compiled kernel's entry points: ``csr``, the tile shape
+        and the tiles per run."""
+        return (*self.csr, self.block_q, self.block_k, self.run_tiles)
+
     @functools.cached_property
     def csr(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """The live tiles for the compiled kernel: ``row_ptr [n_q + 1]``, ``tiles [nnz]``,
@@ -361,7 +367,7 @@ class _KernelAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, plan, kernel, shifted, scale):  # type: ignore[override]
-        tiles = (*plan.csr, plan.block_q, plan.block_k, plan.run_tiles)
+        tiles = plan.kernel_tiles
         out, lse = kernel.forward(q, k, v, *tiles, shifted, scale, True)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.tiles, ctx.kernel, ctx.scale = tiles, kernel, scale
@@ -380,6 +386,11 @@ class _KernelAttention(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 
+def _kernel_inputs(call: AttentionCall) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k, v as the kernel reads them: contiguous, in the caller's ``[B, T, H, D]`` layout."""
+    return call.q.contiguous(), call.k.contiguous(), call.v.contiguous()
+
+
 def gemms_alone(call: AttentionCall) -> Callable[[], object] | None:
     """For benchmarks: a function running the compiled kernel's GEMM calls for ``call`` (in
     bfloat16 with their conversions to and from float32) with the per-row softmax steps between
@@ -388,9 +399,8 @@ def gemms_alone(call: AttentionCall) -> Callable[[], object] | None:
     kernel = _kernel(call)
     if kernel is None:
         return None
-    plan = _plan(call)
-    q, k, v = (x.contiguous() for x in (call.q, call.k, call.v))
-    tiles = (*plan.csr, plan.block_q, plan.block_k, plan.run_tiles)
+    tiles = _plan(call).kernel_tiles
+    q, k, v = _kernel_inputs(call)
     return lambda: kernel.forward(q, k, v, *tiles, False, float(call.scale), False)
 
 
@@ -409,9 +419,8 @@ def blocksparse_forward(call: AttentionCall) -> tuple[Tensor, Tensor]:
     """Run ``call``. Returns ``out [B, Tq, Hq, Dv]`` and ``lse [B, Tq, Hq]``."""
     kernel = _kernel(call)
     if kernel is not None:
-        q, k, v = (x.contiguous() for x in (call.q, call.k, call.v))
         return _KernelAttention.apply(
-            q, k, v, _plan(call), kernel, needs_shift(call), float(call.scale)
+            *_kernel_inputs(call), _plan(call), kernel, needs_shift(call), float(call.scale)
         )
     B, Hkv, G, Tq = call.B, call.Hkv, call.groups, call.Tq
     acc = call.accumulation_dtype
