@@ -14,7 +14,7 @@ from attnkit.testing import check_causality, check_function
 
 def plain_inputs(name: str, dtype=torch.float64):
     # FLARE's keys read the latents back: one head count for q, k, v.
-    return qkv(T=33, Hkv=4 if name.startswith("flare") else 2, dtype=dtype)
+    return qkv(T=33, Hkv=2 if linear.get(name).gqa else 4, dtype=dtype)
 
 
 @pytest.mark.parametrize("name", sorted(linear.MECHANISMS))

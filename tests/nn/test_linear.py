@@ -15,7 +15,7 @@ ENCODERS = [n for n, m in linear.MECHANISMS.items() if not m.causal]
 
 def layer(mechanism, **changes) -> ak.Attention:
     torch.manual_seed(0)
-    mha = isinstance(mechanism, str) and mechanism.startswith("flare")  # one key head per q head
+    mha = isinstance(mechanism, str) and not linear.get(mechanism).gqa  # one key head per q head
     fields = dict(d_model=32, n_heads=4, n_kv_heads=None if mha else 2, mechanism=mechanism)
     return ak.Attention(ak.AttentionConfig(**(fields | changes)))
 

@@ -54,9 +54,6 @@ from attnkit.linear.based import based_problem
 from attnkit.linear.decay import lightning_decay, retnet_decay
 from attnkit.testing import check_function
 
-#: Mechanisms whose keys query their latents: MHA only.
-ONE_KEY_HEAD_PER_QUERY_HEAD = ("flare", "flare_causal")
-
 #: Causal mechanisms with a chunked form, timed by default.
 DEFAULT_MECHANISMS = (
     "linear_attention",
@@ -108,7 +105,7 @@ class LinearBenchConfig:
                 raise ValueError(f"unknown dtype {dtype!r}; use one of: {', '.join(DTYPES)}")
         if self.H % self.kv_heads:
             raise ValueError(f"H={self.H} query heads need Hkv dividing them, got {self.Hkv}")
-        one_head = [n for n in self.mechanisms if n in ONE_KEY_HEAD_PER_QUERY_HEAD]
+        one_head = [n for n in self.mechanisms if not linear.get(n).gqa]
         if self.kv_heads != self.H and one_head:
             raise ValueError(
                 f"{', '.join(one_head)} need one key head per query head (their keys query the "

@@ -21,7 +21,7 @@ def _form(
         mechanism = linear.get(name)
 
         def run(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-            if name.startswith("flare") and k.shape[2] != q.shape[2]:
+            if not mechanism.gqa and k.shape[2] != q.shape[2]:
                 # FLARE's keys act as queries of the latents: one key head per query head
                 groups = q.shape[2] // k.shape[2]
                 k, v = k.repeat_interleave(groups, 2), v.repeat_interleave(groups, 2)

@@ -141,6 +141,8 @@ class LinearMechanism:
             over all of it).
         state: the state type carried between calls (None: no state in or out).
         options: fixed keyword options of ``fn`` that define this entry.
+        gqa: query heads may share key/value heads (False: FLARE, whose keys query its
+            latents and so need one key head per query head).
     """
 
     name: str
@@ -153,6 +155,7 @@ class LinearMechanism:
     causal: bool = True
     state: type | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    gqa: bool = True
 
     def form(self, name: str) -> Callable[..., Any]:
         """``fn`` with ``form=name`` fixed."""
@@ -304,6 +307,7 @@ MECHANISMS: dict[str, LinearMechanism] = {
             forms=("reference", "chunked"),
             extras=_flare_extras(causal=False),
             causal=False,
+            gqa=False,
         ),
         LinearMechanism(
             "flare_causal",
@@ -313,6 +317,7 @@ MECHANISMS: dict[str, LinearMechanism] = {
             flare,
             extras=_flare_extras(causal=True),
             state=PrefixState,
+            gqa=False,
         ),
         LinearMechanism(
             "efficient_additive",

@@ -121,7 +121,7 @@ class LinearAttend(nn.Module):
         self.mechanism = linear.get(name)
         factory = LEARNED_EXTRAS.get(name)
         self.learned = None if factory is None else factory(n_heads, n_kv_heads, head_dim)
-        if name.startswith("flare") and n_kv_heads != n_heads:
+        if not self.mechanism.gqa and n_kv_heads != n_heads:
             raise ValueError(
                 f"{name} needs one key head per query head (its keys query the latents); "
                 f"got {n_heads} query and {n_kv_heads} KV heads: use layout 'mha'"
