@@ -16,6 +16,7 @@ chunked prefill). Every positional pattern uses this one alignment, defined here
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -201,7 +202,7 @@ class Mask:
         store = self.__dict__.get("_derived")
         if store is None:
             identity = self.identity
-            if identity is None or not _SHARING[0]:
+            if identity is None or not _SHARING.get():
                 store = {}
             else:
                 if len(_SHARED_CACHES) >= _SHARED_CACHE_MASKS:
@@ -234,18 +235,19 @@ def _as_mask(obj: object) -> Mask:
 #: every cache here (a mask keeps its store when the table is cleared).
 _SHARED_CACHES: dict[tuple, dict] = {}
 _SHARED_CACHE_MASKS = 64
-_SHARING = [True]
+_SHARING: contextvars.ContextVar[bool] = contextvars.ContextVar("mask_sharing", default=True)
 
 
 @contextlib.contextmanager
 def private_caches() -> Iterator[None]:
     """Masks first used inside get caches of their own, not the store shared by equal masks:
-    for benchmarks that time building a mask's derived objects from scratch."""
-    _SHARING[0] = False
+    for benchmarks that time building a mask's derived objects from scratch (this thread or
+    task only)."""
+    token = _SHARING.set(False)
     try:
         yield
     finally:
-        _SHARING[0] = True
+        _SHARING.reset(token)
 
 
 def _identity_of(tag: str, *parts: Mask) -> tuple | None:
