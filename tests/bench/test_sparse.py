@@ -9,11 +9,12 @@ from attnkit.backends import native
 from attnkit.bench.sparse import (
     SparseCell,
     SparseConfig,
-    kept_pairs,
     run_sparse_bench,
     sparse_targets,
     write_sparse,
 )
+from attnkit.bench.speed import allowed_pairs
+from attnkit.catalog import InputSpec
 
 
 def test_tiny_grid_times_every_candidate_and_writes_files(tmp_path) -> None:
@@ -76,8 +77,12 @@ def test_the_kernels_own_gemms_bound_what_its_tiles_can_reach() -> None:
     assert "in 1 of 1 the kernel's GEMMs alone are slower than the goal" in vs_flex.detail
 
 
-def test_kept_pairs_are_counted_exactly() -> None:
-    T = 1100  # several row chunks, the last one short
+def test_the_floor_counts_kept_pairs_exactly() -> None:
+    T = 1100  # several tiles, the last one short
+
+    def kept_pairs(mask, T: int, batch: int, heads: int) -> int:
+        return allowed_pairs(mask, InputSpec(batch, T, T, heads))
+
     assert kept_pairs(None, T, 2, 3) == 2 * 3 * T * T
     assert kept_pairs(masks.causal(), T, 1, 2) == 2 * T * (T + 1) // 2
     window = masks.sliding_window(9)  # each query keeps itself and up to 9 earlier keys

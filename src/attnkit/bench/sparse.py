@@ -51,7 +51,7 @@ from attnkit import catalog, masks
 from attnkit.api import attention
 from attnkit.backends import blocksparse
 from attnkit.bench.measure import median, release_memory, timed
-from attnkit.bench.speed import DTYPES
+from attnkit.bench.speed import DTYPES, allowed_pairs
 from attnkit.call import AttentionCall
 from attnkit.grid import balanced_grid
 from attnkit.masks.base import Mask
@@ -255,26 +255,6 @@ def matmul_gflops(dtype: torch.dtype, repeats: int = 5) -> float:
     return 2 * MATMUL_PROBE**3 / seconds / 1e9
 
 
-#: Query rows evaluated at a time when counting a mask's kept pairs.
-COUNT_ROWS = 512
-
-
-def kept_pairs(mask: Mask | None, T: int, batch: int, heads: int) -> int:
-    """(query, key) pairs ``mask`` keeps over ``batch`` entries and ``heads`` heads, counted
-    exactly from its predicate, ``COUNT_ROWS`` query rows at a time."""
-    if mask is None:
-        return batch * heads * T * T
-    Bm, Hm = mask.batch_size, mask.num_heads
-    b = torch.arange(Bm).view(-1, 1, 1, 1)
-    h = torch.arange(Hm).view(1, -1, 1, 1)
-    keys = torch.arange(T).view(1, 1, 1, -1)
-    kept = 0
-    for start in range(0, T, COUNT_ROWS):
-        rows = torch.arange(start, min(start + COUNT_ROWS, T)).view(1, 1, -1, 1)
-        kept += int(mask.predicate(b, h, rows, keys, T, T).expand(Bm, Hm, -1, T).sum())
-    return kept * (batch // Bm) * (heads // Hm)
-
-
 def run_sparse_bench(
     config: SparseConfig, progress: Callable[[int, int, str], None] | None = None
 ) -> list[SparseCell]:
@@ -296,7 +276,8 @@ def run_sparse_bench(
                     mask = PATTERNS[pattern](T)
                     tiles = blocksparse.tile_shape(AttentionCall(q, k, v, mask=mask))
                     live = 1.0 if mask is None else mask.blocks(T, T, *tiles).live_fraction()
-                    pairs = kept_pairs(mask, T, config.B, config.H)
+                    spec = catalog.InputSpec(config.B, T, T, config.H, D=config.D)
+                    pairs = allowed_pairs(mask, spec)
                     cell = SparseCell(pattern, T, dtype, live, matmul_gflops=gflops)
                     cell.floor_ms = pairs * 4 * config.D / (gflops * 1e6)
                     calls, cell.skipped = _candidates(pattern, mask, q, k, v, config)
