@@ -4,6 +4,7 @@ paths, both query tile shapes, many runs per row, per-head masks, refusals."""
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 from functools import partial
 
 import pytest
@@ -26,15 +27,24 @@ def inputs(T: int, q_scale: float = 1.0, dtype=torch.float32, Tq: int | None = N
     return q.to(dtype), k.to(dtype), v.to(dtype)
 
 
-@pytest.fixture(params=["kernel", "batched"])
-def implementation(request, monkeypatch) -> str:
-    """Run through the compiled kernel (float32, and bfloat16 forward), then through the batched
-    matmuls."""
+@pytest.fixture(params=["kernel", "kernel_blas", "batched"])
+def implementation(request, monkeypatch) -> Iterator[str]:
+    """Run through the compiled kernel (its float32 GEMMs on brgemm where it works here, then on
+    BLAS), then through the batched matmuls."""
     if request.param == "batched":
         monkeypatch.setattr(blocksparse, "_kernel", lambda call: None)
-    elif native.load("blocksparse_cpu") is None:
+        yield "batched"
+        return
+    kernel = native.load("blocksparse_cpu")
+    if kernel is None:
         pytest.skip(f"kernel unavailable: {native.unavailable('blocksparse_cpu')}")
-    return request.param
+    if request.param == "kernel_blas":
+        kernel.use_brgemm(False)
+        assert kernel.float32_gemm() == "blas"
+    try:
+        yield "kernel"
+    finally:
+        kernel.use_brgemm(True)
 
 
 @pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler on this machine")

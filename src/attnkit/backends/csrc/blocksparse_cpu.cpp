@@ -28,7 +28,6 @@
 
 namespace {
 
-using attnkit::gemm;
 using Vec = at::vec::Vectorized<float>;
 
 // exp is many times slower on arguments whose result underflows; every kept weight is far
@@ -105,21 +104,22 @@ inline void exp_keep_sum(float* s, const float* keep, int64_t n, float shift, Ro
 }
 
 // The backward's per-pair step over n values in place: p = exp(s - lse) · keep (keep =
-// nullptr: a full tile) into s, dS = p (dP - Δ) into ds. Kept pairs have s - lse <= 0; masked
-// ones may be larger, hence the upper clamp before their factor zeroes them.
+// nullptr: a full tile) into s, scale · dS = scale · p (dP - Δ) into ds (both gradients through
+// the scores carry the scale). Kept pairs have s - lse <= 0; masked ones may be larger, hence
+// the upper clamp before their factor zeroes them.
 inline void probabilities_and_grads(float* s, float* ds, const float* keep, int64_t n,
-                                    float lse, float delta) {
-  const Vec vlse(lse), lo(kExpFloor), hi(-kExpFloor), vdelta(delta);
+                                    float lse, float delta, float scale) {
+  const Vec vlse(lse), lo(kExpFloor), hi(-kExpFloor), vdelta(delta), vscale(scale);
   int64_t c = 0;
   for (; c + Vec::size() <= n; c += Vec::size()) {
     Vec p = at::vec::clamp(Vec::loadu(s + c) - vlse, lo, hi).exp_u20();
     if (keep) p = p * Vec::loadu(keep + c);
     p.store(s + c);
-    ((Vec::loadu(ds + c) - vdelta) * p).store(ds + c);
+    ((Vec::loadu(ds + c) - vdelta) * (p * vscale)).store(ds + c);
   }
   for (; c < n; ++c) {
     s[c] = std::exp(std::clamp(s[c] - lse, kExpFloor, -kExpFloor)) * (keep ? keep[c] : 1.0f);
-    ds[c] = (ds[c] - delta) * s[c];
+    ds[c] = (ds[c] - delta) * (s[c] * scale);
   }
 }
 
@@ -174,29 +174,87 @@ Work work_of(int64_t item, const Dims& d, const Tiles& t) {
   return Work{i, head / d.Hq, h, h / d.G, r0, std::min(t.BQ, d.Tq - r0)};
 }
 
+// Kᵀ (or Vᵀ) as the second operand of the products S = Q Kᵀ and dP = dO Vᵀ: feature d of key
+// j of head (b, hkv) at at(b, hkv, j)[d * inner_stride] (key_stride between keys), and the
+// factor `alpha` the products still apply (the softmax scale, unless the operand carries it).
+template <typename scalar_t>
+struct Transposed {
+  at::Tensor copy;  // undefined when the operand is the input read in place
+  const scalar_t* data;
+  int64_t batch_stride, head_stride, inner_stride, key_stride;
+  float alpha;
+
+  const scalar_t* at(int64_t b, int64_t hkv, int64_t key) const {
+    return data + b * batch_stride + hkv * head_stride + key * key_stride;
+  }
+};
+
+// dst[j, i] = src[i, j] for a row-major src [rows, n]; dst has row stride `rows`.
+inline void transpose(const float* src, int64_t rows, int64_t n, float* dst) {
+  constexpr int64_t kBlock = 16;  // a block's rows and columns stay in L1
+  for (int64_t i0 = 0; i0 < rows; i0 += kBlock) {
+    const int64_t i1 = std::min(rows, i0 + kBlock);
+    for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
+      const int64_t j1 = std::min(n, j0 + kBlock);
+      for (int64_t i = i0; i < i1; ++i) {
+        for (int64_t j = j0; j < j1; ++j) dst[j * rows + i] = src[i * n + j];
+      }
+    }
+  }
+}
+
 // The three GEMM shapes of the forward and backward passes, on row-major float32 buffers and
 // row-strided views of q, k, v, dO in the caller's layout (A, X: [rows, ld] of scalar_t):
-//   products(S, A, B):      S[rows, n] = alpha A[rows, inner] B[n, inner]ᵀ
-//   accumulate(C, P, X):    C[rows, cols] += alpha P[rows, n] X[n, cols]
-//   accumulate_t(C, P, X):  C[n, cols] += alpha P[rows, n]ᵀ X[rows, cols]
-// Float32 through BLAS.
+//   products(S, A, Bᵀ):     S[rows, n] = alpha A[rows, inner] Bᵀ[inner, n]
+//   accumulate(C, P, X):    C[rows, cols] += P[rows, n] X[n, cols]
+//   accumulate_t(C, P, X):  C[n, cols] += P[rows, n]ᵀ X[rows, cols]
+// Float32 through attnkit::matmul (oneDNN's brgemm, or BLAS), which takes no transposes: Kᵀ
+// and Vᵀ are packed once per call, with the scale folded into Kᵀ, and Pᵀ per tile.
 struct Float32Gemms {
   using scalar_t = float;
-  Float32Gemms(int64_t, int64_t, int64_t) {}
+  std::vector<float> transposed_tile;
 
-  void products(float* S, const float* a, int64_t lda, const float* b, int64_t ldb, int64_t rows,
-                int64_t n, int64_t inner, float alpha) {
-    gemm(true, false, n, rows, inner, alpha, b, ldb, a, lda, 0.0f, S, n);
+  Float32Gemms(int64_t rows, int64_t keys, int64_t) : transposed_tile(rows * keys) {}
+
+  // x [B, Tk, Hkv, D] -> scale xᵀ [B, Hkv, D, ld]. The row stride ld is padded off a multiple
+  // of 4 KB: with rows 2^k floats apart, a GEMM's reads of consecutive rows all fall in one L1
+  // set (brgemm at T=8192: 212 GFLOP/s unpadded, 244 padded).
+  static Transposed<float> transposed(const at::Tensor& x, float scale) {
+    const int64_t B = x.size(0), Tk = x.size(1), H = x.size(2), D = x.size(3);
+    const int64_t ld = (Tk + 15) / 16 * 16 + 16;
+    constexpr int64_t kChunk = 64;  // keys per task: their D destination lines stay in cache
+    const int64_t chunks = (Tk + kChunk - 1) / kChunk;
+    auto copy = at::empty({B, H, D, ld}, x.options());
+    const float* src = x.data_ptr<float>();
+    float* dst = copy.data_ptr<float>();
+    at::parallel_for(0, B * H * chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t head = task / chunks, j0 = task % chunks * kChunk;  // head = b * H + h
+        const int64_t b = head / H, h = head % H;
+        float* out = dst + head * D * ld;
+        for (int64_t j = j0; j < std::min(Tk, j0 + kChunk); ++j) {
+          const float* row = src + ((b * Tk + j) * H + h) * D;
+          for (int64_t c = 0; c < D; ++c) out[c * ld + j] = row[c] * scale;
+        }
+      }
+    });
+    return {copy, dst, H * D * ld, D * ld, ld, 1, 1.0f};
+  }
+
+  void products(float* S, const float* a, int64_t lda, const Transposed<float>& bt, int64_t b,
+                int64_t hkv, int64_t key0, int64_t rows, int64_t n, int64_t inner) {
+    attnkit::matmul(rows, n, inner, a, lda, bt.at(b, hkv, key0), bt.inner_stride, S, n, false);
   }
 
   void accumulate(float* C, int64_t ldc, const float* P, const float* x, int64_t ldx,
-                  int64_t rows, int64_t n, int64_t cols, float alpha) {
-    gemm(false, false, cols, rows, n, alpha, x, ldx, P, n, 1.0f, C, ldc);
+                  int64_t rows, int64_t n, int64_t cols) {
+    attnkit::matmul(rows, cols, n, P, n, x, ldx, C, ldc, true);
   }
 
   void accumulate_t(float* C, int64_t ldc, const float* P, const float* x, int64_t ldx,
-                    int64_t rows, int64_t n, int64_t cols, float alpha) {
-    gemm(false, true, cols, n, rows, alpha, x, ldx, P, n, 1.0f, C, ldc);
+                    int64_t rows, int64_t n, int64_t cols) {
+    transpose(P, rows, n, transposed_tile.data());
+    attnkit::matmul(n, cols, rows, transposed_tile.data(), rows, x, ldx, C, ldc, true);
   }
 };
 
@@ -241,27 +299,35 @@ struct BFloat16Gemms {
     }
   }
 
-  void products(float* S, const at::BFloat16* a, int64_t lda, const at::BFloat16* b,
-                int64_t ldb, int64_t rows, int64_t n, int64_t inner, float alpha) {
+  // x [B, Tk, Hkv, D] read in place as xᵀ; the products apply the scale.
+  static Transposed<at::BFloat16> transposed(const at::Tensor& x, float scale) {
+    const int64_t Tk = x.size(1), H = x.size(2), D = x.size(3);
+    return {at::Tensor(), x.data_ptr<at::BFloat16>(), Tk * H * D, D, 1, H * D, scale};
+  }
+
+  void products(float* S, const at::BFloat16* a, int64_t lda,
+                const Transposed<at::BFloat16>& bt, int64_t b, int64_t hkv, int64_t key0,
+                int64_t rows, int64_t n, int64_t inner) {
     auto out = rows_of(out16, rows, n);
-    at::mm_out(out, view(a, {rows, inner}, {lda, 1}), view(b, {inner, n}, {1, ldb}));
-    widen(S, n, rows, n, alpha, false);
+    at::mm_out(out, view(a, {rows, inner}, {lda, 1}),
+               view(bt.at(b, hkv, key0), {inner, n}, {bt.inner_stride, bt.key_stride}));
+    widen(S, n, rows, n, bt.alpha, false);
   }
 
   void accumulate(float* C, int64_t ldc, const float* P, const at::BFloat16* x, int64_t ldx,
-                  int64_t rows, int64_t n, int64_t cols, float alpha) {
+                  int64_t rows, int64_t n, int64_t cols) {
     at::vec::convert(P, P16.data_ptr<at::BFloat16>(), rows * n);
     auto out = rows_of(out16, rows, cols);
     at::mm_out(out, rows_of(P16, rows, n), view(x, {n, cols}, {ldx, 1}));
-    widen(C, ldc, rows, cols, alpha, true);
+    widen(C, ldc, rows, cols, 1.0f, true);
   }
 
   void accumulate_t(float* C, int64_t ldc, const float* P, const at::BFloat16* x, int64_t ldx,
-                    int64_t rows, int64_t n, int64_t cols, float alpha) {
+                    int64_t rows, int64_t n, int64_t cols) {
     at::vec::convert(P, P16.data_ptr<at::BFloat16>(), rows * n);
     auto out = rows_of(out16, n, cols);
     at::mm_out(out, rows_of(P16, rows, n).t(), view(x, {rows, cols}, {ldx, 1}));
-    widen(C, ldc, n, cols, alpha, true);
+    widen(C, ldc, n, cols, 1.0f, true);
   }
 };
 
@@ -274,7 +340,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   using scalar_t = typename Gemms::scalar_t;
   const Dims d = dims_of(q, k, v, t);
   const scalar_t* qp = q.data_ptr<scalar_t>();
-  const scalar_t* kp = k.data_ptr<scalar_t>();
+  const auto keys_t = Gemms::transposed(k, scale);
   const scalar_t* vp = v.data_ptr<scalar_t>();
   scalar_t* op = out.data_ptr<scalar_t>();
   float* lp = lse.data_ptr<float>();
@@ -294,14 +360,13 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
     M.assign(w.bq, shifted ? kNegInf : 0.0f);
     L.assign(w.bq, 0.0f);
     const scalar_t* qi = qp + ((w.b * d.Tq + w.r0) * d.Hq + w.h) * d.D;
-    const scalar_t* kb = kp + (w.b * d.Tk * d.Hkv + w.hkv) * d.D;
     const scalar_t* vb = vp + (w.b * d.Tk * d.Hkv + w.hkv) * d.Dv;
 
     for_each_run(t, w.i, [&](int64_t first, int64_t stop) {
       const int64_t c0 = t.tiles[first] * t.BK;
       const int64_t n = std::min(t.tiles[stop - 1] * t.BK + t.BK, d.Tk) - c0;
       // S[bq, n] = scale Q Kᵀ
-      gemms[thread].products(S.data(), qi, d.ldq, kb + c0 * d.ldk, d.ldk, w.bq, n, d.D, scale);
+      gemms[thread].products(S.data(), qi, d.ldq, keys_t, w.b, w.hkv, c0, w.bq, n, d.D);
       for (int64_t r = 0; softmax && r < w.bq; ++r) {
         float* s = S.data() + r * n;
         float shift = 0.0f;
@@ -333,8 +398,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
         L[r] += sum.value();
       }
       // O[bq, Dv] += P V
-      gemms[thread].accumulate(O.data(), d.Dv, S.data(), vb + c0 * d.ldv, d.ldv, w.bq, n, d.Dv,
-                               1.0f);
+      gemms[thread].accumulate(O.data(), d.Dv, S.data(), vb + c0 * d.ldv, d.ldv, w.bq, n, d.Dv);
     });
 
     for (int64_t r = 0; r < w.bq; ++r) {
@@ -359,7 +423,8 @@ void backward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   const Dims d = dims_of(q, k, v, t);
   const scalar_t* qp = q.data_ptr<scalar_t>();
   const scalar_t* kp = k.data_ptr<scalar_t>();
-  const scalar_t* vp = v.data_ptr<scalar_t>();
+  const auto keys_t = Gemms::transposed(k, scale);
+  const auto values_t = Gemms::transposed(v, 1.0f);
   const scalar_t* dop = grad_out.data_ptr<scalar_t>();
   const float* lp = lse.data_ptr<float>();
   const float* deltap = delta.data_ptr<float>();
@@ -387,7 +452,6 @@ void backward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
     float* dqi = dqp + row0 * d.D;
     const int64_t key0 = w.b * d.Tk * d.Hkv + w.hkv;
     const scalar_t* kb = kp + key0 * d.D;
-    const scalar_t* vb = vp + key0 * d.Dv;
     float* dkb = dkp + thread * part_k + key0 * d.D;
     float* dvb = dvp + thread * part_v + key0 * d.Dv;
 
@@ -395,21 +459,22 @@ void backward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
       const int64_t c0 = t.tiles[first] * t.BK;
       const int64_t n = std::min(t.tiles[stop - 1] * t.BK + t.BK, d.Tk) - c0;
       // S[bq, n] = scale Q Kᵀ;  dP[bq, n] = dO Vᵀ (becomes dS in place)
-      g.products(S.data(), qi, d.ldq, kb + c0 * d.ldk, d.ldk, w.bq, n, d.D, scale);
-      g.products(dS.data(), doi, d.ldo, vb + c0 * d.ldv, d.ldv, w.bq, n, d.Dv, 1.0f);
+      g.products(S.data(), qi, d.ldq, keys_t, w.b, w.hkv, c0, w.bq, n, d.D);
+      g.products(dS.data(), doi, d.ldo, values_t, w.b, w.hkv, c0, w.bq, n, d.Dv);
       for (int64_t r = 0; r < w.bq; ++r) {
         float* s = S.data() + r * n;
         float* ds = dS.data() + r * n;
         const float lse_r = lp[row0 + r * d.Hq], delta_r = deltap[row0 + r * d.Hq];
         t.for_each_tile(first, stop, n, w.b, w.h, r,
                         [&](int64_t lo, int64_t width, const float* keep) {
-                          probabilities_and_grads(s + lo, ds + lo, keep, width, lse_r, delta_r);
+                          probabilities_and_grads(s + lo, ds + lo, keep, width, lse_r, delta_r,
+                                                  scale);
                         });
       }
       // dV[n, Dv] += Pᵀ dO;  dQ[bq, D] += scale dS K;  dK[n, D] += scale dSᵀ Q
-      g.accumulate_t(dvb + c0 * d.ldv, d.ldv, S.data(), doi, d.ldo, w.bq, n, d.Dv, 1.0f);
-      g.accumulate(dqi, d.ldq, dS.data(), kb + c0 * d.ldk, d.ldk, w.bq, n, d.D, scale);
-      g.accumulate_t(dkb + c0 * d.ldk, d.ldk, dS.data(), qi, d.ldq, w.bq, n, d.D, scale);
+      g.accumulate_t(dvb + c0 * d.ldv, d.ldv, S.data(), doi, d.ldo, w.bq, n, d.Dv);
+      g.accumulate(dqi, d.ldq, dS.data(), kb + c0 * d.ldk, d.ldk, w.bq, n, d.D);
+      g.accumulate_t(dkb + c0 * d.ldk, d.ldk, dS.data(), qi, d.ldq, w.bq, n, d.D);
     });
   });
 }
@@ -469,9 +534,46 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
   return {dq, dk.sum(0), dv.sum(0)};
 }
 
+// out = a b for float32 matrices with unit column stride (any row strides) through the GEMM
+// the float32 kernel calls, in [256, 256] blocks of out over the threads and steps of 256 along
+// k (a block's operands stay in L2): for benchmarks' throughput probe.
+void matmul_into(const at::Tensor& a, const at::Tensor& b, at::Tensor& out) {
+  TORCH_CHECK(a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat &&
+                  out.scalar_type() == at::kFloat,
+              "matmul_into takes float32 matrices");
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && out.dim() == 2 && a.size(1) == b.size(0) &&
+                  out.size(0) == a.size(0) && out.size(1) == b.size(1),
+              "matmul_into needs a [m, k], b [k, n] and out [m, n]");
+  TORCH_CHECK(a.stride(1) == 1 && b.stride(1) == 1 && out.stride(1) == 1,
+              "matmul_into needs rows of consecutive elements");
+  TORCH_CHECK(a.size(1) > 0, "matmul_into needs an inner size of at least 1");
+  constexpr int64_t kBlock = 256;
+  const int64_t m = a.size(0), n = b.size(1), k = a.size(1);
+  const int64_t lda = a.stride(0), ldb = b.stride(0), ldo = out.stride(0);
+  const int64_t col_blocks = (n + kBlock - 1) / kBlock;
+  const float* ap = a.data_ptr<float>();
+  const float* bp = b.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, (m + kBlock - 1) / kBlock * col_blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t r0 = block / col_blocks * kBlock, c0 = block % col_blocks * kBlock;
+      const int64_t rows = std::min(kBlock, m - r0), cols = std::min(kBlock, n - c0);
+      for (int64_t p0 = 0; p0 < k; p0 += kBlock) {
+        attnkit::matmul(rows, cols, std::min(kBlock, k - p0), ap + r0 * lda + p0, lda,
+                        bp + p0 * ldb + c0, ldb, op + r0 * ldo + c0, ldo, p0 > 0);
+      }
+    }
+  });
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "block-sparse attention forward (CPU)");
   m.def("backward", &backward, "block-sparse attention backward (CPU)");
+  m.def("float32_gemm", [] { return attnkit::brgemm_enabled().load() ? "brgemm" : "blas"; },
+        "which GEMM the float32 kernel calls: 'brgemm' (oneDNN's, through ATen) or 'blas'");
+  m.def("use_brgemm", [](bool on) { attnkit::brgemm_enabled() = on && attnkit::brgemm_works(); },
+        "let the float32 kernel call brgemm where it works here (tests turn it off)");
+  m.def("matmul_into", &matmul_into, "out = a b through the float32 kernel's GEMM");
 }

@@ -3,8 +3,18 @@
 // The BLAS that PyTorch links (MKL on x86 wheels, OpenBLAS elsewhere) exports the Fortran
 // interface; ATen's own cpublas wrapper is not exported to extensions. Called inside ATen's
 // parallel regions, it runs single-threaded on each thread.
+//
+// `matmul` (no transposes) goes to oneDNN's brgemm micro-kernels instead where libtorch offers
+// them for float32 (ATen's cpublas::brgemm). MKL chooses its code path by CPU vendor: on AMD
+// Zen it runs AVX2 kernels even where the core executes AVX-512 at twice the width. Measured on
+// a Zen 5 core: brgemm 226-258 GFLOP/s on attention tile shapes (64-256 rows, 64-512 columns,
+// inner 64-512), MKL's sgemm 97-108, the core's AVX-512 FMA peak 254.
 #pragma once
 
+#include <ATen/native/CPUBlas.h>
+
+#include <atomic>
+#include <cmath>
 #include <cstdint>
 
 extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n,
@@ -30,6 +40,51 @@ inline void gemm_rows(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t 
                       const float* a, int64_t lda, const float* b, int64_t ldb, float beta,
                       float* c, int64_t ldc) {
   gemm(trans_b, trans_a, n, m, k, alpha, b, ldb, a, lda, beta, c, ldc);
+}
+
+// True when libtorch's float32 brgemm exists and computes a small product correctly here (it
+// throws where oneDNN has no micro-kernel for the CPU).
+inline bool brgemm_works() {
+#ifdef CPUBLAS_BRGEMM_F32F32F32
+  constexpr int64_t m = 3, n = 5, k = 4;
+  float a[m * k], b[k * n], c[m * n];
+  for (int64_t i = 0; i < m * k; ++i) a[i] = static_cast<float>(i % 7) - 3.0f;
+  for (int64_t i = 0; i < k * n; ++i) b[i] = static_cast<float>(i % 5) - 2.0f;
+  try {
+    at::native::cpublas::brgemm(m, n, k, k, n, n, false, a, b, c, false);
+  } catch (...) {
+    return false;
+  }
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t j = 0; j < n; ++j) {
+      float expected = 0.0f;
+      for (int64_t p = 0; p < k; ++p) expected += a[i * k + p] * b[p * n + j];
+      if (std::abs(c[i * n + j] - expected) > 1e-4f) return false;
+    }
+  }
+  return true;
+#else
+  return false;
+#endif
+}
+
+// Whether `matmul` uses brgemm: probed once, and switchable so tests can check the BLAS path.
+inline std::atomic<bool>& brgemm_enabled() {
+  static std::atomic<bool> enabled{brgemm_works()};
+  return enabled;
+}
+
+// Row-major C[m, n] = A[m, k] B[k, n], or C += A B when `accumulate`; lda, ldb, ldc are row
+// strides.
+inline void matmul(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
+                   int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+#ifdef CPUBLAS_BRGEMM_F32F32F32
+  if (brgemm_enabled().load(std::memory_order_relaxed)) {
+    at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, accumulate, a, b, c, false);
+    return;
+  }
+#endif
+  gemm_rows(false, false, m, n, k, 1.0f, a, lda, b, ldb, accumulate ? 1.0f : 0.0f, c, ldc);
 }
 
 }  // namespace attnkit
