@@ -19,11 +19,11 @@ T=1024-8192; medians of 3):
   computed in plain PyTorch (sigmoid causal T=1024: 39 vs 18 ms on Flex); with gradients
   ~2.8x dense SDPA's forward+backward per live tile (window 256, T=4096: 254 vs 855 ms).
 - blocksparse (plain softmax), per live tile of its own tile shape: float32 through its
-  compiled kernel ~0.95-0.99x dense SDPA forward (dense T=8192 394-418 vs 411-439 ms, causal
-  211-223 vs SDPA is_causal 216-230; SDPA's float32 kernel already runs at ~150-170 of this
-  CPU's ~180 GFLOPS float32 matmul peak) and forward+backward (T=4096: dense 379 vs 392 ms,
-  causal 213 vs 224), plus ~0.15 per partial tile (window 256 at T=8192: 23-25 ms vs Flex
-  29-31, documents 54-56 vs 70-73); bfloat16 through the same kernel ~0.39x forward and
+  compiled kernel on oneDNN's brgemm ~0.48x dense SDPA forward and ~0.51x forward+backward
+  (dense T=8192 188 vs 394 ms; SDPA's float32 kernel calls MKL, which on this AMD CPU runs
+  AVX2 code at ~100 GFLOP/s per core where brgemm's AVX-512 reaches ~245), ~0.97x where the
+  kernel falls back to the BLAS; plus ~0.15 per partial tile (window 256 at T=8192: 23-25 ms
+  vs Flex 29-31 on the BLAS); bfloat16 through the same kernel ~0.39x forward and
   ~0.58x forward+backward (its GEMMs reach oneDNN's bf16 kernels, SDPA's bf16 kernel does
   not); through batched matmuls (no compiler) float32 ~1.2x, bfloat16 ~0.6x forward and
   ~0.8x forward+backward; float16 matmuls have no fast path here (20x slower). Its fixed cost per
@@ -67,12 +67,18 @@ CHUNKED_SCORE = 2.0
 #: Hq=4, T=2048 (8 MB): 25 vs 31; Hq=4, T=4096/8192 (16 MB): 211/858 vs 122/480.
 CHUNKED_HALF_DENSE = 0.85
 CHUNKED_HALF_DENSE_MAX_BUFFER = 8 << 20
-#: Keyed by (implementation, needs_grad). "kernel_bf16" is fitted on `attnkit bench sparse
-#: --dtypes bfloat16` (28 cells, T=4k-32k, per live tile 0.39 of dense SDPA bf16); with
-#: gradients, forward+backward at T=4096 measured 0.58 of SDPA's (dense and causal).
+#: Keyed by (implementation, needs_grad). "kernel_brgemm" is the float32 kernel on oneDNN's
+#: brgemm (``blocksparse.float32_gemm()``): dense T=4096/8192 forward 46/188 ms vs SDPA 97/394,
+#: forward+backward 181/703 vs 351/1392 (causal 28/99 vs is_causal 55/213). "kernel_blas" is
+#: the same kernel on the BLAS (MKL's AVX2 path on AMD). "kernel_bf16" is fitted on
+#: `attnkit bench sparse --dtypes bfloat16` (28 cells, T=4k-32k, per live tile 0.39 of dense
+#: SDPA bf16); with gradients, forward+backward at T=4096 measured 0.58 of SDPA's (dense and
+#: causal).
 BLOCKSPARSE_PER_LIVE = {
-    ("kernel", False): 0.97,
-    ("kernel", True): 0.97,
+    ("kernel_brgemm", False): 0.48,
+    ("kernel_brgemm", True): 0.51,
+    ("kernel_blas", False): 0.97,
+    ("kernel_blas", True): 0.97,
     ("kernel_bf16", False): 0.39,
     ("kernel_bf16", True): 0.58,
     ("float32", False): 1.2,
@@ -83,7 +89,13 @@ BLOCKSPARSE_PER_LIVE = {
 #: Extra cost of a PARTIAL tile (its 0/1 factor, and shorter runs), per tile; fitted at T=8192
 #: (kernel: window 256 0.054, documents 0.133 of dense SDPA; batched float32: causal 0.63,
 #: window 256 0.088) and, for kernel_bf16, on the same 28 cells as its per-tile cost.
-BLOCKSPARSE_PARTIAL = {"kernel": 0.15, "kernel_bf16": 0.2, "float32": 0.25, "bfloat16": 0.125}
+BLOCKSPARSE_PARTIAL = {
+    "kernel_brgemm": 0.15,
+    "kernel_blas": 0.15,
+    "kernel_bf16": 0.2,
+    "float32": 0.25,
+    "bfloat16": 0.125,
+}
 BLOCKSPARSE_FLOAT16 = 20.0
 #: Fixed cost per call as (query x key) pairs of dense SDPA: the kernel's is its plan lookup
 #: and one C++ call (causal T=1024: 4.2 vs SDPA 5.2 ms; bf16 T=256: 0.32 vs 0.51 ms); the
@@ -118,7 +130,8 @@ def _blocksparse_cost(call: AttentionCall) -> tuple[float, str]:
         return BLOCKSPARSE_FLOAT16 * live + overhead, f"{basis} as float16 matmuls (no fast path)"
     kernel = blocksparse.uses_kernel(call)
     if kernel:
-        implementation = "kernel" if call.dtype == torch.float32 else "kernel_bf16"
+        float32 = call.dtype == torch.float32
+        implementation = f"kernel_{blocksparse.float32_gemm()}" if float32 else "kernel_bf16"
         how = "in the compiled kernel"
     else:
         implementation = "float32" if call.dtype == torch.float32 else "bfloat16"

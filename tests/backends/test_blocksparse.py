@@ -188,3 +188,37 @@ def test_auto_prefers_it_where_measured_faster() -> None:
     assert attnkit.explain(long, long, long).chosen == "blocksparse"
     assert attnkit.explain(long, long, long, mask=masks.causal()).chosen == "blocksparse"
     assert attnkit.explain(long[:, :1], long, long, mask=masks.causal()).chosen == "sdpa"
+
+
+@pytest.mark.parametrize("gemm", ["brgemm", "blas"])
+def test_kernel_matmul_is_a_matmul_on_either_gemm(gemm: str) -> None:
+    kernel = native.load("blocksparse_cpu")
+    if kernel is None:
+        pytest.skip(f"kernel unavailable: {native.unavailable('blocksparse_cpu')}")
+    kernel.use_brgemm(gemm == "brgemm")
+    try:
+        if blocksparse.float32_gemm() != gemm:
+            pytest.skip(f"{gemm} does not run on this CPU")
+        g = torch.Generator().manual_seed(0)
+        # sizes that leave partial 256-blocks in every dimension, rows padded as the bench does
+        a = torch.randn(300, 530, generator=g)[:, :520]
+        b = torch.randn(520, 290, generator=g)
+        out = torch.full((300, 300), float("nan"))[:, :270]
+        assert blocksparse.kernel_matmul(a, b[:, :270], out)
+        expected = a.double().mm(b[:, :270].double())
+        # float32 sums of 520 products of N(0, 1) pairs: errors around 1e-5
+        torch.testing.assert_close(out.double(), expected, rtol=0, atol=2e-4)
+    finally:
+        kernel.use_brgemm(True)
+
+
+def test_kernel_matmul_refuses_what_it_cannot_multiply() -> None:
+    if native.load("blocksparse_cpu") is None:
+        pytest.skip(f"kernel unavailable: {native.unavailable('blocksparse_cpu')}")
+    a, b, out = torch.ones(4, 3), torch.ones(3, 5), torch.empty(4, 5)
+    with pytest.raises(RuntimeError, match="float32"):
+        blocksparse.kernel_matmul(a.double(), b.double(), out.double())
+    with pytest.raises(RuntimeError, match=r"a \[m, k\], b \[k, n\]"):
+        blocksparse.kernel_matmul(a, b.t(), out)
+    with pytest.raises(RuntimeError, match="consecutive"):
+        blocksparse.kernel_matmul(a, torch.ones(5, 3).t(), out)

@@ -393,15 +393,37 @@ def _kernel_inputs(call: AttentionCall) -> tuple[Tensor, Tensor, Tensor]:
 
 def gemms_alone(call: AttentionCall) -> Callable[[], object] | None:
     """For benchmarks: a function running the compiled kernel's GEMM calls for ``call`` (in
-    bfloat16 with their conversions to and from float32) with the per-row softmax steps between
-    them skipped; its output is not attention. Its time is what the plan's tiles cost at this
-    BLAS's speed: a bound on the kernel's time. None where the kernel does not run ``call``."""
+    bfloat16 with their conversions to and from float32; in float32 with the packing of Kᵀ)
+    with the per-row softmax steps between them skipped; its output is not attention. Its time
+    is what the plan's tiles cost at this GEMM's speed: a bound on the kernel's time. None where
+    the kernel does not run ``call``."""
     kernel = _kernel(call)
     if kernel is None:
         return None
     tiles = _plan(call).kernel_tiles
     q, k, v = _kernel_inputs(call)
     return lambda: kernel.forward(q, k, v, *tiles, False, float(call.scale), False)
+
+
+def float32_gemm() -> str | None:
+    """The GEMM the compiled kernel runs float32 tiles on here: ``"brgemm"`` (oneDNN's
+    micro-kernels through ATen, where libtorch has them for this CPU) or ``"blas"`` (the BLAS
+    torch links); None without the kernel. On CPUs where MKL keeps to AVX2 (AMD), brgemm is
+    about 2.4x faster on tile shapes."""
+    kernel = native.load("blocksparse_cpu")
+    return None if kernel is None else kernel.float32_gemm()
+
+
+def kernel_matmul(a: Tensor, b: Tensor, out: Tensor) -> bool:
+    """``out = a @ b`` for float32 matrices with unit column stride, through the GEMM the
+    compiled kernel calls (:func:`float32_gemm`), in cache-sized blocks over all threads: the
+    benchmarks' probe of the matmul throughput this kernel can reach. False (``out`` untouched)
+    without the kernel."""
+    kernel = native.load("blocksparse_cpu")
+    if kernel is None:
+        return False
+    kernel.matmul_into(a, b, out)
+    return True
 
 
 def needs_shift(call: AttentionCall) -> bool:

@@ -19,17 +19,20 @@ bound on the speed-up over dense (1 / live fraction), the achieved speed-up
 tile computed at dense SDPA's throughput).
 
 What the machine allows: the run also measures its matmul throughput per dtype (a square
-``MATMUL_PROBE`` GEMM, the most favourable shape) and gives each cell a *floor*, the time of the
-mask's kept pairs alone at that throughput (two GEMMs, ``4 · B · H · D`` flops per kept pair;
-no softmax, no wasted pairs in partial tiles). No implementation that computes exact attention
-with these GEMMs can be faster, so ``flex / floor`` is the largest speed-up over Flex this
-machine permits: where it is below a goal, the goal is out of reach here, whatever the kernel.
+``MATMUL_PROBE`` GEMM, the most favourable shape, through the fastest GEMM this process has:
+torch's matmul, and in float32 also the compiled kernel's own, ``blocksparse.kernel_matmul``,
+which runs about 2.3x faster than torch's MKL on AMD CPUs) and gives each cell a *floor*, the
+time of the mask's kept pairs alone at that throughput (two GEMMs, ``4 · B · H · D`` flops per
+kept pair; no softmax, no wasted pairs in partial tiles). No implementation that computes exact
+attention with these GEMMs can be faster, so ``flex / floor`` is the largest speed-up over Flex
+this machine permits: where it is below a goal, the goal is out of reach here, whatever the
+kernel.
 
 What our tiles allow: ``kernel_gemms`` times the compiled kernel's GEMMs on the same plan with
 the per-row softmax steps skipped (``blocksparse.gemms_alone``): the same tiles, partial ones
-included, at the BLAS's speed on their shapes. ``flex / kernel_gemms`` (*reachable*) is the
-largest speed-up over Flex a kernel built on these tiles and this BLAS could reach with a free
-softmax; the gap between it and the ceiling is the BLAS's efficiency on tile-sized GEMMs plus
+included, at the GEMM's speed on their shapes. ``flex / kernel_gemms`` (*reachable*) is the
+largest speed-up over Flex a kernel built on these tiles and this GEMM could reach with a free
+softmax; the gap between it and the ceiling is the GEMM's efficiency on tile-sized products plus
 the pairs that partial tiles waste.
 """
 
@@ -129,7 +132,7 @@ class SparseCell:
         return None if time is None or self.floor_ms is None else time / self.floor_ms
 
     def reachable(self, over: str) -> float | None:
-        """The largest speed-up over ``over`` with our tiles and this BLAS (a free softmax)."""
+        """The largest speed-up over ``over`` with our tiles and this GEMM (a free softmax)."""
         return self.speedup(over, of="kernel_gemms")
 
     @property
@@ -247,12 +250,27 @@ def _time(
 MATMUL_PROBE = 2048
 
 
-def matmul_gflops(dtype: torch.dtype, repeats: int = 5) -> float:
-    """Median GFLOP/s of a ``MATMUL_PROBE``-sized square matmul in ``dtype`` on all threads."""
+def _square_matmuls(dtype: torch.dtype) -> list[Callable[[], object]]:
+    """``MATMUL_PROBE``-sized square products in ``dtype``: torch's matmul, and in float32 the
+    compiled kernel's GEMM (rows padded off 4 KB multiples, as the kernel pads its operands)."""
     a, b = (torch.randn(MATMUL_PROBE, MATMUL_PROBE).to(dtype) for _ in range(2))
-    a @ b  # warm-up: oneDNN builds its kernel, pages are touched
-    seconds = median([timed(lambda: a @ b) for _ in range(repeats)])
-    return 2 * MATMUL_PROBE**3 / seconds / 1e9
+    calls: list[Callable[[], object]] = [lambda: a @ b]
+    if dtype == torch.float32 and blocksparse.float32_gemm() is not None:
+        padded = MATMUL_PROBE + 16
+        x, y, out = (torch.randn(MATMUL_PROBE, padded)[:, :MATMUL_PROBE] for _ in range(3))
+        calls.append(lambda: blocksparse.kernel_matmul(x, y, out))
+    return calls
+
+
+def matmul_gflops(dtype: torch.dtype, repeats: int = 5) -> float:
+    """Median GFLOP/s of the fastest ``MATMUL_PROBE``-sized square matmul in ``dtype`` on all
+    threads (:func:`_square_matmuls`)."""
+    best = 0.0
+    for call in _square_matmuls(dtype):
+        call()  # warm-up: oneDNN builds its kernel, pages are touched
+        seconds = median([timed(call) for _ in range(repeats)])
+        best = max(best, 2 * MATMUL_PROBE**3 / seconds / 1e9)
+    return best
 
 
 def run_sparse_bench(
@@ -361,7 +379,8 @@ def sparse_targets(cells: list[SparseCell]) -> list[SparseTarget]:
 
 def sparse_table(cells: list[SparseCell]) -> Table:
     names = list(dict.fromkeys(n for c in cells for n in c.times_ms))
-    table = Table(title="block-sparse attention, ms (forward)")
+    gemm = blocksparse.float32_gemm() or "none (no compiled kernel)"
+    table = Table(title=f"block-sparse attention, ms (forward; kernel's float32 GEMM: {gemm})")
     columns = ("pattern", "T", "dtype", "live", *names, "floor", "vs flex", "reachable",
                "ceiling", "bound", "achieved", "eff")  # fmt: skip
     for column in columns:
@@ -437,6 +456,7 @@ def write_sparse(cells: list[SparseCell], config: SparseConfig, out: str | Path)
         "targets": [asdict(t) for t in sparse_targets(cells)],
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "kernel_float32_gemm": blocksparse.float32_gemm(),
     }
     paths["json"].write_text(json.dumps(data, indent=1))
     plot_density(cells, paths["plot"])
