@@ -68,19 +68,23 @@ CHUNKED_SCORE = 2.0
 CHUNKED_HALF_DENSE = 0.85
 CHUNKED_HALF_DENSE_MAX_BUFFER = 8 << 20
 #: Keyed by (implementation, needs_grad). "kernel_brgemm" is the float32 kernel on oneDNN's
-#: brgemm (``blocksparse.float32_gemm()``): dense T=4096/8192 forward 46/188 ms vs SDPA 97/394,
+#: brgemm (``blocksparse.kernel_gemm``): dense T=4096/8192 forward 46/188 ms vs SDPA 97/394,
 #: forward+backward 181/703 vs 351/1392 (causal 28/99 vs is_causal 55/213). "kernel_blas" is
-#: the same kernel on the BLAS (MKL's AVX2 path on AMD). "kernel_bf16" is fitted on
-#: `attnkit bench sparse --dtypes bfloat16` (28 cells, T=4k-32k, per live tile 0.39 of dense
-#: SDPA bf16); with gradients, forward+backward at T=4096 measured 0.58 of SDPA's (dense and
-#: causal).
+#: the same kernel on the BLAS (MKL's AVX2 path on AMD). "kernel_bf16_brgemm" is the bfloat16
+#: kernel on brgemm: dense T=4096/8192 forward 29/113 ms vs SDPA bf16 104/418, forward+backward
+#: 119/453 vs 262/1045. "kernel_bf16_onednn_matmul" (at::mm, where bf16 brgemm does not run)
+#: is fitted on `attnkit bench sparse --dtypes bfloat16` (28 cells, T=4k-32k, per live tile
+#: 0.39 of dense SDPA bf16; T=4096 dense 40.8 ms); with gradients, forward+backward at T=4096
+#: measured 0.57-0.58 of SDPA's (dense and causal).
 BLOCKSPARSE_PER_LIVE = {
     ("kernel_brgemm", False): 0.48,
     ("kernel_brgemm", True): 0.51,
     ("kernel_blas", False): 0.97,
     ("kernel_blas", True): 0.97,
-    ("kernel_bf16", False): 0.39,
-    ("kernel_bf16", True): 0.58,
+    ("kernel_bf16_brgemm", False): 0.27,
+    ("kernel_bf16_brgemm", True): 0.45,
+    ("kernel_bf16_onednn_matmul", False): 0.39,
+    ("kernel_bf16_onednn_matmul", True): 0.58,
     ("float32", False): 1.2,
     ("float32", True): 1.2,
     ("bfloat16", False): 0.6,
@@ -88,11 +92,12 @@ BLOCKSPARSE_PER_LIVE = {
 }
 #: Extra cost of a PARTIAL tile (its 0/1 factor, and shorter runs), per tile; fitted at T=8192
 #: (kernel: window 256 0.054, documents 0.133 of dense SDPA; batched float32: causal 0.63,
-#: window 256 0.088) and, for kernel_bf16, on the same 28 cells as its per-tile cost.
+#: window 256 0.088) and, for the bf16 kernel, on the same 28 cells as its per-tile cost.
 BLOCKSPARSE_PARTIAL = {
     "kernel_brgemm": 0.15,
     "kernel_blas": 0.15,
-    "kernel_bf16": 0.2,
+    "kernel_bf16_brgemm": 0.2,
+    "kernel_bf16_onednn_matmul": 0.2,
     "float32": 0.25,
     "bfloat16": 0.125,
 }
@@ -130,8 +135,8 @@ def _blocksparse_cost(call: AttentionCall) -> tuple[float, str]:
         return BLOCKSPARSE_FLOAT16 * live + overhead, f"{basis} as float16 matmuls (no fast path)"
     kernel = blocksparse.uses_kernel(call)
     if kernel:
-        float32 = call.dtype == torch.float32
-        implementation = f"kernel_{blocksparse.float32_gemm()}" if float32 else "kernel_bf16"
+        gemm = blocksparse.kernel_gemm(call.dtype)
+        implementation = f"kernel_{gemm}" if call.dtype == torch.float32 else f"kernel_bf16_{gemm}"
         how = "in the compiled kernel"
     else:
         implementation = "float32" if call.dtype == torch.float32 else "bfloat16"

@@ -405,20 +405,23 @@ def gemms_alone(call: AttentionCall) -> Callable[[], object] | None:
     return lambda: kernel.forward(q, k, v, *tiles, False, float(call.scale), False)
 
 
-def float32_gemm() -> str | None:
-    """The GEMM the compiled kernel runs float32 tiles on here: ``"brgemm"`` (oneDNN's
-    micro-kernels through ATen, where libtorch has them for this CPU) or ``"blas"`` (the BLAS
-    torch links); None without the kernel. On CPUs where MKL keeps to AVX2 (AMD), brgemm is
-    about 2.4x faster on tile shapes."""
+def kernel_gemm(dtype: torch.dtype) -> str | None:
+    """The GEMM the compiled kernel runs ``dtype`` tiles on here: ``"brgemm"`` (oneDNN's
+    micro-kernels through ATen, where libtorch has them for this CPU), else ``"blas"`` (float32:
+    the BLAS torch links) or ``"onednn_matmul"`` (bfloat16: ``at::mm``); None without the kernel
+    or for other dtypes. On AMD CPUs, where MKL keeps to AVX2, float32 brgemm is about 2.4x
+    faster on tile shapes; bfloat16 brgemm (AVX512-BF16) about twice that."""
     kernel = native.load("blocksparse_cpu")
-    return None if kernel is None else kernel.float32_gemm()
+    if kernel is None or dtype not in KERNEL_DTYPES:
+        return None
+    return kernel.float32_gemm() if dtype == torch.float32 else kernel.bfloat16_gemm()
 
 
 def kernel_matmul(a: Tensor, b: Tensor, out: Tensor) -> bool:
     """``out = a @ b`` for float32 matrices with unit column stride, through the GEMM the
-    compiled kernel calls (:func:`float32_gemm`), in cache-sized blocks over all threads: the
-    benchmarks' probe of the matmul throughput this kernel can reach. False (``out`` untouched)
-    without the kernel."""
+    compiled kernel calls in float32 (:func:`kernel_gemm`), in cache-sized blocks over all
+    threads: the benchmarks' probe of the matmul throughput this kernel can reach. False
+    (``out`` untouched) without the kernel."""
     kernel = native.load("blocksparse_cpu")
     if kernel is None:
         return False

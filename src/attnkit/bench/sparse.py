@@ -255,7 +255,7 @@ def _square_matmuls(dtype: torch.dtype) -> list[Callable[[], object]]:
     compiled kernel's GEMM (rows padded off 4 KB multiples, as the kernel pads its operands)."""
     a, b = (torch.randn(MATMUL_PROBE, MATMUL_PROBE).to(dtype) for _ in range(2))
     calls: list[Callable[[], object]] = [lambda: a @ b]
-    if dtype == torch.float32 and blocksparse.float32_gemm() is not None:
+    if dtype == torch.float32 and blocksparse.kernel_gemm(dtype) is not None:
         padded = MATMUL_PROBE + 16
         x, y, out = (torch.randn(MATMUL_PROBE, padded)[:, :MATMUL_PROBE] for _ in range(3))
         calls.append(lambda: blocksparse.kernel_matmul(x, y, out))
@@ -377,10 +377,17 @@ def sparse_targets(cells: list[SparseCell]) -> list[SparseTarget]:
     ]
 
 
+def _kernel_gemms() -> dict[str, str | None]:
+    """The GEMM the compiled kernel runs each of its dtypes on (``blocksparse.kernel_gemm``)."""
+    return {
+        str(d).removeprefix("torch."): blocksparse.kernel_gemm(d) for d in blocksparse.KERNEL_DTYPES
+    }
+
+
 def sparse_table(cells: list[SparseCell]) -> Table:
     names = list(dict.fromkeys(n for c in cells for n in c.times_ms))
-    gemm = blocksparse.float32_gemm() or "none (no compiled kernel)"
-    table = Table(title=f"block-sparse attention, ms (forward; kernel's float32 GEMM: {gemm})")
+    gemms = ", ".join(f"{name} {gemm}" for name, gemm in _kernel_gemms().items())
+    table = Table(title=f"block-sparse attention, ms (forward; the kernel's GEMMs: {gemms})")
     columns = ("pattern", "T", "dtype", "live", *names, "floor", "vs flex", "reachable",
                "ceiling", "bound", "achieved", "eff")  # fmt: skip
     for column in columns:
@@ -456,7 +463,7 @@ def write_sparse(cells: list[SparseCell], config: SparseConfig, out: str | Path)
         "targets": [asdict(t) for t in sparse_targets(cells)],
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "kernel_float32_gemm": blocksparse.float32_gemm(),
+        "kernel_gemms": _kernel_gemms(),
     }
     paths["json"].write_text(json.dumps(data, indent=1))
     plot_density(cells, paths["plot"])

@@ -7,8 +7,9 @@
 // counter in (head, block) order.
 //
 // Layouts: the caller's own (contiguous) q [B, Tq, Hq, D], k [B, Tk, Hkv, D],
-// v [B, Tk, Hkv, Dv], read in place through BLAS leading dimensions (no transposed copies: at
-// T=32k each would be a fresh 32 MB buffer); out [B, Tq, Hq, Dv], lse [B, Tq, Hq]. The mask's
+// v [B, Tk, Hkv, Dv], read in place through GEMM leading dimensions, except that the float32
+// GEMM takes no transposes, so it gets Kᵀ (and Vᵀ in the backward) packed once per call: one
+// copy the size of k; out [B, Tq, Hq, Dv], lse [B, Tq, Hq]. The mask's
 // live tiles are a CSR over query blocks: row_ptr [nq + 1],
 // tiles [nnz] (key-tile index, ascending per row), partial [nnz] (-1 for a full tile, else the
 // index of its 0/1 keep tile in keep [P, Bm, Hm, BQ, BK], Bm in {1, B}, Hm in {1, Hkv * G}).
@@ -21,6 +22,7 @@
 #include "cpu_blas.h"
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <limits>
@@ -86,24 +88,47 @@ struct RowSum {
   }
 };
 
-// p = exp(max(s - shift, floor)) · keep over n values in place (keep = nullptr: a full tile),
-// added to `sum`. One pass: the exp, the tile's 0/1 factor and the row sum share each load.
-inline void exp_keep_sum(float* s, const float* keep, int64_t n, float shift, RowSum& sum) {
-  const Vec vshift(shift), vfloor(kExpFloor);
+// p = exp(max(scale · s - shift, floor)) · keep over n values in place (keep = nullptr: a full
+// tile), added to `sum`. One pass: the exp, the tile's 0/1 factor and the row sum share each
+// load.
+inline void exp_keep_sum(float* s, const float* keep, int64_t n, float scale, float shift,
+                         RowSum& sum) {
+  const Vec vscale(scale), vshift(shift), vfloor(kExpFloor);
   int64_t c = 0;
   for (; c + Vec::size() <= n; c += Vec::size()) {
-    Vec p = at::vec::maximum(Vec::loadu(s + c) - vshift, vfloor).exp_u20();
+    Vec p = at::vec::maximum(at::vec::fmsub(Vec::loadu(s + c), vscale, vshift), vfloor).exp_u20();
     if (keep) p = p * Vec::loadu(keep + c);
     p.store(s + c);
     sum.partial = sum.partial + p;
   }
   for (; c < n; ++c) {
-    s[c] = std::exp(std::max(s[c] - shift, kExpFloor)) * (keep ? keep[c] : 1.0f);
+    s[c] = std::exp(std::max(s[c] * scale - shift, kExpFloor)) * (keep ? keep[c] : 1.0f);
     sum.tail += s[c];
   }
 }
 
-// The backward's per-pair step over n values in place: p = exp(s - lse) · keep (keep =
+// s = scale · s over n values in place, masked pairs (keep = 0) set to -inf (keep = nullptr: a
+// full tile); returns their largest.
+inline float scale_mask_max(float* s, const float* keep, int64_t n, float scale) {
+  const Vec vscale(scale), vmasked(kNegInf), zero(0.0f);
+  Vec vmax(kNegInf);
+  int64_t c = 0;
+  for (; c + Vec::size() <= n; c += Vec::size()) {
+    Vec x = Vec::loadu(s + c) * vscale;
+    if (keep) x = Vec::blendv(x, vmasked, Vec::loadu(keep + c) == zero);
+    x.store(s + c);
+    vmax = at::vec::maximum(vmax, x);
+  }
+  float largest = at::vec::vec_reduce_all<float>(
+      [](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vmax);
+  for (; c < n; ++c) {
+    s[c] = keep && keep[c] == 0.0f ? kNegInf : s[c] * scale;
+    largest = std::max(largest, s[c]);
+  }
+  return largest;
+}
+
+// The backward's per-pair step over n values in place: p = exp(scale · s - lse) · keep (keep =
 // nullptr: a full tile) into s, scale · dS = scale · p (dP - Δ) into ds (both gradients through
 // the scores carry the scale). Kept pairs have s - lse <= 0; masked ones may be larger, hence
 // the upper clamp before their factor zeroes them.
@@ -112,33 +137,31 @@ inline void probabilities_and_grads(float* s, float* ds, const float* keep, int6
   const Vec vlse(lse), lo(kExpFloor), hi(-kExpFloor), vdelta(delta), vscale(scale);
   int64_t c = 0;
   for (; c + Vec::size() <= n; c += Vec::size()) {
-    Vec p = at::vec::clamp(Vec::loadu(s + c) - vlse, lo, hi).exp_u20();
+    Vec p = at::vec::clamp(at::vec::fmsub(Vec::loadu(s + c), vscale, vlse), lo, hi).exp_u20();
     if (keep) p = p * Vec::loadu(keep + c);
     p.store(s + c);
     ((Vec::loadu(ds + c) - vdelta) * (p * vscale)).store(ds + c);
   }
   for (; c < n; ++c) {
-    s[c] = std::exp(std::clamp(s[c] - lse, kExpFloor, -kExpFloor)) * (keep ? keep[c] : 1.0f);
+    s[c] = std::exp(std::clamp(s[c] * scale - lse, kExpFloor, -kExpFloor)) *
+           (keep ? keep[c] : 1.0f);
     ds[c] = (ds[c] - delta) * (s[c] * scale);
   }
 }
 
-inline float row_max(const float* s, int64_t n) {
-  return at::vec::reduce_all<float>(
-      [](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, s, n);
-}
-
-// Run `work(item, thread)` for items [0, n), each thread pulling the next item. Items are
+// Run `work(item, thread)` for items [0, n), each thread pulling the next item, then releasing
+// its GEMM state. Items are
 // (head, query block) in order, so the threads work on neighbouring query blocks of one head
 // at a time and share its keys and values in cache (largest-first ordering interleaved heads
 // and ran causal T=32k 25% slower); the dynamic pull keeps the threads balanced.
-template <typename F>
-void run_items(int64_t n, F&& work) {
+template <typename Gemms, typename F>
+void run_items(int64_t n, std::vector<Gemms>& gemms, F&& work) {
   std::atomic<int64_t> next{0};
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     const int64_t thread = at::get_thread_num();
     for (int64_t item = next++; item < n; item = next++) work(item, thread);
+    gemms[thread].release();
   });
 }
 
@@ -174,96 +197,119 @@ Work work_of(int64_t item, const Dims& d, const Tiles& t) {
   return Work{i, head / d.Hq, h, h / d.G, r0, std::min(t.BQ, d.Tq - r0)};
 }
 
-// Kᵀ (or Vᵀ) as the second operand of the products S = Q Kᵀ and dP = dO Vᵀ: feature d of key
-// j of head (b, hkv) at at(b, hkv, j)[d * inner_stride] (key_stride between keys), and the
-// factor `alpha` the products still apply (the softmax scale, unless the operand carries it).
+// A per-call GEMM operand made from k or v [B, Tk, Hkv, ·]: key j of head (b, hkv) starts at
+// at(b, hkv, j), consecutive keys key_stride apart, and `ld` is the leading dimension the
+// owning Gemms passes for it. `copy` holds a packed layout; undefined, the input is read in
+// place.
 template <typename scalar_t>
-struct Transposed {
-  at::Tensor copy;  // undefined when the operand is the input read in place
+struct Operand {
+  at::Tensor copy;
   const scalar_t* data;
-  int64_t batch_stride, head_stride, inner_stride, key_stride;
-  float alpha;
+  int64_t batch_stride, head_stride, key_stride, ld;
 
   const scalar_t* at(int64_t b, int64_t hkv, int64_t key) const {
     return data + b * batch_stride + hkv * head_stride + key * key_stride;
   }
 };
 
-// dst[j, i] = src[i, j] for a row-major src [rows, n]; dst has row stride `rows`.
-inline void transpose(const float* src, int64_t rows, int64_t n, float* dst) {
-  constexpr int64_t kBlock = 16;  // a block's rows and columns stay in L1
-  for (int64_t i0 = 0; i0 < rows; i0 += kBlock) {
-    const int64_t i1 = std::min(rows, i0 + kBlock);
-    for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
-      const int64_t j1 = std::min(n, j0 + kBlock);
-      for (int64_t i = i0; i < i1; ++i) {
-        for (int64_t j = j0; j < j1; ++j) dst[j * rows + i] = src[i * n + j];
-      }
-    }
-  }
+template <typename scalar_t>
+Operand<scalar_t> in_place(const at::Tensor& x) {
+  const int64_t Tk = x.size(1), H = x.size(2), D = x.size(3);
+  return {at::Tensor(), x.data_ptr<scalar_t>(), Tk * H * D, D, H * D, H * D};
 }
 
-// The three GEMM shapes of the forward and backward passes, on row-major float32 buffers and
-// row-strided views of q, k, v, dO in the caller's layout (A, X: [rows, ld] of scalar_t):
-//   products(S, A, Bᵀ):     S[rows, n] = alpha A[rows, inner] Bᵀ[inner, n]
-//   accumulate(C, P, X):    C[rows, cols] += P[rows, n] X[n, cols]
-//   accumulate_t(C, P, X):  C[n, cols] += P[rows, n]ᵀ X[rows, cols]
+// Storage for packed operands, one buffer per slot, reused across the calls of one calling
+// thread: a fresh buffer of a few MB costs its page faults on first touch (8 MB: 1.6 ms, against
+// 0.06 ms to rewrite it), as much as the packing itself. Buffers over kReuseMax bytes are not
+// kept; at those sizes the attention dwarfs the faults.
+enum Slot { kKeysT, kValuesT, kRows, kSlots };
+
+inline at::Tensor scratch(Slot slot, at::IntArrayRef sizes, at::ScalarType dtype) {
+  constexpr int64_t kReuseMax = int64_t{16} << 20;
+  thread_local std::array<at::Tensor, kSlots> kept;
+  const int64_t bytes =
+      c10::multiply_integers(sizes) * static_cast<int64_t>(c10::elementSize(dtype));
+  if (bytes > kReuseMax) return at::empty(sizes, at::TensorOptions().dtype(dtype));
+  at::Tensor& buffer = kept[slot];
+  if (!buffer.defined() || buffer.numel() < bytes) buffer = at::empty({bytes}, at::kByte);
+  return buffer.narrow(0, 0, bytes).view(dtype).view(sizes);
+}
+
+// Row stride for a packed copy with `n` columns: padded off a multiple of 4 KB, where the rows
+// a GEMM reads in turn would all fall in one L1 set (float32 brgemm with Kᵀ rows 8192 floats
+// apart: 212 GFLOP/s, padded 244).
+inline int64_t padded(int64_t n) { return (n + 15) / 16 * 16 + 16; }
+
+// x [B, Tk, H, D] of 4-byte elements -> [B, H, D, ld]: dst[b, h, c, j] = x[b, j, h, c], in
+// tasks of 64 keys (their D destination lines stay in cache) over the threads.
+inline void transpose_keys(const float* src, int64_t B, int64_t Tk, int64_t H, int64_t D,
+                           float* dst, int64_t ld) {
+  constexpr int64_t kChunk = 64;
+  const int64_t chunks = (Tk + kChunk - 1) / kChunk;
+  at::parallel_for(0, B * H * chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t head = task / chunks, j0 = task % chunks * kChunk;  // head = b * H + h
+      const int64_t b = head / H, h = head % H, keys = std::min(kChunk, Tk - j0);
+      at::vec::transpose_mxn<float>(src + ((b * Tk + j0) * H + h) * D, H * D,
+                                    dst + head * D * ld + j0, ld, keys, D);
+    }
+  });
+}
+
+// The three GEMM shapes of the forward and backward passes, on row-major float32 buffers, the
+// per-call operands keys_t(x) = xᵀ and rows(x) = x made from k or v, and row-strided views of
+// q and dO in the caller's layout (A, X: [rows, ld] of scalar_t):
+//   products(S, A, keys_t(x)):  S[rows, n] = A[rows, inner] xᵀ[inner, n]
+//   accumulate(C, P, rows(x)):  C[rows, cols] += P[rows, n] x[n, cols]
+//   accumulate_t(C, P, X):      C[n, cols] += P[rows, n]ᵀ X[rows, cols]
 // Float32 through attnkit::matmul (oneDNN's brgemm, or BLAS), which takes no transposes: Kᵀ
-// and Vᵀ are packed once per call, with the scale folded into Kᵀ, and Pᵀ per tile.
+// and Vᵀ are packed once per call (when `pack`: enough queries share each key to repay the
+// copy; otherwise BLAS reads k in place), and Pᵀ once per tile.
 struct Float32Gemms {
   using scalar_t = float;
   std::vector<float> transposed_tile;
 
   Float32Gemms(int64_t rows, int64_t keys, int64_t) : transposed_tile(rows * keys) {}
 
-  // x [B, Tk, Hkv, D] -> scale xᵀ [B, Hkv, D, ld]. The row stride ld is padded off a multiple
-  // of 4 KB: with rows 2^k floats apart, a GEMM's reads of consecutive rows all fall in one L1
-  // set (brgemm at T=8192: 212 GFLOP/s unpadded, 244 padded).
-  static Transposed<float> transposed(const at::Tensor& x, float scale) {
+  static Operand<float> keys_t(const at::Tensor& x, bool pack, Slot slot) {
+    if (!pack) return in_place<float>(x);
     const int64_t B = x.size(0), Tk = x.size(1), H = x.size(2), D = x.size(3);
-    const int64_t ld = (Tk + 15) / 16 * 16 + 16;
-    constexpr int64_t kChunk = 64;  // keys per task: their D destination lines stay in cache
-    const int64_t chunks = (Tk + kChunk - 1) / kChunk;
-    auto copy = at::empty({B, H, D, ld}, x.options());
-    const float* src = x.data_ptr<float>();
-    float* dst = copy.data_ptr<float>();
-    at::parallel_for(0, B * H * chunks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t head = task / chunks, j0 = task % chunks * kChunk;  // head = b * H + h
-        const int64_t b = head / H, h = head % H;
-        float* out = dst + head * D * ld;
-        for (int64_t j = j0; j < std::min(Tk, j0 + kChunk); ++j) {
-          const float* row = src + ((b * Tk + j) * H + h) * D;
-          for (int64_t c = 0; c < D; ++c) out[c * ld + j] = row[c] * scale;
-        }
-      }
-    });
-    return {copy, dst, H * D * ld, D * ld, ld, 1, 1.0f};
+    const int64_t ld = padded(Tk);
+    auto copy = scratch(slot, {B, H, D, ld}, at::kFloat);
+    transpose_keys(x.data_ptr<float>(), B, Tk, H, D, copy.data_ptr<float>(), ld);
+    return {copy, copy.data_ptr<float>(), H * D * ld, D * ld, 1, ld};
   }
 
-  void products(float* S, const float* a, int64_t lda, const Transposed<float>& bt, int64_t b,
+  static Operand<float> rows(const at::Tensor& x, Slot) { return in_place<float>(x); }
+
+  void products(float* S, const float* a, int64_t lda, const Operand<float>& xt, int64_t b,
                 int64_t hkv, int64_t key0, int64_t rows, int64_t n, int64_t inner) {
-    attnkit::matmul(rows, n, inner, a, lda, bt.at(b, hkv, key0), bt.inner_stride, S, n, false);
+    if (xt.copy.defined()) {
+      attnkit::matmul(rows, n, inner, a, lda, xt.at(b, hkv, key0), xt.ld, S, n, false);
+    } else {
+      attnkit::gemm_rows(false, true, rows, n, inner, 1.0f, a, lda, xt.at(b, hkv, key0), xt.ld,
+                         0.0f, S, n);
+    }
   }
 
-  void accumulate(float* C, int64_t ldc, const float* P, const float* x, int64_t ldx,
-                  int64_t rows, int64_t n, int64_t cols) {
-    attnkit::matmul(rows, cols, n, P, n, x, ldx, C, ldc, true);
+  void accumulate(float* C, int64_t ldc, const float* P, const Operand<float>& x, int64_t b,
+                  int64_t hkv, int64_t key0, int64_t rows, int64_t n, int64_t cols) {
+    attnkit::matmul(rows, cols, n, P, n, x.at(b, hkv, key0), x.ld, C, ldc, true);
   }
 
   void accumulate_t(float* C, int64_t ldc, const float* P, const float* x, int64_t ldx,
                     int64_t rows, int64_t n, int64_t cols) {
-    transpose(P, rows, n, transposed_tile.data());
+    at::vec::transpose_mxn<float>(P, n, transposed_tile.data(), rows, rows, n);
     attnkit::matmul(n, cols, rows, transposed_tile.data(), rows, x, ldx, C, ldc, true);
   }
+
+  void release() {}
 };
 
-// The same GEMMs in bfloat16 through at::mm_out, which reaches oneDNN's bf16 kernels (2-3x
-// float32 BLAS here); the BLAS-level bf16 entry points libtorch exports (MKL's
-// gemm_bf16bf16f32, ATen's brgemm) run at float32 speed on CPUs without AMX. Views of the
-// inputs in place; P is rounded to bfloat16 before its GEMM and each product is rounded to
-// bfloat16 as any bf16 matmul's is, then widened: sums, accumulators and gradients stay in
-// float32.
+// The same GEMMs in bfloat16 through at::mm_out (oneDNN's matmul primitive), on views of the
+// inputs in place; the fallback where bfloat16 brgemm does not run (BFloat16Brgemm). P is
+// rounded to bfloat16 before its GEMM and each product is rounded to bfloat16 as any bf16
+// matmul's is, then widened: sums, accumulators and gradients stay in float32.
 struct BFloat16Gemms {
   using scalar_t = at::BFloat16;
   at::Tensor P16, out16;
@@ -285,41 +331,42 @@ struct BFloat16Gemms {
     return buffer.narrow(0, 0, rows * cols).view({rows, cols});
   }
 
-  // dst[r * ldc + c] (+)= alpha * out16[r, c] over a [rows, cols] product.
-  void widen(float* dst, int64_t ldc, int64_t rows, int64_t cols, float alpha, bool add) {
+  // dst[r * ldc + c] (+)= out16[r, c] over a [rows, cols] product.
+  void widen(float* dst, int64_t ldc, int64_t rows, int64_t cols, bool add) {
     const at::BFloat16* o = out16.data_ptr<at::BFloat16>();
     for (int64_t r = 0; r < rows; ++r) {
       float* d = dst + r * ldc;
       const at::BFloat16* src = o + r * cols;
       if (add) {
-        for (int64_t c = 0; c < cols; ++c) d[c] += alpha * static_cast<float>(src[c]);
+        for (int64_t c = 0; c < cols; ++c) d[c] += static_cast<float>(src[c]);
       } else {
-        for (int64_t c = 0; c < cols; ++c) d[c] = alpha * static_cast<float>(src[c]);
+        for (int64_t c = 0; c < cols; ++c) d[c] = static_cast<float>(src[c]);
       }
     }
   }
 
-  // x [B, Tk, Hkv, D] read in place as xᵀ; the products apply the scale.
-  static Transposed<at::BFloat16> transposed(const at::Tensor& x, float scale) {
-    const int64_t Tk = x.size(1), H = x.size(2), D = x.size(3);
-    return {at::Tensor(), x.data_ptr<at::BFloat16>(), Tk * H * D, D, 1, H * D, scale};
+  static Operand<at::BFloat16> keys_t(const at::Tensor& x, bool, Slot) {
+    return in_place<at::BFloat16>(x);
   }
 
-  void products(float* S, const at::BFloat16* a, int64_t lda,
-                const Transposed<at::BFloat16>& bt, int64_t b, int64_t hkv, int64_t key0,
-                int64_t rows, int64_t n, int64_t inner) {
+  static Operand<at::BFloat16> rows(const at::Tensor& x, Slot) {
+    return in_place<at::BFloat16>(x);
+  }
+
+  void products(float* S, const at::BFloat16* a, int64_t lda, const Operand<at::BFloat16>& xt,
+                int64_t b, int64_t hkv, int64_t key0, int64_t rows, int64_t n, int64_t inner) {
     auto out = rows_of(out16, rows, n);
     at::mm_out(out, view(a, {rows, inner}, {lda, 1}),
-               view(bt.at(b, hkv, key0), {inner, n}, {bt.inner_stride, bt.key_stride}));
-    widen(S, n, rows, n, bt.alpha, false);
+               view(xt.at(b, hkv, key0), {inner, n}, {1, xt.ld}));
+    widen(S, n, rows, n, false);
   }
 
-  void accumulate(float* C, int64_t ldc, const float* P, const at::BFloat16* x, int64_t ldx,
-                  int64_t rows, int64_t n, int64_t cols) {
+  void accumulate(float* C, int64_t ldc, const float* P, const Operand<at::BFloat16>& x,
+                  int64_t b, int64_t hkv, int64_t key0, int64_t rows, int64_t n, int64_t cols) {
     at::vec::convert(P, P16.data_ptr<at::BFloat16>(), rows * n);
     auto out = rows_of(out16, rows, cols);
-    at::mm_out(out, rows_of(P16, rows, n), view(x, {n, cols}, {ldx, 1}));
-    widen(C, ldc, rows, cols, 1.0f, true);
+    at::mm_out(out, rows_of(P16, rows, n), view(x.at(b, hkv, key0), {n, cols}, {x.ld, 1}));
+    widen(C, ldc, rows, cols, true);
   }
 
   void accumulate_t(float* C, int64_t ldc, const float* P, const at::BFloat16* x, int64_t ldx,
@@ -327,21 +374,99 @@ struct BFloat16Gemms {
     at::vec::convert(P, P16.data_ptr<at::BFloat16>(), rows * n);
     auto out = rows_of(out16, n, cols);
     at::mm_out(out, rows_of(P16, rows, n).t(), view(x, {rows, cols}, {ldx, 1}));
-    widen(C, ldc, n, cols, 1.0f, true);
+    widen(C, ldc, n, cols, true);
   }
+
+  void release() {}
 };
+
+#ifdef CPUBLAS_BRGEMM_BF16BF16F32
+// The GEMMs in bfloat16 through oneDNN's bf16 brgemm (attnkit::matmul_vnni, ~2x float32
+// brgemm; oneDNN's matmul primitive costs microseconds per call, which small tiles feel), for
+// even D and Dv. Its B operands are packed once per call in VNNI layout (pairs of rows
+// interleaved): keys_t(x) as xᵀ's feature pairs (a transpose of x's 4-byte pairs), rows(x) as
+// key pairs, a zero key padding an odd Tk. Products stay float32 (brgemm accumulates and returns
+// float32); P is rounded to bfloat16 before its GEMM. accumulate_t (the backward's Pᵀ dO and
+// dSᵀ Q) runs on BFloat16Gemms.
+struct BFloat16Brgemm {
+  using scalar_t = at::BFloat16;
+  BFloat16Gemms matmuls;
+  std::vector<at::BFloat16> P16;
+
+  BFloat16Brgemm(int64_t rows, int64_t keys, int64_t cols)
+      : matmuls(rows, keys, cols), P16(rows * (keys + 1)) {}
+
+  static Operand<at::BFloat16> keys_t(const at::Tensor& x, bool, Slot slot) {
+    const int64_t B = x.size(0), Tk = x.size(1), H = x.size(2), pairs = x.size(3) / 2;
+    const int64_t ld = padded(Tk);
+    auto copy = scratch(slot, {B, H, pairs, ld, 2}, at::kBFloat16);
+    transpose_keys(reinterpret_cast<const float*>(x.data_ptr<at::BFloat16>()), B, Tk, H, pairs,
+                   reinterpret_cast<float*>(copy.data_ptr<at::BFloat16>()), ld);
+    return {copy, copy.data_ptr<at::BFloat16>(), H * pairs * ld * 2, pairs * ld * 2, 2, ld};
+  }
+
+  // x [B, Tk, H, C] -> [B, H, ceil(Tk / 2), C, 2]: out[b, h, j / 2, c, j % 2] = x[b, j, h, c],
+  // each pair of bfloat16 written as one 32-bit word (a loop the compiler vectorises).
+  static Operand<at::BFloat16> rows(const at::Tensor& x, Slot slot) {
+    const int64_t B = x.size(0), Tk = x.size(1), H = x.size(2), C = x.size(3);
+    const int64_t pairs = (Tk + 1) / 2;
+    auto copy = scratch(slot, {B, H, pairs, C, 2}, at::kBFloat16);
+    const auto* src = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+    auto* dst = reinterpret_cast<uint32_t*>(copy.data_ptr<at::BFloat16>());
+    at::parallel_for(0, B * H * pairs, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t head = task / pairs, j = task % pairs * 2, b = head / H, h = head % H;
+        const uint16_t* even = src + ((b * Tk + j) * H + h) * C;
+        const uint16_t* odd = even + H * C;
+        uint32_t* out = dst + task * C;
+        if (j + 1 == Tk) {  // the zero key padding an odd Tk
+          for (int64_t c = 0; c < C; ++c) out[c] = even[c];
+        } else {
+          for (int64_t c = 0; c < C; ++c) out[c] = even[c] | uint32_t{odd[c]} << 16;
+        }
+      }
+    });
+    return {copy, copy.data_ptr<at::BFloat16>(), H * pairs * C * 2, pairs * C * 2, C, C};
+  }
+
+  void products(float* S, const at::BFloat16* a, int64_t lda, const Operand<at::BFloat16>& xt,
+                int64_t b, int64_t hkv, int64_t key0, int64_t rows, int64_t n, int64_t inner) {
+    attnkit::matmul_vnni(rows, n, inner, a, lda, xt.at(b, hkv, key0), xt.ld, S, n, false);
+  }
+
+  // P rounded to bfloat16, an odd n padded with a zero column to meet rows(x)'s zero key.
+  void accumulate(float* C, int64_t ldc, const float* P, const Operand<at::BFloat16>& x,
+                  int64_t b, int64_t hkv, int64_t key0, int64_t rows, int64_t n, int64_t cols) {
+    const int64_t even = n + n % 2;
+    for (int64_t r = 0; r < rows; ++r) {
+      at::vec::convert(P + r * n, P16.data() + r * even, n);
+      if (even != n) P16[r * even + n] = at::BFloat16(0.0f);
+    }
+    attnkit::matmul_vnni(rows, cols, even, P16.data(), even, x.at(b, hkv, key0), x.ld, C, ldc,
+                         true);
+  }
+
+  void accumulate_t(float* C, int64_t ldc, const float* P, const at::BFloat16* x, int64_t ldx,
+                    int64_t rows, int64_t n, int64_t cols) {
+    matmuls.accumulate_t(C, ldc, P, x, ldx, rows, n, cols);
+  }
+
+  // AMX tile state is per thread; a no-op elsewhere.
+  void release() { at::native::cpublas::brgemm_release(true); }
+};
+#endif
 
 // With `softmax` false the per-row steps between the GEMMs are skipped and the output is not
 // attention: the time of the plan's GEMMs alone, which benchmarks report as the kernel's bound.
 template <typename Gemms>
 void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                    const Tiles& t, bool shifted, float scale, bool softmax, at::Tensor& out,
-                    at::Tensor& lse) {
+                    const Tiles& t, bool shifted, float scale, bool softmax, bool pack,
+                    at::Tensor& out, at::Tensor& lse) {
   using scalar_t = typename Gemms::scalar_t;
   const Dims d = dims_of(q, k, v, t);
   const scalar_t* qp = q.data_ptr<scalar_t>();
-  const auto keys_t = Gemms::transposed(k, scale);
-  const scalar_t* vp = v.data_ptr<scalar_t>();
+  const auto keys_t = Gemms::keys_t(k, pack, kKeysT);
+  const auto values = Gemms::rows(v, kRows);
   scalar_t* op = out.data_ptr<scalar_t>();
   float* lp = lse.data_ptr<float>();
 
@@ -349,7 +474,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   std::vector<std::vector<float>> scores(threads), acc(threads), rowmax(threads), sums(threads);
   std::vector<Gemms> gemms;
   for (int64_t thread = 0; thread < threads; ++thread) gemms.emplace_back(t.BQ, d.max_keys, d.Dv);
-  run_items(d.B * d.Hq * d.nq, [&](int64_t item, int64_t thread) {
+  run_items(d.B * d.Hq * d.nq, gemms, [&](int64_t item, int64_t thread) {
     const Work w = work_of(item, d, t);
     auto& S = scores[thread];
     auto& O = acc[thread];
@@ -360,25 +485,23 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
     M.assign(w.bq, shifted ? kNegInf : 0.0f);
     L.assign(w.bq, 0.0f);
     const scalar_t* qi = qp + ((w.b * d.Tq + w.r0) * d.Hq + w.h) * d.D;
-    const scalar_t* vb = vp + (w.b * d.Tk * d.Hkv + w.hkv) * d.Dv;
 
     for_each_run(t, w.i, [&](int64_t first, int64_t stop) {
       const int64_t c0 = t.tiles[first] * t.BK;
       const int64_t n = std::min(t.tiles[stop - 1] * t.BK + t.BK, d.Tk) - c0;
-      // S[bq, n] = scale Q Kᵀ
+      // S[bq, n] = Q Kᵀ (the row steps apply the scale)
       gemms[thread].products(S.data(), qi, d.ldq, keys_t, w.b, w.hkv, c0, w.bq, n, d.D);
       for (int64_t r = 0; softmax && r < w.bq; ++r) {
         float* s = S.data() + r * n;
-        float shift = 0.0f;
+        float shift = 0.0f, exp_scale = scale;
         if (shifted) {
+          float run_max = kNegInf;
           t.for_each_tile(first, stop, n, w.b, w.h, r,
                           [&](int64_t lo, int64_t width, const float* keep) {
-                            if (!keep) return;
-                            for (int64_t c = 0; c < width; ++c) {
-                              if (keep[c] == 0.0f) s[lo + c] = kNegInf;
-                            }
+                            run_max = std::max(run_max, scale_mask_max(s + lo, keep, width, scale));
                           });
-          const float new_max = std::max(M[r], row_max(s, n));
+          exp_scale = 1.0f;  // s now holds scaled scores
+          const float new_max = std::max(M[r], run_max);
           if (new_max == kNegInf) {  // nothing kept yet in this row
             std::fill(s, s + n, 0.0f);
             continue;
@@ -393,12 +516,12 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
         RowSum sum;
         t.for_each_tile(first, stop, n, w.b, w.h, r,
                         [&](int64_t lo, int64_t width, const float* keep) {
-                          exp_keep_sum(s + lo, keep, width, shift, sum);
+                          exp_keep_sum(s + lo, keep, width, exp_scale, shift, sum);
                         });
         L[r] += sum.value();
       }
       // O[bq, Dv] += P V
-      gemms[thread].accumulate(O.data(), d.Dv, S.data(), vb + c0 * d.ldv, d.ldv, w.bq, n, d.Dv);
+      gemms[thread].accumulate(O.data(), d.Dv, S.data(), values, w.b, w.hkv, c0, w.bq, n, d.Dv);
     });
 
     for (int64_t r = 0; r < w.bq; ++r) {
@@ -417,14 +540,14 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 template <typename Gemms>
 void backward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      const at::Tensor& grad_out, const at::Tensor& lse,
-                     const at::Tensor& delta, const Tiles& t, float scale, at::Tensor& dq,
-                     at::Tensor& dk_parts, at::Tensor& dv_parts) {
+                     const at::Tensor& delta, const Tiles& t, float scale, bool pack,
+                     at::Tensor& dq, at::Tensor& dk_parts, at::Tensor& dv_parts) {
   using scalar_t = typename Gemms::scalar_t;
   const Dims d = dims_of(q, k, v, t);
   const scalar_t* qp = q.data_ptr<scalar_t>();
-  const scalar_t* kp = k.data_ptr<scalar_t>();
-  const auto keys_t = Gemms::transposed(k, scale);
-  const auto values_t = Gemms::transposed(v, 1.0f);
+  const auto keys_t = Gemms::keys_t(k, pack, kKeysT);
+  const auto values_t = Gemms::keys_t(v, pack, kValuesT);
+  const auto keys = Gemms::rows(k, kRows);
   const scalar_t* dop = grad_out.data_ptr<scalar_t>();
   const float* lp = lse.data_ptr<float>();
   const float* deltap = delta.data_ptr<float>();
@@ -439,7 +562,7 @@ void backward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   for (int64_t thread = 0; thread < threads; ++thread) {
     gemms.emplace_back(t.BQ, d.max_keys, std::max(d.D, d.Dv));
   }
-  run_items(d.B * d.Hq * d.nq, [&](int64_t item, int64_t thread) {
+  run_items(d.B * d.Hq * d.nq, gemms, [&](int64_t item, int64_t thread) {
     const Work w = work_of(item, d, t);
     auto& S = scores[thread];
     auto& dS = dscores[thread];
@@ -451,14 +574,13 @@ void backward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
     const scalar_t* doi = dop + row0 * d.Dv;
     float* dqi = dqp + row0 * d.D;
     const int64_t key0 = w.b * d.Tk * d.Hkv + w.hkv;
-    const scalar_t* kb = kp + key0 * d.D;
     float* dkb = dkp + thread * part_k + key0 * d.D;
     float* dvb = dvp + thread * part_v + key0 * d.Dv;
 
     for_each_run(t, w.i, [&](int64_t first, int64_t stop) {
       const int64_t c0 = t.tiles[first] * t.BK;
       const int64_t n = std::min(t.tiles[stop - 1] * t.BK + t.BK, d.Tk) - c0;
-      // S[bq, n] = scale Q Kᵀ;  dP[bq, n] = dO Vᵀ (becomes dS in place)
+      // S[bq, n] = Q Kᵀ;  dP[bq, n] = dO Vᵀ (becomes scale · dS in place)
       g.products(S.data(), qi, d.ldq, keys_t, w.b, w.hkv, c0, w.bq, n, d.D);
       g.products(dS.data(), doi, d.ldo, values_t, w.b, w.hkv, c0, w.bq, n, d.Dv);
       for (int64_t r = 0; r < w.bq; ++r) {
@@ -473,7 +595,7 @@ void backward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
       }
       // dV[n, Dv] += Pᵀ dO;  dQ[bq, D] += scale dS K;  dK[n, D] += scale dSᵀ Q
       g.accumulate_t(dvb + c0 * d.ldv, d.ldv, S.data(), doi, d.ldo, w.bq, n, d.Dv);
-      g.accumulate(dqi, d.ldq, dS.data(), kb + c0 * d.ldk, d.ldk, w.bq, n, d.D);
+      g.accumulate(dqi, d.ldq, dS.data(), keys, w.b, w.hkv, c0, w.bq, n, d.D);
       g.accumulate_t(dkb + c0 * d.ldk, d.ldk, dS.data(), qi, d.ldq, w.bq, n, d.D);
     });
   });
@@ -490,6 +612,21 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)
               "blocksparse_cpu runs float32 or bfloat16 q, k, v");
 }
 
+// Packing Kᵀ is a pass over all of k (and v). In float32 it is repaid when at least 64 query
+// rows per key head share each key (causal, Tk=8192: 64 rows 2.78 ms packed vs 2.75 in place,
+// 128 rows 4.21 vs 4.79, one row 1.11 vs 0.47); bfloat16's brgemm beats oneDNN's matmul
+// primitive even for one row (1.29 vs 1.64 ms), so bfloat16 always packs.
+constexpr int64_t kPackMinQueries = 64;
+
+bool worth_packing(const at::Tensor& q, const at::Tensor& k) {
+  return q.scalar_type() == at::kBFloat16 || q.size(1) * (q.size(2) / k.size(2)) >= kPackMinQueries;
+}
+
+// bfloat16 brgemm runs here, and D and Dv are even (its VNNI layout pairs features and keys).
+bool bfloat16_brgemm_runs(const at::Tensor& q, const at::Tensor& v) {
+  return attnkit::brgemm_enabled().bfloat16 && q.size(3) % 2 == 0 && v.size(3) % 2 == 0;
+}
+
 std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                 const at::Tensor& row_ptr, const at::Tensor& tiles,
                                 const at::Tensor& partial, const at::Tensor& keep,
@@ -499,12 +636,16 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   const Tiles t = tiles_of(row_ptr, tiles, partial, keep, block_q, block_k, max_run);
   auto out = at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, v.options());
   auto lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
-  if (q.scalar_type() == at::kBFloat16) {
-    forward_kernel<BFloat16Gemms>(q, k, v, t, shifted, static_cast<float>(scale), softmax, out,
-                                  lse);
+  const bool pack = worth_packing(q, k);
+  const float s = static_cast<float>(scale);
+  if (q.scalar_type() == at::kFloat) {
+    forward_kernel<Float32Gemms>(q, k, v, t, shifted, s, softmax, pack, out, lse);
+#ifdef CPUBLAS_BRGEMM_BF16BF16F32
+  } else if (pack && bfloat16_brgemm_runs(q, v)) {
+    forward_kernel<BFloat16Brgemm>(q, k, v, t, shifted, s, softmax, pack, out, lse);
+#endif
   } else {
-    forward_kernel<Float32Gemms>(q, k, v, t, shifted, static_cast<float>(scale), softmax, out,
-                                 lse);
+    forward_kernel<BFloat16Gemms>(q, k, v, t, shifted, s, softmax, pack, out, lse);
   }
   return {out, lse};
 }
@@ -524,12 +665,16 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
   auto dq = at::zeros(q.sizes(), f32);
   auto dk = at::zeros({threads, k.size(0), k.size(1), k.size(2), k.size(3)}, f32);
   auto dv = at::zeros({threads, v.size(0), v.size(1), v.size(2), v.size(3)}, f32);
-  if (q.scalar_type() == at::kBFloat16) {
-    backward_kernel<BFloat16Gemms>(q, k, v, grad_out, lse, delta, t, static_cast<float>(scale),
-                                   dq, dk, dv);
+  const bool pack = worth_packing(q, k);
+  const float s = static_cast<float>(scale);
+  if (q.scalar_type() == at::kFloat) {
+    backward_kernel<Float32Gemms>(q, k, v, grad_out, lse, delta, t, s, pack, dq, dk, dv);
+#ifdef CPUBLAS_BRGEMM_BF16BF16F32
+  } else if (pack && bfloat16_brgemm_runs(q, v)) {
+    backward_kernel<BFloat16Brgemm>(q, k, v, grad_out, lse, delta, t, s, pack, dq, dk, dv);
+#endif
   } else {
-    backward_kernel<Float32Gemms>(q, k, v, grad_out, lse, delta, t, static_cast<float>(scale), dq,
-                                  dk, dv);
+    backward_kernel<BFloat16Gemms>(q, k, v, grad_out, lse, delta, t, s, pack, dq, dk, dv);
   }
   return {dq, dk.sum(0), dv.sum(0)};
 }
@@ -571,9 +716,12 @@ void matmul_into(const at::Tensor& a, const at::Tensor& b, at::Tensor& out) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "block-sparse attention forward (CPU)");
   m.def("backward", &backward, "block-sparse attention backward (CPU)");
-  m.def("float32_gemm", [] { return attnkit::brgemm_enabled().load() ? "brgemm" : "blas"; },
+  m.def("float32_gemm", [] { return attnkit::brgemm_enabled().float32 ? "brgemm" : "blas"; },
         "which GEMM the float32 kernel calls: 'brgemm' (oneDNN's, through ATen) or 'blas'");
-  m.def("use_brgemm", [](bool on) { attnkit::brgemm_enabled() = on && attnkit::brgemm_works(); },
-        "let the float32 kernel call brgemm where it works here (tests turn it off)");
+  m.def("bfloat16_gemm",
+        [] { return attnkit::brgemm_enabled().bfloat16 ? "brgemm" : "onednn_matmul"; },
+        "which GEMM the bfloat16 kernel calls: 'brgemm' or 'onednn_matmul' (at::mm)");
+  m.def("use_brgemm", [](bool on) { attnkit::brgemm_enabled().set(on); },
+        "let the kernels call brgemm where it works here (tests turn it off)");
   m.def("matmul_into", &matmul_into, "out = a b through the float32 kernel's GEMM");
 }
