@@ -90,13 +90,16 @@ BLOCKSPARSE_PER_LIVE = {
     ("bfloat16", False): 0.6,
     ("bfloat16", True): 0.8,
 }
-#: Extra cost of a PARTIAL tile (its 0/1 factor, and shorter runs), per tile; fitted at T=8192
-#: (kernel: window 256 0.054, documents 0.133 of dense SDPA; batched float32: causal 0.63,
-#: window 256 0.088) and, for the bf16 kernel, on the same 28 cells as its per-tile cost.
+#: Extra cost of a PARTIAL tile (its 0/1 factor, and shorter runs), per tile. The brgemm kernels'
+#: are fitted on `attnkit bench sparse` (T=4k-32k; per partial tile, beyond the per-live cost:
+#: window 256 0.55-1.3 and documents 0.11-0.86 of a dense-SDPA tile, neighborhoods 0.08-0.25);
+#: the others at T=8192 (kernel on the BLAS: window 256 0.054, documents 0.133 of dense SDPA;
+#: batched float32: causal 0.63, window 256 0.088) and, for the bf16 kernel on at::mm, on the
+#: same 28 cells as its per-tile cost.
 BLOCKSPARSE_PARTIAL = {
-    "kernel_brgemm": 0.15,
+    "kernel_brgemm": 0.6,
     "kernel_blas": 0.15,
-    "kernel_bf16_brgemm": 0.2,
+    "kernel_bf16_brgemm": 0.45,
     "kernel_bf16_onednn_matmul": 0.2,
     "float32": 0.25,
     "bfloat16": 0.125,
