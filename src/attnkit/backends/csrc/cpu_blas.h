@@ -16,6 +16,9 @@
 #include <ATen/native/CPUBlas.h>
 
 #include <atomic>
+#if defined(__x86_64__)
+#include <cpuid.h>
+#endif
 #include <cmath>
 #include <cstdint>
 
@@ -75,7 +78,8 @@ inline bool brgemm_works() {
 // float32).
 inline bool brgemm_bf16_works() {
 #if defined(CPUBLAS_BRGEMM_BF16BF16F32) && defined(__x86_64__)
-  if (!__builtin_cpu_supports("avx512bf16")) return false;
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;  // AVX512-BF16: CPUID leaf 7, subleaf 1, EAX bit 5
+  if (!__get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) || !(eax & (1u << 5))) return false;
   constexpr int64_t m = 3, n = 5, k = 4;
   at::BFloat16 a[m * k], b[k * n], b_vnni[k * n];
   float c[m * n];
