@@ -30,16 +30,21 @@ Two implementations of these steps share the plan of live tiles:
 
 - float32 on the CPU runs a compiled C++ kernel (``csrc/blocksparse_cpu.cpp``, built on first
   use by :mod:`attnkit.backends.native`): one work item per query block and head, its mask, exp
-  and sums done in cache between two BLAS calls, as PyTorch's dense CPU flash kernel does. Per
-  live tile it reaches ~0.95-1.0 of dense SDPA's throughput forward and matches or beats it
-  forward+backward, where the batched matmuls below reach ~0.6-0.8 in float32 (each
-  elementwise step is a pass over memory). It uses 128-row query tiles instead of 256 when
-  that cuts the live area enough, and 64x64 tiles when those cut it further
-  (``KERNEL_TILES``, ``NARROW_GAIN``: narrow bands, documents, neighborhoods).
-- bfloat16 runs the same kernel, forward and backward, its GEMMs through ``at::mm_out``
-  (oneDNN's bf16 kernels, 2-3x float32 BLAS here; the bf16 GEMMs libtorch exports at the BLAS
-  level run at float32 speed on CPUs without AMX, which is why SDPA's bf16 kernel is slow):
-  forward 2.4-2.8x dense SDPA bf16 and 2.4-13x Flex. Gradients accumulate in float32.
+  and sums done in cache between two GEMM calls, as PyTorch's dense CPU flash kernel does. Its
+  GEMMs are oneDNN's brgemm micro-kernels (through ATen's ``cpublas::brgemm``) where libtorch
+  has them for the CPU, else the BLAS (:func:`kernel_gemm` says which). The difference is the
+  CPU's vector width: MKL picks its code path by vendor and runs AVX2 on AMD CPUs, half of what
+  an AVX-512 core can do, and SDPA's float32 kernel calls MKL. On this Zen 5 machine brgemm
+  reaches 226-258 GFLOP/s per core on tile shapes against MKL's ~100, and the kernel runs dense
+  and causal attention ~2x faster than SDPA, forward and forward+backward (on the BLAS it
+  reaches ~0.95-1.0 of SDPA per live tile). It uses 128-row query tiles instead of 256 when
+  that cuts the live area enough, and 64x64 tiles when those cut it further (``KERNEL_TILES``,
+  ``NARROW_GAIN``: narrow bands, documents, neighborhoods).
+- bfloat16 runs the same kernel, forward and backward, on oneDNN's bf16 brgemm (its operands
+  packed in VNNI layout once per call; ~2x float32 brgemm with AVX512-BF16), else through
+  ``at::mm_out`` (oneDNN's matmul primitive, whose per-call cost small tiles feel). SDPA's
+  bf16 CPU kernel reaches a fraction of either: here forward 3.3-3.8x dense SDPA bf16 and
+  4-22x Flex. Gradients accumulate in float32.
 - float16, and everything where the kernel cannot be compiled, run the batched matmuls.
 
 Scores: plain softmax (no soft-capping, no bias) — the call pattern of every sparse pattern in
@@ -392,11 +397,11 @@ def _kernel_inputs(call: AttentionCall) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def gemms_alone(call: AttentionCall) -> Callable[[], object] | None:
-    """For benchmarks: a function running the compiled kernel's GEMM calls for ``call`` (in
-    bfloat16 with their conversions to and from float32; in float32 with the packing of Kᵀ)
-    with the per-row softmax steps between them skipped; its output is not attention. Its time
-    is what the plan's tiles cost at this GEMM's speed: a bound on the kernel's time. None where
-    the kernel does not run ``call``."""
+    """For benchmarks: a function running the compiled kernel's GEMM calls for ``call`` (with
+    the packing of their operands, and in bfloat16 the rounding of P) with the per-row softmax
+    steps between them skipped; its output is not attention. Its time is what the plan's tiles
+    cost at this GEMM's speed: a bound on the kernel's time. None where the kernel does not run
+    ``call``."""
     kernel = _kernel(call)
     if kernel is None:
         return None
