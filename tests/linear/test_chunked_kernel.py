@@ -5,6 +5,8 @@ sizes that do not divide T, an initial state, normalisation."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 
@@ -52,10 +54,23 @@ GATES = {  # (log-gate magnitude, width): none, per head, per key dimension; mil
 }
 
 
+@pytest.fixture(params=["brgemm", "blas"])
+def gemm(request) -> Iterator[str]:
+    """The kernel's GEMMs on oneDNN's brgemm (where it runs here), then on the BLAS."""
+    kernel = native.load("linear_cpu")
+    kernel.use_brgemm(request.param == "brgemm")
+    try:
+        if kernel.float32_gemm() != request.param:
+            pytest.skip(f"{request.param} does not run on this CPU")
+        yield request.param
+    finally:
+        kernel.use_brgemm(True)
+
+
 @pytest.mark.parametrize("normalize", [False, True], ids=["plain", "normalized"])
 @pytest.mark.parametrize("gate", GATES)
 @pytest.mark.parametrize("chunk_size", [7, 64])
-def test_kernel_matches_reference(gate: str, normalize: bool, chunk_size: int) -> None:
+def test_kernel_matches_reference(gate: str, normalize: bool, chunk_size: int, gemm: str) -> None:
     gate_scale, gate_width = GATES[gate]
     x = _inputs(150, gate_scale, normalize, gate_width)
     assert chunked._kernel(_problem(gate_scale, normalize, **x), "chunked") is not None
@@ -91,7 +106,7 @@ def test_gradients_float64_and_other_forms_take_the_pytorch_form() -> None:
 
 
 @pytest.mark.parametrize("gate", ["no_gate", "scalar_mild", "vector_mild"])
-def test_bfloat16_inputs_are_read_by_the_kernel(gate: str) -> None:
+def test_bfloat16_inputs_are_read_by_the_kernel(gate: str, gemm: str) -> None:
     gate_scale, gate_width = GATES[gate]
     x = _inputs(150, gate_scale, True, gate_width)
     x = {name: t.bfloat16() if name != "log_gate" else t for name, t in x.items()}
@@ -108,7 +123,7 @@ def test_bfloat16_inputs_are_read_by_the_kernel(gate: str) -> None:
 @pytest.mark.parametrize("feature_map", ["elu", "relu"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_elementwise_feature_maps_applied_in_the_kernel(
-    feature_map: str, dtype: torch.dtype
+    feature_map: str, dtype: torch.dtype, gemm: str
 ) -> None:
     g = torch.Generator().manual_seed(9)
     x = {
@@ -129,7 +144,9 @@ def test_elementwise_feature_maps_applied_in_the_kernel(
 
 
 @pytest.mark.parametrize("chunk_size", [7, 64])
-def test_taylor_features_built_in_the_kernel_match_the_reference(chunk_size: int) -> None:
+def test_taylor_features_built_in_the_kernel_match_the_reference(
+    chunk_size: int, gemm: str
+) -> None:
     g = torch.Generator().manual_seed(5)
     x = {
         "q": torch.randn(2, 100, 4, 4, generator=g),

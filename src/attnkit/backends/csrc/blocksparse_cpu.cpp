@@ -716,12 +716,6 @@ void matmul_into(const at::Tensor& a, const at::Tensor& b, at::Tensor& out) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "block-sparse attention forward (CPU)");
   m.def("backward", &backward, "block-sparse attention backward (CPU)");
-  m.def("float32_gemm", [] { return attnkit::brgemm_enabled().float32 ? "brgemm" : "blas"; },
-        "which GEMM the float32 kernel calls: 'brgemm' (oneDNN's, through ATen) or 'blas'");
-  m.def("bfloat16_gemm",
-        [] { return attnkit::brgemm_enabled().bfloat16 ? "brgemm" : "onednn_matmul"; },
-        "which GEMM the bfloat16 kernel calls: 'brgemm' or 'onednn_matmul' (at::mm)");
-  m.def("use_brgemm", [](bool on) { attnkit::brgemm_enabled().set(on); },
-        "let the kernels call brgemm where it works here (tests turn it off)");
+  attnkit::define_gemm_switch(m);
   m.def("matmul_into", &matmul_into, "out = a b through the float32 kernel's GEMM");
 }

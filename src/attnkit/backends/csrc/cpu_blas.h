@@ -138,6 +138,18 @@ inline void matmul(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
   gemm_rows(false, false, m, n, k, 1.0f, a, lda, b, ldb, accumulate ? 1.0f : 0.0f, c, ldc);
 }
 
+// The Python functions of every kernel module (a pybind11 module `m`): which GEMM its float32
+// and bfloat16 calls run on, and the switch tests use to run them on the fallbacks.
+template <typename Module>
+void define_gemm_switch(Module& m) {
+  m.def("float32_gemm", [] { return brgemm_enabled().float32 ? "brgemm" : "blas"; },
+        "which GEMM float32 tiles run on: 'brgemm' (oneDNN's, through ATen) or 'blas'");
+  m.def("bfloat16_gemm", [] { return brgemm_enabled().bfloat16 ? "brgemm" : "onednn_matmul"; },
+        "which GEMM bfloat16 tiles run on: 'brgemm' or 'onednn_matmul' (at::mm)");
+  m.def("use_brgemm", [](bool on) { brgemm_enabled().set(on); },
+        "call brgemm where it works here (on), or the fallbacks (off: tests)");
+}
+
 #ifdef CPUBLAS_BRGEMM_BF16BF16F32
 // Row-major float32 C[m, n] (+)= A[m, k] B[k, n] of bfloat16 A and B, B in VNNI layout: element
 // (p, j) at b_vnni[(p / 2 * ldb + j) * 2 + p % 2]; k even. Only where brgemm_bf16_works().

@@ -46,7 +46,6 @@
 
 namespace {
 
-using attnkit::gemm_rows;
 using Vec = at::vec::Vectorized<float>;
 
 // The feature map applied to q and k: the codes of attnkit.linear.chunked.KERNEL_FEATURES.
@@ -118,7 +117,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k,
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> M(chunk * (chunk + F)), VS((chunk + F) * Dz), O(chunk * Dz);
     std::vector<float> qg(chunk * Dk), kg(chunk * Dk), ks(chunk * F), qs(chunk * Dk);
-    std::vector<float> kst(chunk * Dk);
+    std::vector<float> kst(chunk * Dk), kt(F * chunk);
     std::vector<float> b(chunk * std::max<int64_t>(W, 1)), up(b.size()), down(b.size());
     std::vector<float> total(std::max<int64_t>(W, 1)), last(total.size());
     for (int64_t bh = begin; bh < end; ++bh) {
@@ -155,16 +154,21 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k,
           if (normalize) VS[i * Dz + Dv] = 1.0f;
         }
         std::copy(S, S + F * Dz, VS.data() + c * Dz);
+        // The chunk's keys transposed for the score GEMM (matmul takes no transposes), shared
+        // by its query heads; pairs taken in log space need none.
+        const bool log_space = W > 1 && !factored;
+        if (!log_space) {
+          at::vec::transpose_mxn<float>(W > 1 ? kg.data() : kc, Dk, kt.data(), c, c, Dk);
+        }
         for (int64_t g = 0; g < G; ++g) {
           stage(qp + (((bi * T + t0) * H + h) * G + g) * Dk, ldq, c, Dk, feature, qs.data());
           const float* qc = qs.data();  // the chunk's queries (features), rows Dk apart
           scalar_t* oc = op + (((bi * T + t0) * H + h) * G + g) * Dv;
-          if (W > 1 && factored) {  // A = scale (Q e^b)(K e^-b)ᵀ
+          if (W > 1 && factored) {  // A = (Q e^b)(K e^-b)ᵀ, scaled below
             for (int64_t i = 0; i < c; ++i) {
               for (int64_t d = 0; d < Dk; ++d) qg[i * Dk + d] = qc[i * Dk + d] * up[i * W + d];
             }
-            gemm_rows(false, true, c, c, Dk, alpha, qg.data(), Dk, kg.data(), Dk, 0.0f,
-                      M.data(), width);
+            attnkit::matmul(c, c, Dk, qg.data(), Dk, kt.data(), c, M.data(), width, false);
           } else if (W > 1) {  // strong decay: every pair in log space, exponents <= 0
             for (int64_t i = 0; i < c; ++i) {
               for (int64_t j = 0; j <= i; ++j) {
@@ -175,16 +179,19 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k,
                 M[i * width + j] = alpha * dot;
               }
             }
-          } else {  // Taylor: raw q . k here, its polynomial below
-            gemm_rows(false, true, c, c, Dk, taylor ? 1.0f : alpha, qc, Dk, kc, Dk, 0.0f,
-                      M.data(), width);
+          } else {  // Q Kᵀ, scaled below; Taylor: raw q . k here, its polynomial below
+            attnkit::matmul(c, c, Dk, qc, Dk, kt.data(), c, M.data(), width, false);
           }
+          // the scale the score GEMM leaves out (Taylor applies it to its polynomial)
+          const float a = log_space || taylor ? 1.0f : alpha;
           for (int64_t i = 0; i < c; ++i) {
             float* row = M.data() + i * width;
             if (W == 1 && factored) {
-              for (int64_t j = 0; j <= i; ++j) row[j] *= up[i] * down[j];
+              for (int64_t j = 0; j <= i; ++j) row[j] *= a * up[i] * down[j];
             } else if (W == 1) {
-              for (int64_t j = 0; j <= i; ++j) row[j] *= std::exp(b[i] - b[j]);
+              for (int64_t j = 0; j <= i; ++j) row[j] *= a * std::exp(b[i] - b[j]);
+            } else if (a != 1.0f) {
+              for (int64_t j = 0; j <= i; ++j) row[j] *= a;
             }
             if (taylor) {  // phi(q) . phi(k) = 1 + s + s^2 / 2, s = q . k / sqrt(Df)
               for (int64_t j = 0; j <= i; ++j) {
@@ -203,13 +210,11 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k,
           }
           if constexpr (kFloatOut) {
             if (!normalize) {
-              gemm_rows(false, false, c, Dv, width, 1.0f, M.data(), width, VS.data(), Dz, 0.0f,
-                        oc, ldo);
+              attnkit::matmul(c, Dv, width, M.data(), width, VS.data(), Dz, oc, ldo, false);
               continue;
             }
           }
-          gemm_rows(false, false, c, Dz, width, 1.0f, M.data(), width, VS.data(), Dz, 0.0f,
-                    O.data(), Dz);
+          attnkit::matmul(c, Dz, width, M.data(), width, VS.data(), Dz, O.data(), Dz, false);
           for (int64_t i = 0; i < c; ++i) {
             const float inv = normalize ? 1.0f / (O[i * Dz + Dv] + static_cast<float>(eps)) : 1.0f;
             for (int64_t e = 0; e < Dv; ++e) {
@@ -244,7 +249,9 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k,
           k_in = ks.data();
           ld_in = Dk;
         }
-        gemm_rows(true, false, F, Dz, c, 1.0f, k_in, ld_in, VS.data(), Dz, 1.0f, S, Dz);
+        // matmul takes no transposes: (K ⊙ decay)ᵀ staged in cache
+        at::vec::transpose_mxn<float>(k_in, ld_in, kt.data(), c, c, F);
+        attnkit::matmul(F, Dz, c, kt.data(), c, VS.data(), Dz, S, Dz, true);
       }
     }
   });
@@ -556,4 +563,5 @@ std::vector<at::Tensor> recurrent(const at::Tensor& q, const at::Tensor& k, cons
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "chunked gated linear attention, forward (CPU)");
   m.def("recurrent", &recurrent, "gated linear attention token by token, forward (CPU)");
+  attnkit::define_gemm_switch(m);
 }
