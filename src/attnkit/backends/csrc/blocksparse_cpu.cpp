@@ -235,30 +235,39 @@ inline at::Tensor scratch(Slot slot, at::IntArrayRef sizes, at::ScalarType dtype
   return buffer.narrow(0, 0, bytes).view(dtype).view(sizes);
 }
 
-// Row stride for a packed copy with `n` columns: padded off a multiple of 4 KB, where the rows
-// a GEMM reads in turn would all fall in one L1 set (float32 brgemm with Kᵀ rows 8192 floats
-// apart: 212 GFLOP/s, padded 244).
-inline int64_t padded(int64_t n) { return (n + 15) / 16 * 16 + 16; }
+// Packed Kᵀ holds keys in blocks of kKeyBlock, and each product covers one block (or the
+// sequence's last, shorter one): oneDNN compiles a kernel for each new GEMM shape, leading
+// dimensions included (~0.1-0.2 ms each), and ATen keeps them all, so a Kᵀ whose row stride
+// followed Tk, and products as wide as each run, gave every new sequence length (every decoding
+// step) new kernels. The shapes now come from a bounded set: M up to the query tile, N a block
+// or less, K and the strides fixed by the call's head sizes; accumulate's inner size is a run's
+// width, at most the kernel's MAX_KEYS.
+constexpr int64_t kKeyBlock = 64;
 
-// x [B, Tk, H, D] of 4-byte elements -> [B, H, D, ld]: dst[b, h, c, j] = x[b, j, h, c], in
-// tasks of 64 keys (their D destination lines stay in cache) over the threads.
+// x [B, Tk, H, D] of 4-byte elements -> [B, H, blocks, D, kKeyBlock]: dst[b, h, j / 64, c,
+// j % 64] = x[b, j, h, c], one block per task over the threads (a block's lines stay in cache).
 inline void transpose_keys(const float* src, int64_t B, int64_t Tk, int64_t H, int64_t D,
-                           float* dst, int64_t ld) {
-  constexpr int64_t kChunk = 64;
-  const int64_t chunks = (Tk + kChunk - 1) / kChunk;
-  at::parallel_for(0, B * H * chunks, 1, [&](int64_t begin, int64_t end) {
+                           float* dst) {
+  const int64_t blocks = (Tk + kKeyBlock - 1) / kKeyBlock;
+  at::parallel_for(0, B * H * blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t head = task / chunks, j0 = task % chunks * kChunk;  // head = b * H + h
-      const int64_t b = head / H, h = head % H, keys = std::min(kChunk, Tk - j0);
+      const int64_t head = task / blocks, j0 = task % blocks * kKeyBlock;  // head = b * H + h
+      const int64_t b = head / H, h = head % H, keys = std::min(kKeyBlock, Tk - j0);
       at::vec::transpose_mxn<float>(src + ((b * Tk + j0) * H + h) * D, H * D,
-                                    dst + head * D * ld + j0, ld, keys, D);
+                                    dst + task * D * kKeyBlock, kKeyBlock, keys, D);
     }
   });
 }
 
-// The three GEMM shapes of the forward and backward passes, on row-major float32 buffers, the
-// per-call operands keys_t(x) = xᵀ and rows(x) = x made from k or v, and row-strided views of
-// q and dO in the caller's layout (A, X: [rows, ld] of scalar_t):
+// body(j, width) for the key blocks [j, j + width) of a run of n keys.
+template <typename F>
+void for_each_key_block(int64_t n, F&& body) {
+  for (int64_t j = 0; j < n; j += kKeyBlock) body(j, std::min(kKeyBlock, n - j));
+}
+
+// The three GEMM shapes of the forward and backward passes, on the per-thread score buffers
+// (rows of `lds` floats), the per-call operands keys_t(x) = xᵀ and rows(x) = x made from k or
+// v, and row-strided views of q and dO in the caller's layout (A, X: [rows, ld] of scalar_t):
 //   products(S, A, keys_t(x)):  S[rows, n] = A[rows, inner] xᵀ[inner, n]
 //   accumulate(C, P, rows(x)):  C[rows, cols] += P[rows, n] x[n, cols]
 //   accumulate_t(C, P, X):      C[n, cols] += P[rows, n]ᵀ X[rows, cols]
@@ -267,40 +276,51 @@ inline void transpose_keys(const float* src, int64_t B, int64_t Tk, int64_t H, i
 // copy; otherwise BLAS reads k in place), and Pᵀ once per tile.
 struct Float32Gemms {
   using scalar_t = float;
+  int64_t row_capacity, lds;
   std::vector<float> transposed_tile;
 
-  Float32Gemms(int64_t rows, int64_t keys, int64_t) : transposed_tile(rows * keys) {}
+  // Score buffers of up to `rows` x `keys` (the row stride).
+  Float32Gemms(int64_t rows, int64_t keys, int64_t)
+      : row_capacity(rows), lds(keys), transposed_tile(rows * keys) {}
 
   static Operand<float> keys_t(const at::Tensor& x, bool pack, Slot slot) {
     if (!pack) return in_place<float>(x);
     const int64_t B = x.size(0), Tk = x.size(1), H = x.size(2), D = x.size(3);
-    const int64_t ld = padded(Tk);
-    auto copy = scratch(slot, {B, H, D, ld}, at::kFloat);
-    transpose_keys(x.data_ptr<float>(), B, Tk, H, D, copy.data_ptr<float>(), ld);
-    return {copy, copy.data_ptr<float>(), H * D * ld, D * ld, 1, ld};
+    const int64_t blocks = (Tk + kKeyBlock - 1) / kKeyBlock;
+    auto copy = scratch(slot, {B, H, blocks, D, kKeyBlock}, at::kFloat);
+    transpose_keys(x.data_ptr<float>(), B, Tk, H, D, copy.data_ptr<float>());
+    return {copy, copy.data_ptr<float>(), H * blocks * D * kKeyBlock, blocks * D * kKeyBlock,
+            D, kKeyBlock};
   }
 
   static Operand<float> rows(const at::Tensor& x, Slot) { return in_place<float>(x); }
 
   void products(float* S, const float* a, int64_t lda, const Operand<float>& xt, int64_t b,
                 int64_t hkv, int64_t key0, int64_t rows, int64_t n, int64_t inner) {
-    if (xt.copy.defined()) {
-      attnkit::matmul(rows, n, inner, a, lda, xt.at(b, hkv, key0), xt.ld, S, n, false);
-    } else {
+    if (!xt.copy.defined()) {
       attnkit::gemm_rows(false, true, rows, n, inner, 1.0f, a, lda, xt.at(b, hkv, key0), xt.ld,
-                         0.0f, S, n);
+                         0.0f, S, lds);
+      return;
     }
+    for_each_key_block(n, [&](int64_t j, int64_t width) {
+      attnkit::matmul(rows, width, inner, a, lda, xt.at(b, hkv, key0 + j), xt.ld, S + j, lds,
+                      false);
+    });
   }
 
   void accumulate(float* C, int64_t ldc, const float* P, const Operand<float>& x, int64_t b,
                   int64_t hkv, int64_t key0, int64_t rows, int64_t n, int64_t cols) {
-    attnkit::matmul(rows, cols, n, P, n, x.at(b, hkv, key0), x.ld, C, ldc, true);
+    attnkit::matmul(rows, cols, n, P, lds, x.at(b, hkv, key0), x.ld, C, ldc, true);
   }
 
   void accumulate_t(float* C, int64_t ldc, const float* P, const float* x, int64_t ldx,
                     int64_t rows, int64_t n, int64_t cols) {
-    at::vec::transpose_mxn<float>(P, n, transposed_tile.data(), rows, rows, n);
-    attnkit::matmul(n, cols, rows, transposed_tile.data(), rows, x, ldx, C, ldc, true);
+    const int64_t ldt = row_capacity;  // Pᵀ's row stride: one for every block of rows
+    at::vec::transpose_mxn<float>(P, lds, transposed_tile.data(), ldt, rows, n);
+    for_each_key_block(n, [&](int64_t j, int64_t width) {
+      attnkit::matmul(width, cols, rows, transposed_tile.data() + j * ldt, ldt, x, ldx,
+                      C + j * ldc, ldc, true);
+    });
   }
 
   void release() {}
@@ -312,10 +332,11 @@ struct Float32Gemms {
 // matmul's is, then widened: sums, accumulators and gradients stay in float32.
 struct BFloat16Gemms {
   using scalar_t = at::BFloat16;
+  int64_t lds;
   at::Tensor P16, out16;
 
-  // Buffers for products of up to `rows` x `keys` and outputs of up to `keys` x `cols`.
-  BFloat16Gemms(int64_t rows, int64_t keys, int64_t cols) {
+  // Score buffers of up to `rows` x `keys` (the row stride), outputs up to `keys` x `cols`.
+  BFloat16Gemms(int64_t rows, int64_t keys, int64_t cols) : lds(keys) {
     const auto options = at::TensorOptions().dtype(at::kBFloat16);
     P16 = at::empty({rows * keys}, options);
     out16 = at::empty({std::max(rows, keys) * std::max(keys, cols)}, options);
@@ -345,6 +366,13 @@ struct BFloat16Gemms {
     }
   }
 
+  // P [rows, n] (rows lds apart) rounded to bfloat16, rows n apart.
+  at::Tensor rounded(const float* P, int64_t rows, int64_t n) {
+    at::BFloat16* dst = P16.data_ptr<at::BFloat16>();
+    for (int64_t r = 0; r < rows; ++r) at::vec::convert(P + r * lds, dst + r * n, n);
+    return rows_of(P16, rows, n);
+  }
+
   static Operand<at::BFloat16> keys_t(const at::Tensor& x, bool, Slot) {
     return in_place<at::BFloat16>(x);
   }
@@ -358,22 +386,20 @@ struct BFloat16Gemms {
     auto out = rows_of(out16, rows, n);
     at::mm_out(out, view(a, {rows, inner}, {lda, 1}),
                view(xt.at(b, hkv, key0), {inner, n}, {1, xt.ld}));
-    widen(S, n, rows, n, false);
+    widen(S, lds, rows, n, false);
   }
 
   void accumulate(float* C, int64_t ldc, const float* P, const Operand<at::BFloat16>& x,
                   int64_t b, int64_t hkv, int64_t key0, int64_t rows, int64_t n, int64_t cols) {
-    at::vec::convert(P, P16.data_ptr<at::BFloat16>(), rows * n);
     auto out = rows_of(out16, rows, cols);
-    at::mm_out(out, rows_of(P16, rows, n), view(x.at(b, hkv, key0), {n, cols}, {x.ld, 1}));
+    at::mm_out(out, rounded(P, rows, n), view(x.at(b, hkv, key0), {n, cols}, {x.ld, 1}));
     widen(C, ldc, rows, cols, true);
   }
 
   void accumulate_t(float* C, int64_t ldc, const float* P, const at::BFloat16* x, int64_t ldx,
                     int64_t rows, int64_t n, int64_t cols) {
-    at::vec::convert(P, P16.data_ptr<at::BFloat16>(), rows * n);
     auto out = rows_of(out16, n, cols);
-    at::mm_out(out, rows_of(P16, rows, n).t(), view(x, {rows, cols}, {ldx, 1}));
+    at::mm_out(out, rounded(P, rows, n).t(), view(x, {rows, cols}, {ldx, 1}));
     widen(C, ldc, n, cols, true);
   }
 
@@ -384,25 +410,27 @@ struct BFloat16Gemms {
 // The GEMMs in bfloat16 through oneDNN's bf16 brgemm (attnkit::matmul_vnni, ~2x float32
 // brgemm; oneDNN's matmul primitive costs microseconds per call, which small tiles feel), for
 // even D and Dv. Its B operands are packed once per call in VNNI layout (pairs of rows
-// interleaved): keys_t(x) as xᵀ's feature pairs (a transpose of x's 4-byte pairs), rows(x) as
-// key pairs, a zero key padding an odd Tk. Products stay float32 (brgemm accumulates and returns
-// float32); P is rounded to bfloat16 before its GEMM. accumulate_t (the backward's Pᵀ dO and
-// dSᵀ Q) runs on BFloat16Gemms.
+// interleaved): keys_t(x) as xᵀ's feature pairs in blocks of kKeyBlock keys (a transpose of
+// x's 4-byte pairs), rows(x) as key pairs, a zero key padding an odd Tk. Products stay float32
+// (brgemm accumulates and returns float32); P is rounded to bfloat16 before its GEMM.
+// accumulate_t (the backward's Pᵀ dO and dSᵀ Q) runs on BFloat16Gemms.
 struct BFloat16Brgemm {
   using scalar_t = at::BFloat16;
+  int64_t lds;
   BFloat16Gemms matmuls;
   std::vector<at::BFloat16> P16;
 
   BFloat16Brgemm(int64_t rows, int64_t keys, int64_t cols)
-      : matmuls(rows, keys, cols), P16(rows * (keys + 1)) {}
+      : lds(keys), matmuls(rows, keys, cols), P16(rows * keys) {}
 
   static Operand<at::BFloat16> keys_t(const at::Tensor& x, bool, Slot slot) {
-    const int64_t B = x.size(0), Tk = x.size(1), H = x.size(2), pairs = x.size(3) / 2;
-    const int64_t ld = padded(Tk);
-    auto copy = scratch(slot, {B, H, pairs, ld, 2}, at::kBFloat16);
-    transpose_keys(reinterpret_cast<const float*>(x.data_ptr<at::BFloat16>()), B, Tk, H, pairs,
-                   reinterpret_cast<float*>(copy.data_ptr<at::BFloat16>()), ld);
-    return {copy, copy.data_ptr<at::BFloat16>(), H * pairs * ld * 2, pairs * ld * 2, 2, ld};
+    const int64_t B = x.size(0), Tk = x.size(1), H = x.size(2), D = x.size(3);
+    const int64_t blocks = (Tk + kKeyBlock - 1) / kKeyBlock;
+    auto copy = scratch(slot, {B, H, blocks, D / 2, kKeyBlock, 2}, at::kBFloat16);
+    transpose_keys(reinterpret_cast<const float*>(x.data_ptr<at::BFloat16>()), B, Tk, H, D / 2,
+                   reinterpret_cast<float*>(copy.data_ptr<at::BFloat16>()));
+    return {copy, copy.data_ptr<at::BFloat16>(), H * blocks * D * kKeyBlock,
+            blocks * D * kKeyBlock, D, kKeyBlock};
   }
 
   // x [B, Tk, H, C] -> [B, H, ceil(Tk / 2), C, 2]: out[b, h, j / 2, c, j % 2] = x[b, j, h, c],
@@ -431,18 +459,21 @@ struct BFloat16Brgemm {
 
   void products(float* S, const at::BFloat16* a, int64_t lda, const Operand<at::BFloat16>& xt,
                 int64_t b, int64_t hkv, int64_t key0, int64_t rows, int64_t n, int64_t inner) {
-    attnkit::matmul_vnni(rows, n, inner, a, lda, xt.at(b, hkv, key0), xt.ld, S, n, false);
+    for_each_key_block(n, [&](int64_t j, int64_t width) {
+      attnkit::matmul_vnni(rows, width, inner, a, lda, xt.at(b, hkv, key0 + j), xt.ld, S + j,
+                           lds, false);
+    });
   }
 
-  // P rounded to bfloat16, an odd n padded with a zero column to meet rows(x)'s zero key.
+  // P rounded to bfloat16; an odd last block gets a zero column to meet rows(x)'s zero key.
   void accumulate(float* C, int64_t ldc, const float* P, const Operand<at::BFloat16>& x,
                   int64_t b, int64_t hkv, int64_t key0, int64_t rows, int64_t n, int64_t cols) {
     const int64_t even = n + n % 2;
     for (int64_t r = 0; r < rows; ++r) {
-      at::vec::convert(P + r * n, P16.data() + r * even, n);
-      if (even != n) P16[r * even + n] = at::BFloat16(0.0f);
+      at::vec::convert(P + r * lds, P16.data() + r * lds, n);
+      if (even != n) P16[r * lds + n] = at::BFloat16(0.0f);
     }
-    attnkit::matmul_vnni(rows, cols, even, P16.data(), even, x.at(b, hkv, key0), x.ld, C, ldc,
+    attnkit::matmul_vnni(rows, cols, even, P16.data(), lds, x.at(b, hkv, key0), x.ld, C, ldc,
                          true);
   }
 
@@ -492,7 +523,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
       // S[bq, n] = Q Kᵀ (the row steps apply the scale)
       gemms[thread].products(S.data(), qi, d.ldq, keys_t, w.b, w.hkv, c0, w.bq, n, d.D);
       for (int64_t r = 0; softmax && r < w.bq; ++r) {
-        float* s = S.data() + r * n;
+        float* s = S.data() + r * d.max_keys;
         float shift = 0.0f, exp_scale = scale;
         if (shifted) {
           float run_max = kNegInf;
@@ -584,8 +615,8 @@ void backward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
       g.products(S.data(), qi, d.ldq, keys_t, w.b, w.hkv, c0, w.bq, n, d.D);
       g.products(dS.data(), doi, d.ldo, values_t, w.b, w.hkv, c0, w.bq, n, d.Dv);
       for (int64_t r = 0; r < w.bq; ++r) {
-        float* s = S.data() + r * n;
-        float* ds = dS.data() + r * n;
+        float* s = S.data() + r * d.max_keys;
+        float* ds = dS.data() + r * d.max_keys;
         const float lse_r = lp[row0 + r * d.Hq], delta_r = deltap[row0 + r * d.Hq];
         t.for_each_tile(first, stop, n, w.b, w.h, r,
                         [&](int64_t lo, int64_t width, const float* keep) {
