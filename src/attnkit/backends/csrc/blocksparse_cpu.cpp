@@ -7,10 +7,10 @@
 // counter in (head, block) order.
 //
 // Layouts: the caller's own (contiguous) q [B, Tq, Hq, D], k [B, Tk, Hkv, D],
-// v [B, Tk, Hkv, Dv], read in place through GEMM leading dimensions, except that the float32
-// GEMM takes no transposes, so it gets Kᵀ (and Vᵀ in the backward) packed once per call: one
-// copy the size of k; out [B, Tq, Hq, Dv], lse [B, Tq, Hq]. The mask's
-// live tiles are a CSR over query blocks: row_ptr [nq + 1],
+// v [B, Tk, Hkv, Dv], read in place through GEMM leading dimensions, except where brgemm runs
+// the GEMMs: it takes no transposes, so Kᵀ (and Vᵀ in the backward) is packed once per call,
+// and in bfloat16 k and v are also packed in its VNNI layout (Operand, Slot); out [B, Tq, Hq,
+// Dv], lse [B, Tq, Hq]. The mask's live tiles are a CSR over query blocks: row_ptr [nq + 1],
 // tiles [nnz] (key-tile index, ascending per row), partial [nnz] (-1 for a full tile, else the
 // index of its 0/1 keep tile in keep [P, Bm, Hm, BQ, BK], Bm in {1, B}, Hm in {1, Hkv * G}).
 #include <torch/extension.h>
@@ -130,8 +130,8 @@ inline float scale_mask_max(float* s, const float* keep, int64_t n, float scale)
 
 // The backward's per-pair step over n values in place: p = exp(scale · s - lse) · keep (keep =
 // nullptr: a full tile) into s, scale · dS = scale · p (dP - Δ) into ds (both gradients through
-// the scores carry the scale). Kept pairs have s - lse <= 0; masked ones may be larger, hence
-// the upper clamp before their factor zeroes them.
+// the scores carry the scale). Kept pairs have scale · s - lse <= 0; masked ones may be
+// larger, hence the upper clamp before their factor zeroes them.
 inline void probabilities_and_grads(float* s, float* ds, const float* keep, int64_t n,
                                     float lse, float delta, float scale) {
   const Vec vlse(lse), lo(kExpFloor), hi(-kExpFloor), vdelta(delta), vscale(scale);
@@ -150,10 +150,10 @@ inline void probabilities_and_grads(float* s, float* ds, const float* keep, int6
 }
 
 // Run `work(item, thread)` for items [0, n), each thread pulling the next item, then releasing
-// its GEMM state. Items are
-// (head, query block) in order, so the threads work on neighbouring query blocks of one head
-// at a time and share its keys and values in cache (largest-first ordering interleaved heads
-// and ran causal T=32k 25% slower); the dynamic pull keeps the threads balanced.
+// its GEMM state. Items are (head, query block) in order, so the threads work on neighbouring
+// query blocks of one head at a time and share its keys and values in cache (largest-first
+// ordering interleaved heads and ran causal T=32k 25% slower); the dynamic pull keeps the
+// threads balanced.
 template <typename Gemms, typename F>
 void run_items(int64_t n, std::vector<Gemms>& gemms, F&& work) {
   std::atomic<int64_t> next{0};
