@@ -47,8 +47,9 @@ Two implementations of these steps share the plan of live tiles:
   4-22x Flex. Gradients accumulate in float32.
 - float16, and everything where the kernel cannot be compiled, run the batched matmuls.
 
-Scores: plain softmax (no soft-capping, no bias) — the call pattern of every sparse pattern in
-the catalog. Other score functions run on ``chunked``.
+Scores: softmax — the call pattern of every sparse pattern in the catalog — with Gemma 2's soft
+cap in the compiled kernel (a tanh pass over each tile's scores, and tanh's derivative in the
+backward); no additive bias. Other score functions run on ``chunked``.
 """
 
 from __future__ import annotations
@@ -371,11 +372,11 @@ class _KernelAttention(torch.autograd.Function):
     ``[B, Tq, Hq]``."""
 
     @staticmethod
-    def forward(ctx, q, k, v, plan, kernel, shifted, scale):  # type: ignore[override]
+    def forward(ctx, q, k, v, plan, kernel, shifted, score):  # type: ignore[override]
         tiles = plan.kernel_tiles
-        out, lse = kernel.forward(q, k, v, *tiles, shifted, scale, True)
+        out, lse = kernel.forward(q, k, v, *tiles, shifted, *score, True)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.tiles, ctx.kernel, ctx.scale = tiles, kernel, scale
+        ctx.tiles, ctx.kernel, ctx.score = tiles, kernel, score
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -386,7 +387,7 @@ class _KernelAttention(torch.autograd.Function):
         delta = (grad_out.float() * out.float()).sum(-1)
         finite_lse = torch.where(torch.isneginf(lse), 0.0, lse)
         dq, dk, dv = ctx.kernel.backward(
-            q, k, v, grad_out, finite_lse, delta, *ctx.tiles, ctx.scale
+            q, k, v, grad_out, finite_lse, delta, *ctx.tiles, *ctx.score
         )  # float32 gradients
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
@@ -407,7 +408,7 @@ def gemms_alone(call: AttentionCall) -> Callable[[], object] | None:
         return None
     tiles = _plan(call).kernel_tiles
     q, k, v = _kernel_inputs(call)
-    return lambda: kernel.forward(q, k, v, *tiles, False, float(call.scale), False)
+    return lambda: kernel.forward(q, k, v, *tiles, False, float(call.scale), 0.0, False)
 
 
 def kernel_gemm(dtype: torch.dtype) -> str | None:
@@ -436,9 +437,12 @@ def kernel_matmul(a: Tensor, b: Tensor, out: Tensor) -> bool:
 
 def needs_shift(call: AttentionCall) -> bool:
     """True unless every score is provably within ``±BOUND`` (then exp needs no shift) and the
-    input dtype has float32's exponent range (float16 would overflow at e^11)."""
+    input dtype has float32's exponent range (float16 would overflow at e^11). A soft cap of
+    at most ``BOUND`` bounds every score by itself."""
     if call.dtype == torch.float16:
         return True
+    if _softcap(call) and _softcap(call) <= BOUND:
+        return False
     with torch.no_grad():
         q_norm = call.q.detach().float().norm(dim=-1).max()
         k_norm = call.k.detach().float().norm(dim=-1).max()
@@ -449,9 +453,9 @@ def blocksparse_forward(call: AttentionCall) -> tuple[Tensor, Tensor]:
     """Run ``call``. Returns ``out [B, Tq, Hq, Dv]`` and ``lse [B, Tq, Hq]``."""
     kernel = _kernel(call)
     if kernel is not None:
-        return _KernelAttention.apply(
-            *_kernel_inputs(call), _plan(call), kernel, needs_shift(call), float(call.scale)
-        )
+        shifted = needs_shift(call)
+        score = (float(call.scale), _softcap(call))
+        return _KernelAttention.apply(*_kernel_inputs(call), _plan(call), kernel, shifted, score)
     B, Hkv, G, Tq = call.B, call.Hkv, call.groups, call.Tq
     acc = call.accumulation_dtype
     q = (call.q * call.scale).transpose(1, 2).reshape(B, Hkv, G, Tq, call.D)
@@ -463,9 +467,21 @@ def blocksparse_forward(call: AttentionCall) -> tuple[Tensor, Tensor]:
     return out, lse
 
 
+def _softcap(call: AttentionCall) -> float:
+    """The call's soft cap (Gemma 2's ``cap · tanh(s / cap)``), 0.0 for none."""
+    return float(call.score.softcap or 0.0)
+
+
 def _supports(call: AttentionCall) -> str | None:
-    if type(call.score) is not Softmax or call.score.softcap is not None:
-        return f"blocksparse computes plain softmax only (this call uses {call.score.describe()})"
+    if type(call.score) is not Softmax:
+        return f"blocksparse computes softmax only (this call uses {call.score.describe()})"
+    if call.score.softcap is not None and _kernel(call) is None:
+        return (
+            "blocksparse soft-caps scores only in its compiled kernel (float32 or bfloat16 on "
+            "the CPU, with a C++ compiler); use chunked or flex"
+        )
+    if call.score.softcap is not None and not call.scale > 0:
+        return f"blocksparse soft-caps scores only with a positive scale (got {call.scale})"
     if call.bias is not None:
         return "blocksparse takes no additive bias (use chunked or flex)"
     return None

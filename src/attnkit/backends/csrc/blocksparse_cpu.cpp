@@ -128,24 +128,43 @@ inline float scale_mask_max(float* s, const float* keep, int64_t n, float scale)
   return largest;
 }
 
-// The backward's per-pair step over n values in place: p = exp(scale · s - lse) · keep (keep =
-// nullptr: a full tile) into s, scale · dS = scale · p (dP - Δ) into ds (both gradients through
-// the scores carry the scale). Kept pairs have scale · s - lse <= 0; masked ones may be
-// larger, hence the upper clamp before their factor zeroes them.
+// The scores' map before the softmax: scale · s, or Gemma 2's soft cap cap · tanh(scale · s /
+// cap) when softcap > 0.
+struct Score {
+  float scale, softcap;
+};
+
+// s -> (cap / scale) tanh(scale · s / cap) over n values in place: the row steps' scale · s is
+// then the capped score, so they run unchanged. A no-op without a cap.
+inline void soft_cap(float* s, int64_t n, const Score& score) {
+  if (score.softcap <= 0.0f) return;
+  const float inner = score.scale / score.softcap, outer = score.softcap / score.scale;
+  at::vec::map([inner, outer](Vec x) { return (x * Vec(inner)).tanh() * Vec(outer); }, s, s, n);
+}
+
+// The backward's per-pair step over n values in place, on scores x = scale · s (s soft-capped
+// by soft_cap first when there is a cap): p = exp(x - lse) · keep (keep = nullptr: a full tile)
+// into s, and the gradient with respect to the raw product, scale · p (dP - Δ) (1 - (x /
+// cap)^2), into ds (the last factor is tanh's derivative; 1 without a cap). Kept pairs have
+// x - lse <= 0; masked ones may be larger, hence the upper clamp before their factor zeroes
+// them.
 inline void probabilities_and_grads(float* s, float* ds, const float* keep, int64_t n,
-                                    float lse, float delta, float scale) {
-  const Vec vlse(lse), lo(kExpFloor), hi(-kExpFloor), vdelta(delta), vscale(scale);
+                                    float lse, float delta, const Score& score) {
+  const float inv_cap = score.softcap > 0.0f ? 1.0f / score.softcap : 0.0f;
+  const Vec vlse(lse), lo(kExpFloor), hi(-kExpFloor), vdelta(delta), vscale(score.scale);
+  const Vec vinv_cap(inv_cap), one(1.0f);
   int64_t c = 0;
   for (; c + Vec::size() <= n; c += Vec::size()) {
-    Vec p = at::vec::clamp(at::vec::fmsub(Vec::loadu(s + c), vscale, vlse), lo, hi).exp_u20();
+    const Vec x = Vec::loadu(s + c) * vscale, capped = x * vinv_cap;
+    Vec p = at::vec::clamp(x - vlse, lo, hi).exp_u20();
     if (keep) p = p * Vec::loadu(keep + c);
     p.store(s + c);
-    ((Vec::loadu(ds + c) - vdelta) * (p * vscale)).store(ds + c);
+    ((Vec::loadu(ds + c) - vdelta) * (p * vscale) * (one - capped * capped)).store(ds + c);
   }
   for (; c < n; ++c) {
-    s[c] = std::exp(std::clamp(s[c] * scale - lse, kExpFloor, -kExpFloor)) *
-           (keep ? keep[c] : 1.0f);
-    ds[c] = (ds[c] - delta) * (s[c] * scale);
+    const float x = s[c] * score.scale, capped = x * inv_cap;
+    s[c] = std::exp(std::clamp(x - lse, kExpFloor, -kExpFloor)) * (keep ? keep[c] : 1.0f);
+    ds[c] = (ds[c] - delta) * (s[c] * score.scale) * (1.0f - capped * capped);
   }
 }
 
@@ -491,7 +510,7 @@ struct BFloat16Brgemm {
 // attention: the time of the plan's GEMMs alone, which benchmarks report as the kernel's bound.
 template <typename Gemms>
 void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                    const Tiles& t, bool shifted, float scale, bool softmax, bool pack,
+                    const Tiles& t, bool shifted, const Score& score, bool softmax, bool pack,
                     at::Tensor& out, at::Tensor& lse) {
   using scalar_t = typename Gemms::scalar_t;
   const Dims d = dims_of(q, k, v, t);
@@ -524,6 +543,8 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
       gemms[thread].products(S.data(), qi, d.ldq, keys_t, w.b, w.hkv, c0, w.bq, n, d.D);
       for (int64_t r = 0; softmax && r < w.bq; ++r) {
         float* s = S.data() + r * d.max_keys;
+        soft_cap(s, n, score);
+        const float scale = score.scale;
         float shift = 0.0f, exp_scale = scale;
         if (shifted) {
           float run_max = kNegInf;
@@ -571,7 +592,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 template <typename Gemms>
 void backward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      const at::Tensor& grad_out, const at::Tensor& lse,
-                     const at::Tensor& delta, const Tiles& t, float scale, bool pack,
+                     const at::Tensor& delta, const Tiles& t, const Score& score, bool pack,
                      at::Tensor& dq, at::Tensor& dk_parts, at::Tensor& dv_parts) {
   using scalar_t = typename Gemms::scalar_t;
   const Dims d = dims_of(q, k, v, t);
@@ -611,20 +632,21 @@ void backward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
     for_each_run(t, w.i, [&](int64_t first, int64_t stop) {
       const int64_t c0 = t.tiles[first] * t.BK;
       const int64_t n = std::min(t.tiles[stop - 1] * t.BK + t.BK, d.Tk) - c0;
-      // S[bq, n] = Q Kᵀ;  dP[bq, n] = dO Vᵀ (becomes scale · dS in place)
+      // S[bq, n] = Q Kᵀ;  dP[bq, n] = dO Vᵀ (becomes the raw products' gradient in place)
       g.products(S.data(), qi, d.ldq, keys_t, w.b, w.hkv, c0, w.bq, n, d.D);
       g.products(dS.data(), doi, d.ldo, values_t, w.b, w.hkv, c0, w.bq, n, d.Dv);
       for (int64_t r = 0; r < w.bq; ++r) {
         float* s = S.data() + r * d.max_keys;
         float* ds = dS.data() + r * d.max_keys;
         const float lse_r = lp[row0 + r * d.Hq], delta_r = deltap[row0 + r * d.Hq];
+        soft_cap(s, n, score);
         t.for_each_tile(first, stop, n, w.b, w.h, r,
                         [&](int64_t lo, int64_t width, const float* keep) {
                           probabilities_and_grads(s + lo, ds + lo, keep, width, lse_r, delta_r,
-                                                  scale);
+                                                  score);
                         });
       }
-      // dV[n, Dv] += Pᵀ dO;  dQ[bq, D] += scale dS K;  dK[n, D] += scale dSᵀ Q
+      // dV[n, Dv] += Pᵀ dO;  dQ[bq, D] += (scale dS) K;  dK[n, D] += (scale dS)ᵀ Q
       g.accumulate_t(dvb + c0 * d.ldv, d.ldv, S.data(), doi, d.ldo, w.bq, n, d.Dv);
       g.accumulate(dqi, d.ldq, dS.data(), keys, w.b, w.hkv, c0, w.bq, n, d.D);
       g.accumulate_t(dkb + c0 * d.ldk, d.ldk, dS.data(), qi, d.ldq, w.bq, n, d.D);
@@ -658,17 +680,25 @@ bool bfloat16_brgemm_runs(const at::Tensor& q, const at::Tensor& v) {
   return attnkit::brgemm_enabled().bfloat16 && q.size(3) % 2 == 0 && v.size(3) % 2 == 0;
 }
 
+// softcap 0: none. A cap is applied as (cap / scale) tanh(scale · s / cap) (soft_cap).
+Score score_of(double scale, double softcap) {
+  TORCH_CHECK(softcap >= 0.0, "blocksparse_cpu: softcap must be > 0 (0: none), got ", softcap);
+  TORCH_CHECK(softcap == 0.0 || scale > 0.0,
+              "blocksparse_cpu: a soft cap needs a positive scale, got ", scale);
+  return {static_cast<float>(scale), static_cast<float>(softcap)};
+}
+
 std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                 const at::Tensor& row_ptr, const at::Tensor& tiles,
                                 const at::Tensor& partial, const at::Tensor& keep,
                                 int64_t block_q, int64_t block_k, int64_t max_run,
-                                bool shifted, double scale, bool softmax) {
+                                bool shifted, double scale, double softcap, bool softmax) {
   check_inputs(q, k, v);
   const Tiles t = tiles_of(row_ptr, tiles, partial, keep, block_q, block_k, max_run);
   auto out = at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, v.options());
   auto lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   const bool pack = worth_packing(q, k);
-  const float s = static_cast<float>(scale);
+  const Score s = score_of(scale, softcap);
   if (q.scalar_type() == at::kFloat) {
     forward_kernel<Float32Gemms>(q, k, v, t, shifted, s, softmax, pack, out, lse);
 #ifdef CPUBLAS_BRGEMM_BF16BF16F32
@@ -686,7 +716,7 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
                                  const at::Tensor& delta, const at::Tensor& row_ptr,
                                  const at::Tensor& tiles, const at::Tensor& partial,
                                  const at::Tensor& keep, int64_t block_q, int64_t block_k,
-                                 int64_t max_run, double scale) {
+                                 int64_t max_run, double scale, double softcap) {
   check_inputs(q, k, v);
   TORCH_CHECK(grad_out.scalar_type() == q.scalar_type() && grad_out.is_contiguous(),
               "blocksparse_cpu's backward needs a contiguous grad_out of q's dtype");
@@ -697,7 +727,7 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
   auto dk = at::zeros({threads, k.size(0), k.size(1), k.size(2), k.size(3)}, f32);
   auto dv = at::zeros({threads, v.size(0), v.size(1), v.size(2), v.size(3)}, f32);
   const bool pack = worth_packing(q, k);
-  const float s = static_cast<float>(scale);
+  const Score s = score_of(scale, softcap);
   if (q.scalar_type() == at::kFloat) {
     backward_kernel<Float32Gemms>(q, k, v, grad_out, lse, delta, t, s, pack, dq, dk, dv);
 #ifdef CPUBLAS_BRGEMM_BF16BF16F32
