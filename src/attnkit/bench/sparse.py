@@ -255,7 +255,8 @@ MATMUL_PROBE = 2048
 
 def _square_matmuls(dtype: torch.dtype) -> list[Callable[[], object]]:
     """``MATMUL_PROBE``-sized square products in ``dtype``: torch's matmul, and in float32 the
-    compiled kernel's GEMM (rows padded off 4 KB multiples, as the kernel pads its operands)."""
+    compiled kernel's GEMM (rows padded off 4 KB multiples: 2048-float rows would share L1
+    sets)."""
     a, b = (torch.randn(MATMUL_PROBE, MATMUL_PROBE).to(dtype) for _ in range(2))
     calls: list[Callable[[], object]] = [lambda: a @ b]
     if dtype == torch.float32 and blocksparse.kernel_gemm(dtype) is not None:
