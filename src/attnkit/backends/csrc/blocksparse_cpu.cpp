@@ -426,21 +426,41 @@ struct BFloat16Gemms {
 };
 
 #ifdef CPUBLAS_BRGEMM_BF16BF16F32
+// One VNNI row pair: out[c] = (even[c], odd[c]) as one 32-bit word for c < C, odd = nullptr
+// for the zero row padding an odd count (a loop the compiler vectorises).
+inline void interleave(const at::BFloat16* even, const at::BFloat16* odd, at::BFloat16* out,
+                       int64_t C) {
+  const auto* e = reinterpret_cast<const uint16_t*>(even);
+  const auto* o = reinterpret_cast<const uint16_t*>(odd);
+  auto* pairs = reinterpret_cast<uint32_t*>(out);
+  if (o == nullptr) {
+    for (int64_t c = 0; c < C; ++c) pairs[c] = e[c];
+  } else {
+    for (int64_t c = 0; c < C; ++c) pairs[c] = e[c] | uint32_t{o[c]} << 16;
+  }
+}
+
 // The GEMMs in bfloat16 through oneDNN's bf16 brgemm (attnkit::matmul_vnni, ~2x float32
 // brgemm; oneDNN's matmul primitive costs microseconds per call, which small tiles feel), for
 // even D and Dv. Its B operands are packed once per call in VNNI layout (pairs of rows
 // interleaved): keys_t(x) as xᵀ's feature pairs in blocks of kKeyBlock keys (a transpose of
 // x's 4-byte pairs), rows(x) as key pairs, a zero key padding an odd Tk. Products stay float32
 // (brgemm accumulates and returns float32); P is rounded to bfloat16 before its GEMM.
-// accumulate_t (the backward's Pᵀ dO and dSᵀ Q) runs on BFloat16Gemms.
 struct BFloat16Brgemm {
   using scalar_t = at::BFloat16;
-  int64_t lds;
-  BFloat16Gemms matmuls;
-  std::vector<at::BFloat16> P16;
+  int64_t row_capacity, lds;
+  std::vector<at::BFloat16> P16, PT16, x_pairs;
+  std::vector<float> transposed;
 
+  // Score buffers of up to `rows` (even: a tile height) x `keys` (the row stride), X up to
+  // `rows` x `cols`.
   BFloat16Brgemm(int64_t rows, int64_t keys, int64_t cols)
-      : lds(keys), matmuls(rows, keys, cols), P16(rows * keys) {}
+      : row_capacity(rows),
+        lds(keys),
+        P16(rows * keys),
+        PT16(keys * rows),
+        x_pairs(rows * cols),
+        transposed(keys * rows) {}
 
   static Operand<at::BFloat16> keys_t(const at::Tensor& x, bool, Slot slot) {
     const int64_t B = x.size(0), Tk = x.size(1), H = x.size(2), D = x.size(3);
@@ -452,28 +472,21 @@ struct BFloat16Brgemm {
             blocks * D * kKeyBlock, D, kKeyBlock};
   }
 
-  // x [B, Tk, H, C] -> [B, H, ceil(Tk / 2), C, 2]: out[b, h, j / 2, c, j % 2] = x[b, j, h, c],
-  // each pair of bfloat16 written as one 32-bit word (a loop the compiler vectorises).
+  // x [B, Tk, H, C] -> [B, H, ceil(Tk / 2), C, 2]: out[b, h, j / 2, c, j % 2] = x[b, j, h, c].
   static Operand<at::BFloat16> rows(const at::Tensor& x, Slot slot) {
     const int64_t B = x.size(0), Tk = x.size(1), H = x.size(2), C = x.size(3);
     const int64_t pairs = (Tk + 1) / 2;
     auto copy = scratch(slot, {B, H, pairs, C, 2}, at::kBFloat16);
-    const auto* src = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
-    auto* dst = reinterpret_cast<uint32_t*>(copy.data_ptr<at::BFloat16>());
+    const at::BFloat16* src = x.data_ptr<at::BFloat16>();
+    at::BFloat16* dst = copy.data_ptr<at::BFloat16>();
     at::parallel_for(0, B * H * pairs, 64, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         const int64_t head = task / pairs, j = task % pairs * 2, b = head / H, h = head % H;
-        const uint16_t* even = src + ((b * Tk + j) * H + h) * C;
-        const uint16_t* odd = even + H * C;
-        uint32_t* out = dst + task * C;
-        if (j + 1 == Tk) {  // the zero key padding an odd Tk
-          for (int64_t c = 0; c < C; ++c) out[c] = even[c];
-        } else {
-          for (int64_t c = 0; c < C; ++c) out[c] = even[c] | uint32_t{odd[c]} << 16;
-        }
+        const at::BFloat16* even = src + ((b * Tk + j) * H + h) * C;
+        interleave(even, j + 1 < Tk ? even + H * C : nullptr, dst + task * C * 2, C);
       }
     });
-    return {copy, copy.data_ptr<at::BFloat16>(), H * pairs * C * 2, pairs * C * 2, C, C};
+    return {copy, dst, H * pairs * C * 2, pairs * C * 2, C, C};
   }
 
   void products(float* S, const at::BFloat16* a, int64_t lda, const Operand<at::BFloat16>& xt,
@@ -496,9 +509,24 @@ struct BFloat16Brgemm {
                          true);
   }
 
+  // Pᵀ rounded to bfloat16 (rows row_capacity apart, an odd row count padded with a zero
+  // column) against X's rows packed in VNNI pairs (a zero row padding an odd count).
   void accumulate_t(float* C, int64_t ldc, const float* P, const at::BFloat16* x, int64_t ldx,
                     int64_t rows, int64_t n, int64_t cols) {
-    matmuls.accumulate_t(C, ldc, P, x, ldx, rows, n, cols);
+    const int64_t even = rows + rows % 2, ldt = row_capacity;
+    at::vec::transpose_mxn<float>(P, lds, transposed.data(), ldt, rows, n);
+    for (int64_t j = 0; j < n; ++j) {
+      at::vec::convert(transposed.data() + j * ldt, PT16.data() + j * ldt, rows);
+      if (even != rows) PT16[j * ldt + rows] = at::BFloat16(0.0f);
+    }
+    for (int64_t r = 0; r < rows; r += 2) {
+      interleave(x + r * ldx, r + 1 < rows ? x + (r + 1) * ldx : nullptr,
+                 x_pairs.data() + r * cols, cols);
+    }
+    for_each_key_block(n, [&](int64_t j, int64_t width) {
+      attnkit::matmul_vnni(width, cols, even, PT16.data() + j * ldt, ldt, x_pairs.data(), cols,
+                           C + j * ldc, ldc, true);
+    });
   }
 
   // AMX tile state is per thread; a no-op elsewhere.
