@@ -497,7 +497,8 @@ struct BFloat16Brgemm {
     });
   }
 
-  // P rounded to bfloat16; an odd last block gets a zero column to meet rows(x)'s zero key.
+  // P rounded to bfloat16; a run of odd width (one that ends at an odd Tk) gets a zero column
+  // to meet rows(x)'s zero key.
   void accumulate(float* C, int64_t ldc, const float* P, const Operand<at::BFloat16>& x,
                   int64_t b, int64_t hkv, int64_t key0, int64_t rows, int64_t n, int64_t cols) {
     const int64_t even = n + n % 2;
