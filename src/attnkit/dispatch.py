@@ -18,17 +18,18 @@ T=1024-8192; medians of 3):
 - chunked: forward ~1.4-1.8x dense SDPA per live tile, ~2x more with a score function or bias
   computed in plain PyTorch (sigmoid causal T=1024: 39 vs 18 ms on Flex); with gradients
   ~2.8x dense SDPA's forward+backward per live tile (window 256, T=4096: 254 vs 855 ms).
-- blocksparse (plain softmax), per live tile of its own tile shape: float32 through its
-  compiled kernel on oneDNN's brgemm ~0.48x dense SDPA forward and ~0.51x forward+backward
-  (dense T=8192 188 vs 394 ms; SDPA's float32 kernel calls MKL, which on this AMD CPU runs
-  AVX2 code at ~100 GFLOP/s per core where brgemm's AVX-512 reaches ~245), ~0.97x where the
-  kernel falls back to the BLAS; plus ~0.15 per partial tile (window 256 at T=8192: 23-25 ms
-  vs Flex 29-31 on the BLAS); bfloat16 through the same kernel ~0.39x forward and
-  ~0.58x forward+backward (its GEMMs reach oneDNN's bf16 kernels, SDPA's bf16 kernel does
-  not); through batched matmuls (no compiler) float32 ~1.2x, bfloat16 ~0.6x forward and
-  ~0.8x forward+backward; float16 matmuls have no fast path here (20x slower). Its fixed cost per
-  call (~0.2 ms of Python and small ops for the batched path, less for the kernel) is charged
-  as the pairs dense SDPA would process in that time, so short calls and decoding stay on SDPA.
+- blocksparse (softmax, soft-capped in the kernel), per live tile of its own tile shape:
+  float32 through its compiled kernel on oneDNN's brgemm ~0.48x dense SDPA forward and ~0.51x
+  forward+backward (dense T=8192 188 vs 394 ms; SDPA's float32 kernel calls MKL, which on this
+  AMD CPU runs AVX2 code at ~100 GFLOP/s per core where brgemm's AVX-512 reaches ~245), ~0.97x
+  where the kernel falls back to the BLAS; plus 0.15-0.6 per partial tile
+  (``BLOCKSPARSE_PARTIAL``); bfloat16 on bf16 brgemm ~0.27x forward and ~0.45x
+  forward+backward, ~0.39x and ~0.58x on oneDNN's matmul primitive (SDPA's bf16 kernel reaches
+  neither); a soft cap's tanh ~1.75-2.2x more (``BLOCKSPARSE_SOFTCAP``); through batched
+  matmuls (no compiler) float32 ~1.2x, bfloat16 ~0.6x forward and ~0.8x forward+backward;
+  float16 matmuls have no fast path here (20x slower). Its fixed cost per call (~0.2 ms of
+  Python and small ops for the batched path, less for the kernel) is charged as the pairs
+  dense SDPA would process in that time, so short calls and decoding stay on SDPA.
 - Flex compiles once per shape (seconds), so it is not chosen for short query blocks
   (decoding) or small problems, where compile time would dominate.
 """
