@@ -441,7 +441,7 @@ def needs_shift(call: AttentionCall) -> bool:
     at most ``BOUND`` bounds every score by itself."""
     if call.dtype == torch.float16:
         return True
-    if _softcap(call) and _softcap(call) <= BOUND:
+    if 0 < _softcap(call) <= BOUND:
         return False
     with torch.no_grad():
         q_norm = call.q.detach().float().norm(dim=-1).max()

@@ -47,27 +47,43 @@ inline void gemm_rows(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t 
   gemm(trans_b, trans_a, n, m, k, alpha, b, ldb, a, lda, beta, c, ldc);
 }
 
+// The probes' product: a [3, 4] times b [4, 5] of small integers (exact in bfloat16 too), and
+// whether c holds it.
+constexpr int64_t kProbeM = 3, kProbeN = 5, kProbeK = 4;
+
+template <typename T>
+void probe_operands(T* a, T* b) {
+  for (int64_t i = 0; i < kProbeM * kProbeK; ++i) a[i] = static_cast<float>(i % 7) - 3.0f;
+  for (int64_t i = 0; i < kProbeK * kProbeN; ++i) b[i] = static_cast<float>(i % 5) - 2.0f;
+}
+
+template <typename T>
+bool probe_matches(const T* a, const T* b, const float* c) {
+  for (int64_t i = 0; i < kProbeM; ++i) {
+    for (int64_t j = 0; j < kProbeN; ++j) {
+      float expected = 0.0f;
+      for (int64_t p = 0; p < kProbeK; ++p) {
+        expected += static_cast<float>(a[i * kProbeK + p]) * static_cast<float>(b[p * kProbeN + j]);
+      }
+      if (std::abs(c[i * kProbeN + j] - expected) > 1e-4f) return false;
+    }
+  }
+  return true;
+}
+
 // True when libtorch's float32 brgemm exists and computes a small product correctly here (it
 // throws where oneDNN has no micro-kernel for the CPU).
 inline bool brgemm_works() {
 #ifdef CPUBLAS_BRGEMM_F32F32F32
-  constexpr int64_t m = 3, n = 5, k = 4;
-  float a[m * k], b[k * n], c[m * n];
-  for (int64_t i = 0; i < m * k; ++i) a[i] = static_cast<float>(i % 7) - 3.0f;
-  for (int64_t i = 0; i < k * n; ++i) b[i] = static_cast<float>(i % 5) - 2.0f;
+  float a[kProbeM * kProbeK], b[kProbeK * kProbeN], c[kProbeM * kProbeN];
+  probe_operands(a, b);
   try {
-    at::native::cpublas::brgemm(m, n, k, k, n, n, false, a, b, c, false);
+    at::native::cpublas::brgemm(kProbeM, kProbeN, kProbeK, kProbeK, kProbeN, kProbeN, false, a,
+                                b, c, false);
   } catch (...) {
     return false;
   }
-  for (int64_t i = 0; i < m; ++i) {
-    for (int64_t j = 0; j < n; ++j) {
-      float expected = 0.0f;
-      for (int64_t p = 0; p < k; ++p) expected += a[i * k + p] * b[p * n + j];
-      if (std::abs(c[i * n + j] - expected) > 1e-4f) return false;
-    }
-  }
-  return true;
+  return probe_matches(a, b, c);
 #else
   return false;
 #endif
@@ -80,30 +96,22 @@ inline bool brgemm_bf16_works() {
 #if defined(CPUBLAS_BRGEMM_BF16BF16F32) && defined(__x86_64__)
   unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;  // AVX512-BF16: CPUID leaf 7, subleaf 1, EAX bit 5
   if (!__get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) || !(eax & (1u << 5))) return false;
-  constexpr int64_t m = 3, n = 5, k = 4;
-  at::BFloat16 a[m * k], b[k * n], b_vnni[k * n];
-  float c[m * n];
-  for (int64_t i = 0; i < m * k; ++i) a[i] = static_cast<float>(i % 7) - 3.0f;
-  for (int64_t i = 0; i < k * n; ++i) b[i] = static_cast<float>(i % 5) - 2.0f;
-  for (int64_t p = 0; p < k; ++p) {
-    for (int64_t j = 0; j < n; ++j) b_vnni[(p / 2 * n + j) * 2 + p % 2] = b[p * n + j];
+  at::BFloat16 a[kProbeM * kProbeK], b[kProbeK * kProbeN], b_vnni[kProbeK * kProbeN];
+  float c[kProbeM * kProbeN];
+  probe_operands(a, b);
+  for (int64_t p = 0; p < kProbeK; ++p) {
+    for (int64_t j = 0; j < kProbeN; ++j) {
+      b_vnni[(p / 2 * kProbeN + j) * 2 + p % 2] = b[p * kProbeN + j];
+    }
   }
   try {
-    at::native::cpublas::brgemm(m, n, k, k, n, n, false, a, b_vnni, c, true);
+    at::native::cpublas::brgemm(kProbeM, kProbeN, kProbeK, kProbeK, kProbeN, kProbeN, false, a,
+                                b_vnni, c, true);
     at::native::cpublas::brgemm_release(true);
   } catch (...) {
     return false;
   }
-  for (int64_t i = 0; i < m; ++i) {
-    for (int64_t j = 0; j < n; ++j) {
-      float expected = 0.0f;
-      for (int64_t p = 0; p < k; ++p) {
-        expected += static_cast<float>(a[i * k + p]) * static_cast<float>(b[p * n + j]);
-      }
-      if (std::abs(c[i * n + j] - expected) > 1e-3f) return false;
-    }
-  }
-  return true;
+  return probe_matches(a, b, c);
 #else
   return false;
 #endif
@@ -112,11 +120,12 @@ inline bool brgemm_bf16_works() {
 // Whether the kernels use brgemm: probed once per dtype, and switchable so tests can check the
 // BLAS / oneDNN-matmul paths.
 struct BrgemmSwitch {
-  std::atomic<bool> float32{brgemm_works()}, bfloat16{brgemm_bf16_works()};
+  const bool float32_works = brgemm_works(), bfloat16_works = brgemm_bf16_works();
+  std::atomic<bool> float32{float32_works}, bfloat16{bfloat16_works};
 
   void set(bool on) {
-    float32 = on && brgemm_works();
-    bfloat16 = on && brgemm_bf16_works();
+    float32 = on && float32_works;
+    bfloat16 = on && bfloat16_works;
   }
 };
 
