@@ -440,6 +440,19 @@ inline void interleave(const at::BFloat16* even, const at::BFloat16* odd, at::BF
   }
 }
 
+// src [lines, width] (rows ld apart) rounded to bfloat16 into dst (the same strides), an odd
+// width padded with a zero column: the inner size of a VNNI product must be even. Returns
+// the padded width.
+inline int64_t to_bfloat16_even(const float* src, at::BFloat16* dst, int64_t ld, int64_t lines,
+                                int64_t width) {
+  const int64_t even = width + width % 2;
+  for (int64_t r = 0; r < lines; ++r) {
+    at::vec::convert(src + r * ld, dst + r * ld, width);
+    if (even != width) dst[r * ld + width] = at::BFloat16(0.0f);
+  }
+  return even;
+}
+
 // The GEMMs in bfloat16 through oneDNN's bf16 brgemm (attnkit::matmul_vnni, ~2x float32
 // brgemm; oneDNN's matmul primitive costs microseconds per call, which small tiles feel), for
 // even D and Dv. Its B operands are packed once per call in VNNI layout (pairs of rows
@@ -501,11 +514,7 @@ struct BFloat16Brgemm {
   // to meet rows(x)'s zero key.
   void accumulate(float* C, int64_t ldc, const float* P, const Operand<at::BFloat16>& x,
                   int64_t b, int64_t hkv, int64_t key0, int64_t rows, int64_t n, int64_t cols) {
-    const int64_t even = n + n % 2;
-    for (int64_t r = 0; r < rows; ++r) {
-      at::vec::convert(P + r * lds, P16.data() + r * lds, n);
-      if (even != n) P16[r * lds + n] = at::BFloat16(0.0f);
-    }
+    const int64_t even = to_bfloat16_even(P, P16.data(), lds, rows, n);
     attnkit::matmul_vnni(rows, cols, even, P16.data(), lds, x.at(b, hkv, key0), x.ld, C, ldc,
                          true);
   }
@@ -514,12 +523,9 @@ struct BFloat16Brgemm {
   // column) against X's rows packed in VNNI pairs (a zero row padding an odd count).
   void accumulate_t(float* C, int64_t ldc, const float* P, const at::BFloat16* x, int64_t ldx,
                     int64_t rows, int64_t n, int64_t cols) {
-    const int64_t even = rows + rows % 2, ldt = row_capacity;
+    const int64_t ldt = row_capacity;
     at::vec::transpose_mxn<float>(P, lds, transposed.data(), ldt, rows, n);
-    for (int64_t j = 0; j < n; ++j) {
-      at::vec::convert(transposed.data() + j * ldt, PT16.data() + j * ldt, rows);
-      if (even != rows) PT16[j * ldt + rows] = at::BFloat16(0.0f);
-    }
+    const int64_t even = to_bfloat16_even(transposed.data(), PT16.data(), ldt, n, rows);
     for (int64_t r = 0; r < rows; r += 2) {
       interleave(x + r * ldx, r + 1 < rows ? x + (r + 1) * ldx : nullptr,
                  x_pairs.data() + r * cols, cols);
