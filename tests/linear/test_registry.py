@@ -8,7 +8,7 @@ from linear_helpers import qkv
 
 from attnkit import linear
 from attnkit.backends import native
-from attnkit.linear.chunked import RECURRENT_KERNEL_MAX_DV, RECURRENT_KERNEL_MAX_GROUPS
+from attnkit.linear.chunked import recurrent_kernel_max_groups
 from attnkit.testing import check_causality, check_function
 
 
@@ -61,10 +61,10 @@ def test_fastest_form_is_the_recurrent_kernel_exactly_where_it_runs() -> None:
     assert gla.fastest_form(gla.inputs(**one_head, chunk_size=16, return_state=True)) == recurrent
     grouped = qkv(T=33, Hq=4, Hkv=2)
     assert gla.fastest_form(gla.inputs(**grouped)) == recurrent
-    too_many = qkv(T=9, Hq=2 * (RECURRENT_KERNEL_MAX_GROUPS + 1), Hkv=2)
+    too_many = qkv(T=9, Hq=2 * (recurrent_kernel_max_groups() + 1), Hkv=2)
     assert gla.fastest_form(gla.inputs(**too_many)) == "chunked"
-    wide = qkv(T=9, Hq=2, Hkv=2, Dv=RECURRENT_KERNEL_MAX_DV + 1)
-    assert gla.fastest_form(gla.inputs(**wide)) == "chunked"
+    wide = qkv(T=9, Hq=2, Hkv=2, Dv=257)  # any width: a row takes as many slabs as it needs
+    assert gla.fastest_form(gla.inputs(**wide)) == recurrent
     assert gla.fastest_form(gla.inputs(**qkv(T=9, Hq=2, Hkv=2, dtype=torch.float64))) == "chunked"
     trained = {name: t.requires_grad_() for name, t in qkv(T=9, Hq=2, Hkv=2).items()}
     assert gla.fastest_form(gla.inputs(**trained)) == "chunked"

@@ -30,7 +30,7 @@ linear half with its Taylor features) runs a compiled kernel
 in cache across its chunks, q, k, v read in place in their own dtype and the feature maps
 applied per chunk, instead of the batched tensors below (whose permutes, paddings and
 materialised per-chunk states cost more than the matmuls). The recurrent form, with up to
-``RECURRENT_KERNEL_MAX_GROUPS`` query heads per key/value head, runs the kernel's token-by-token
+``recurrent_kernel_max_groups()`` query heads per key/value head (any Dv), runs the kernel's token-by-token
 loop (``recurrent`` in the same file): with the state in cache it takes half the flops per token
 of chunks of 64 and runs prefill about twice as fast as the chunked kernel at T=8192, as well as
 decoding. Gradients and float64 use the PyTorch forms.
@@ -286,10 +286,11 @@ KERNEL_FEATURES = {None: 0, "taylor": 1, "elu": 2, "relu": 3}
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
 
-#: The recurrent kernel's limits: at most this many query heads per key/value head (GQA), and
-#: Dv at most this wide.
-RECURRENT_KERNEL_MAX_GROUPS = 8
-RECURRENT_KERNEL_MAX_DV = 128
+def recurrent_kernel_max_groups() -> int:
+    """The most query heads per key/value head (GQA) the compiled recurrent form takes, as
+    the kernel build itself reports it; 0 where the kernel does not load."""
+    kernel = native.load("linear_cpu")
+    return 0 if kernel is None else kernel.recurrent_max_groups()
 
 
 def _kernel_entry(problem: LinearProblem, form: str) -> str | None:
@@ -299,9 +300,8 @@ def _kernel_entry(problem: LinearProblem, form: str) -> str | None:
         return None
     if form == "chunked":
         return "forward"
-    few_groups = problem.q.shape[2] // problem.k.shape[2] <= RECURRENT_KERNEL_MAX_GROUPS
-    narrow = problem.v.shape[-1] <= RECURRENT_KERNEL_MAX_DV
-    return "recurrent" if form == "recurrent" and few_groups and narrow else None
+    few_groups = problem.q.shape[2] // problem.k.shape[2] <= recurrent_kernel_max_groups()
+    return "recurrent" if form == "recurrent" and few_groups else None
 
 
 def _kernel(problem: LinearProblem, form: str):

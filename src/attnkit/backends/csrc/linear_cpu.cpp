@@ -307,11 +307,13 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
 // it stands after that token. Columns of the state evolve independently, so a row is cut into
 // slabs of NS vectors that keep the G * NS accumulators in registers.
 // With the Taylor feature the state has F = 1 + Dk + Dk^2 rows (BASED: 273 x 65 floats, in L2),
-// built per token from the raw q and k. Scope: G <= kMaxGroups query heads per key/value head,
-// Dv <= 16 * kMaxVectors.
+// built per token from the raw q and k. Scope: G <= kMaxGroups query heads per key/value head;
+// any Dv (a row takes as many slabs as it needs).
 
-constexpr int kMaxVectors = 8;
 constexpr int kMaxGroups = 8;
+// Vector registers of the ISA this file is built for: 32 with AVX-512, 16 with AVX2 (and the
+// scalar/default build). A slab's accumulators and values must fit in them.
+constexpr int kRegisters = Vec::size() * sizeof(float) >= 64 ? 32 : 16;
 // Tokens per pass over the state with one query head per KV head (measured at T=8192: 1: 5.3,
 // 2: 3.8, 4: 3.9 ms); with G > 1 each pass already serves G readers per token.
 constexpr int kTokens = 2;
@@ -504,9 +506,12 @@ void recurrent_heads(const Recurrence& r, const at::Tensor& q, const at::Tensor&
   });
 }
 
-// Vectors per slab at most: the whole row for one query head per KV head (2 tokens x NV
-// accumulators, as measured), else as many as keep G * NS <= 16 accumulators in registers.
-constexpr int max_slab(int G) { return G == 1 ? kMaxVectors : G <= 4 ? 4 : 2; }
+// Vectors per slab at most, so that a pass's accumulators (TB * G * NS) and values (TB * NS)
+// stay in registers: with AVX-512 8 for one query head per KV head (2 tokens), 4 up to G = 4,
+// else 2; half of that with AVX2's 16 registers.
+constexpr int max_slab(int G) {
+  return G == 1 ? kRegisters / 4 : G <= 4 ? kRegisters / 8 : kRegisters / 16;
+}
 
 // recurrent_heads<scalar_t, G, NS> for the runtime G and NS (G <= kMaxGroups,
 // NS <= max_slab(G)), instantiating only those pairs.
@@ -538,8 +543,6 @@ std::vector<at::Tensor> recurrent(const at::Tensor& q, const at::Tensor& k, cons
   const int64_t Dv = v.size(3), Dz = Dv + (normalize ? 1 : 0);
   TORCH_CHECK(G <= kMaxGroups, "linear_cpu's recurrent form takes at most ", kMaxGroups,
               " query heads per KV head");
-  TORCH_CHECK(Dv <= kMaxVectors * Vec::size(),
-              "linear_cpu's recurrent form takes Dv <= ", kMaxVectors * Vec::size());
   // Column parts: one per thread left over by the heads, each a whole number of slabs.
   const int64_t NV = (Dv + Vec::size() - 1) / Vec::size(), heads = B * H;
   const int64_t threads = at::get_num_threads();
@@ -563,5 +566,7 @@ std::vector<at::Tensor> recurrent(const at::Tensor& q, const at::Tensor& k, cons
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "chunked gated linear attention, forward (CPU)");
   m.def("recurrent", &recurrent, "gated linear attention token by token, forward (CPU)");
+  m.def("recurrent_max_groups", [] { return kMaxGroups; },
+        "the most query heads per key/value head the recurrent form of this build takes");
   attnkit::define_gemm_switch(m);
 }
