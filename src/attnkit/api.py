@@ -74,10 +74,12 @@ def _select(call: AttentionCall, backend: str) -> tuple[Backend, Explanation]:
         others = {name: f"the caller forced {backend!r}" for name in BACKENDS if name != backend}
         return BACKENDS[backend], Explanation(backend, "requested by the caller", others | rejected)
     preferences = auto_preferences(call)
-    for name, why in preferences:
-        if name not in rejected:
+    for name, why, candidate in preferences:
+        if candidate and name not in rejected:
             passed_over = {other: "not ranked by auto (select it by name)" for other in BACKENDS}
-            passed_over.update({o: f"ranked after {name}: {r}" for o, r in preferences})
+            passed_over.update(
+                {o: r if able else f"ranked after {name}: {r}" for o, r, able in preferences}
+            )
             passed_over.update(rejected)
             del passed_over[name]
             return BACKENDS[name], Explanation(name, why, passed_over)

@@ -25,7 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 import attnkit
-from attnkit import catalog
+from attnkit import calibration, catalog
 from attnkit.bench import (
     SpeedConfig,
     quick_config,
@@ -52,6 +52,7 @@ from attnkit.bench.variants import (
     variants_table,
     write_variants,
 )
+from attnkit.costs import MEASURED_ENTRIES, CostTable
 
 T = TypeVar("T")
 
@@ -366,6 +367,34 @@ def bench_kv(
     console.print(kv_table(rows, config))
     paths = write_kv(rows, config, out)
     console.print(f"wrote {paths['json']}, {paths['plot']} in {time.perf_counter() - start:.0f} s")
+
+
+def calibration_table(table: CostTable) -> Table:
+    """The measured entries of ``table``, one row per entry and dtype, grad modes side by side."""
+    grid = Table(title=f"cost table of {table.capabilities.describe()}\n{table.source}")
+    for column in ("entry", "dtype", "forward", "forward+backward", "meaning"):
+        grid.add_column(column, overflow="fold")
+    values = {(name, dtype, grad): value for name, dtype, grad, value in table.rows()}
+    for name, meaning in MEASURED_ENTRIES.items():
+        for dtype in sorted({d for n, d, _ in values if n == name}):
+            cells = [values.get((name, dtype, grad)) for grad in (False, True)]
+            grid.add_row(name, dtype, *("-" if c is None else f"{c:.3g}" for c in cells), meaning)
+    return grid
+
+
+@app.command()
+def calibrate(
+    device: Annotated[str, typer.Option(help="cpu, or cuda / cuda:N")] = "cpu",
+    force: Annotated[bool, typer.Option(help="measure again even if a table is cached")] = False,
+) -> None:
+    """Measure what `auto` needs to rank the backends on this machine (cached per machine,
+    device, torch and attnkit version and thread count) and print the table."""
+    console = _console()
+    if not calibration.enabled():
+        console.print("ATTNKIT_CALIBRATION=off: auto uses the conservative table; measuring anyway")
+    table = calibration.calibrate(device, force=force)
+    console.print(calibration_table(table))
+    console.print(f"cached in {calibration.cache_path(torch.device(device))}")
 
 
 @app.command()

@@ -65,6 +65,7 @@ from torch import Tensor
 from attnkit.backends import native
 from attnkit.backends.base import Backend
 from attnkit.call import AttentionCall
+from attnkit.costs import CostTable
 from attnkit.masks.base import EMPTY, FULL, PARTIAL
 from attnkit.scores import Softmax
 
@@ -487,9 +488,35 @@ def _supports(call: AttentionCall) -> str | None:
     return None
 
 
+def _cost(call: AttentionCall, table: CostTable) -> tuple[float, str]:
+    if table.capabilities.device != "cpu":
+        return math.inf, (
+            f"not a candidate on {table.capabilities.device}: its speed is the CPU kernel (its "
+            "batched matmuls run anywhere when selected by name)"
+        )
+    dtype, grad = call.dtype, call.needs_grad
+    if dtype == torch.bfloat16 and not table.capabilities.native_bfloat16:
+        return math.inf, f"bf16 kernel: {table.capabilities.missing_bfloat16()}"
+    block_q, block_k = tile_shape(call)
+    live, partial = 1.0, 0.0
+    if call.mask is not None:
+        tiles = call.mask.blocks(call.Tq, call.Tk, block_q, block_k, call.device)
+        live, partial = tiles.live_fraction(), tiles.partial_fraction
+    per_live = table.value("blocksparse.per_live", dtype, grad)
+    how = "in the compiled kernel" if uses_kernel(call) else "as batched matmuls"
+    if call.score.softcap is not None:
+        per_live *= table.value("blocksparse.softcap", dtype, grad)
+        how += " with the soft cap"
+    overhead = table.value("blocksparse.overhead_pairs", dtype, grad)
+    overhead /= call.B * call.Hq * call.Tq * call.Tk
+    cost = per_live * live + table.value("blocksparse.partial", dtype, grad) * partial + overhead
+    return cost, f"computes {live:.0%} of {block_q}x{block_k} tiles {how}"
+
+
 BACKEND = Backend(
     name="blocksparse",
     summary="softmax over live tiles: a compiled CPU kernel (fp32, bf16) or batched matmuls",
     supports=_supports,
     run=blocksparse_forward,
+    cost=_cost,
 )

@@ -27,8 +27,10 @@ from torch.utils.checkpoint import checkpoint
 
 from attnkit.backends.base import Backend
 from attnkit.call import AttentionCall
+from attnkit.costs import CostTable
 from attnkit.masks.base import EMPTY, FULL, PARTIAL
 from attnkit.merge import merge
+from attnkit.scores import Softmax
 
 #: Query rows per block and key columns per tile. 256 × 256 tiles keep the per-piece score
 #: matrix in cache-friendly sizes; measured with ``attnkit bench``.
@@ -140,9 +142,21 @@ def _supports(call: AttentionCall) -> str | None:
     return None
 
 
+def _cost(call: AttentionCall, table: CostTable) -> tuple[float, str]:
+    live = 1.0
+    if call.mask is not None:
+        live = call.mask.blocks(call.Tq, call.Tk, BLOCK_Q, BLOCK_K, call.device).live_fraction()
+    cost = table.value("chunked.per_live", call.dtype, call.needs_grad) * live
+    plain = type(call.score) is Softmax and call.score.softcap is None and call.bias is None
+    if not plain:
+        cost *= table.value("chunked.score", call.dtype, call.needs_grad)
+    return cost, f"computes {live:.0%} of {BLOCK_Q}x{BLOCK_K} tiles"
+
+
 BACKEND = Backend(
     name="chunked",
     summary="online softmax over live key blocks in plain PyTorch; any score, autograd, O(T) mem",
     supports=_supports,
     run=chunked_forward,
+    cost=_cost,
 )

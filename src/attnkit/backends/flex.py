@@ -51,6 +51,7 @@ Mask building (sliding_window(255), T=4096): ``build_block_mask`` 2-18 ms, FlexA
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from collections.abc import Callable, Iterator
 
@@ -60,7 +61,9 @@ from torch.nn.attention.flex_attention import AuxRequest, BlockMask, flex_attent
 
 from attnkit.backends.base import Backend
 from attnkit.call import AttentionCall
+from attnkit.costs import CostTable
 from attnkit.masks.base import EMPTY, FULL, PARTIAL, Mask, aligned_query_positions
+from attnkit.masks.neighborhood import GridMask
 from attnkit.scores import Softmax
 
 #: Tile size of the BlockMasks (FlexAttention's default sparse block size).
@@ -400,6 +403,33 @@ def _run(call: AttentionCall) -> tuple[Tensor, Tensor | None]:
     return normalized.to(call.dtype), lse.to(call.accumulation_dtype)
 
 
+#: Below this many (query x key) pairs, or fewer queries than one tile, compiling (seconds
+#: per shape) outweighs any kernel speed-up: decoding and small problems stay elsewhere.
+MIN_PAIRS = 512 * 512
+MIN_QUERIES = BLOCK_SIZE
+
+
+def _cost(call: AttentionCall, table: CostTable) -> tuple[float, str]:
+    if call.Tq * call.Tk < MIN_PAIRS or call.Tq < MIN_QUERIES:
+        return math.inf, (
+            f"compiles once per shape (seconds), not worth it for {call.Tq}x{call.Tk} "
+            f"(needs >= {MIN_QUERIES} queries and >= {MIN_PAIRS} pairs)"
+        )
+    dtype, grad = call.dtype, call.needs_grad
+    live, partial = 1.0, 0.0
+    if call.mask is not None:
+        tiles = call.mask.blocks(call.Tq, call.Tk, BLOCK_SIZE, BLOCK_SIZE, call.device)
+        live, partial = tiles.live_fraction(), tiles.partial_fraction
+    cost = table.value("flex.per_live", dtype, grad) * live
+    if not (type(call.score) is Softmax and call.score.softcap is None and call.bias is None):
+        cost *= table.value("flex.score", dtype, grad)
+    if call.mask is None:
+        cost *= table.value("flex.dense", dtype, grad)
+    elif isinstance(call.mask, GridMask):
+        cost += table.value("flex.grid_partial", dtype, grad) * partial
+    return cost, f"computes {live:.0%} of {BLOCK_SIZE}x{BLOCK_SIZE} tiles in one compiled kernel"
+
+
 BACKEND = Backend(
     name="flex",
     summary=(
@@ -408,4 +438,5 @@ BACKEND = Backend(
     ),
     supports=_supports,
     run=_run,
+    cost=_cost,
 )

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from attnkit.backends.base import Backend
 from attnkit.call import AttentionCall
+from attnkit.costs import CostTable
 from attnkit.masks.patterns import Band
 from attnkit.scores import Softmax
 
@@ -76,9 +77,26 @@ def _run(call: AttentionCall) -> tuple[Tensor, Tensor | None]:
     return out.transpose(1, 2), None
 
 
+def _cost(call: AttentionCall, table: CostTable) -> tuple[float, str]:
+    """Every pair: ``is_causal`` computes about half, plus its diagonal blocks; a dense mask
+    and a bias (as a float mask) cost extra passes."""
+    dtype, grad = call.dtype, call.needs_grad
+    if is_plain_causal(call):
+        cost, basis = 0.5 + table.value("sdpa.causal_edge", dtype, grad) / call.Tk, "causal kernel"
+    elif call.mask is not None:
+        cost, basis = table.value("sdpa.mask", dtype, grad), "dense mask"
+    else:
+        cost, basis = 1.0, "dense"
+    if call.bias is not None:
+        cost *= table.value("sdpa.bias", dtype, grad)
+        basis += " + bias as a float mask"
+    return cost, f"computes every pair ({basis})"
+
+
 BACKEND = Backend(
     name="sdpa",
     summary="torch scaled_dot_product_attention; dense softmax (masks as a dense matrix)",
     supports=_supports,
     run=_run,
+    cost=_cost,
 )

@@ -30,9 +30,9 @@ linear half with its Taylor features) runs a compiled kernel
 in cache across its chunks, q, k, v read in place in their own dtype and the feature maps
 applied per chunk, instead of the batched tensors below (whose permutes, paddings and
 materialised per-chunk states cost more than the matmuls). The recurrent form, with up to
-``recurrent_kernel_max_groups()`` query heads per key/value head (any Dv), runs the kernel's token-by-token
-loop (``recurrent`` in the same file): with the state in cache it takes half the flops per token
-of chunks of 64 and runs prefill about twice as fast as the chunked kernel at T=8192, as well as
+``recurrent_kernel_max_groups()`` query heads per key/value head (any Dv), runs the kernel's
+token-by-token loop (``recurrent`` in the same file): with the state in cache it takes half the
+flops per token of chunks of 64, and runs prefill faster than the chunked kernel, as well as
 decoding. Gradients and float64 use the PyTorch forms.
 """
 

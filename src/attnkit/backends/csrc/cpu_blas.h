@@ -91,9 +91,10 @@ inline bool brgemm_works() {
 
 // True when libtorch's bfloat16 brgemm exists, multiplies a small VNNI-layout product
 // correctly, and the CPU has AVX512-BF16 dot products (without them it is no faster than
-// float32).
+// float32), in a build for AVX-512: a build for AVX2 (ATEN_CPU_CAPABILITY=avx2) stands for a
+// CPU without them, even on one that has them.
 inline bool brgemm_bf16_works() {
-#if defined(CPUBLAS_BRGEMM_BF16BF16F32) && defined(__x86_64__)
+#if defined(CPUBLAS_BRGEMM_BF16BF16F32) && defined(__x86_64__) && defined(CPU_CAPABILITY_AVX512)
   unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;  // AVX512-BF16: CPUID leaf 7, subleaf 1, EAX bit 5
   if (!__get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) || !(eax & (1u << 5))) return false;
   at::BFloat16 a[kProbeM * kProbeK], b[kProbeK * kProbeN], b_vnni[kProbeK * kProbeN];

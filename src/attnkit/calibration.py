@@ -1,0 +1,297 @@
+"""Calibration: the cost table of the device that runs, measured on it.
+
+``auto`` ranks backends by estimated cost (``attnkit.costs``). The estimates that depend on the
+machine (how fast each backend's GEMMs and kernels run relative to SDPA, per dtype and grad
+mode) are measured here, once per machine and device, torch and attnkit version and thread
+count, and cached as JSON under the user cache dir (``$ATTNKIT_CACHE_DIR``, else
+``$XDG_CACHE_HOME/attnkit``, else ``~/.cache/attnkit``). ``attnkit calibrate`` runs it and prints
+the table; the first ``auto`` call that needs a table runs it otherwise.
+
+What is measured, at ``B=1, H=4, T=2048, D=64`` (``SHAPE``), for float32 and bfloat16 (CUDA:
+float16 too), without and with gradients: dense SDPA (the unit), SDPA ``is_causal`` and SDPA
+with a dense boolean mask, chunked without a mask, blocksparse without a mask and causal, and
+FlexAttention with a causal mask (forward only on the CPU; it compiles once per dtype). Each
+ratio is the median over rounds of the candidate's time over dense SDPA's in the same round.
+Paths that are no candidate here (a bfloat16 kernel on a CPU that emulates bfloat16 matmuls)
+are not measured.
+
+``ATTNKIT_CALIBRATION=off`` skips all of it: ``auto`` then uses the conservative table
+(``attnkit.costs.conservative_table``), which never prefers another backend over SDPA for
+dense or causal attention. Tests give ``auto`` a table of their own with :func:`using`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import datetime
+import hashlib
+import json
+import logging
+import math
+import os
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+import attnkit
+from attnkit.backends import blocksparse, chunked, flex, sdpa
+from attnkit.backends.base import Backend
+from attnkit.call import AttentionCall
+from attnkit.costs import CostTable, Key, conservative_table, dtype_name
+from attnkit.machine import Capabilities, capabilities
+from attnkit.masks.patterns import causal, sliding_window
+
+_log = logging.getLogger("attnkit")
+
+#: Bump when what is measured, or how, changes: cached tables of another format are remeasured.
+FORMAT = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """The calibration problem: ``q, k, v [B, T, H, D]``."""
+
+    B: int = 1
+    T: int = 2048
+    H: int = 4
+    D: int = 64
+
+
+SHAPE = Shape()
+#: Timed rounds per measurement (after one untimed call).
+ROUNDS = 5
+
+
+def enabled() -> bool:
+    """False when ``ATTNKIT_CALIBRATION=off`` (or 0/false/no)."""
+    return os.environ.get("ATTNKIT_CALIBRATION", "on").lower() not in ("off", "0", "false", "no")
+
+
+def cache_dir() -> Path:
+    if "ATTNKIT_CACHE_DIR" in os.environ:
+        return Path(os.environ["ATTNKIT_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "attnkit"
+
+
+def _sources_digest() -> str:
+    """The compiled kernels' sources: a changed kernel is a changed machine for the table."""
+    digest = hashlib.sha256()
+    for path in sorted((Path(blocksparse.__file__).parent / "csrc").glob("*")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def cache_path(device: torch.device) -> Path:
+    """Where the table of ``device`` in this configuration is cached."""
+    caps = capabilities(device)
+    identity = json.dumps(
+        [FORMAT, caps.describe(), torch.__version__, attnkit.__version__,
+         torch.get_num_threads(), os.environ.get("ATTNKIT_NATIVE", "1"), _sources_digest(),
+         dataclasses.astuple(SHAPE)]
+    )  # fmt: skip
+    key = hashlib.sha256(identity.encode()).hexdigest()[:16]
+    return cache_dir() / f"calibration-{caps.device}-{key}.json"
+
+
+# -- measuring -----------------------------------------------------------------------------
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _step(
+    backend: Backend, call: AttentionCall, grad_out: torch.Tensor | None
+) -> Callable[[], None]:
+    """One forward (and backward, with ``grad_out``) of ``backend`` on ``call``."""
+
+    def run() -> None:
+        out, _ = backend.run(call)
+        if grad_out is not None:
+            out.backward(grad_out)
+
+    return run
+
+
+def _paired_ratios(
+    steps: dict[str, Callable[[], None]], device: torch.device, rounds: int
+) -> dict[str, float]:
+    """Median over rounds of each step's time over the ``"unit"`` step's in the same round."""
+    for step in steps.values():  # first calls: compilation, caches, kernel builds
+        step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            _synchronize(device)
+            start = time.perf_counter()
+            step()
+            _synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    unit = times["unit"]
+    return {
+        name: statistics.median(t / u for t, u in zip(ts, unit, strict=True))
+        for name, ts in times.items()
+        if name != "unit"
+    }
+
+
+def _measure(
+    device: torch.device, dtype: torch.dtype, grad: bool, caps: Capabilities, table: CostTable,
+    shape: Shape, rounds: int,
+) -> dict[Key, float]:  # fmt: skip
+    """The measured entries of one dtype and grad mode."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    q, k, v = (
+        torch.randn(shape.B, shape.T, shape.H, shape.D, generator=g).to(device, dtype)
+        for _ in range(3)
+    )
+    if grad:
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+    grad_out = torch.randn_like(q.detach()) if grad else None
+    dense = AttentionCall(q, k, v)
+    masked = AttentionCall(q, k, v, mask=causal())
+    # the causal pattern as a window over every key: not `is_causal`, so SDPA takes a matrix
+    as_matrix = AttentionCall(q, k, v, mask=sliding_window(shape.T))
+    steps = {
+        "unit": _step(sdpa.BACKEND, dense, grad_out),
+        "sdpa.causal": _step(sdpa.BACKEND, masked, grad_out),
+        "sdpa.mask": _step(sdpa.BACKEND, as_matrix, grad_out),
+        "chunked.per_live": _step(chunked.BACKEND, dense, grad_out),
+    }
+    wanted = {"blocksparse": blocksparse.BACKEND.cost(dense, table)[0]}
+    if not math.isinf(wanted["blocksparse"]):
+        steps["blocksparse.dense"] = _step(blocksparse.BACKEND, dense, grad_out)
+        steps["blocksparse.causal"] = _step(blocksparse.BACKEND, masked, grad_out)
+    if flex.BACKEND.supports(masked) is None:
+        steps["flex.per_live"] = _step(flex.BACKEND, masked, grad_out)
+    with torch.enable_grad() if grad else torch.no_grad():
+        ratios = _paired_ratios(steps, device, rounds)
+
+    name = dtype_name(dtype)
+    entries: dict[Key, float] = {
+        ("sdpa.causal_edge", name, grad): max(0.0, (ratios["sdpa.causal"] - 0.5) * shape.T),
+        ("sdpa.mask", name, grad): ratios["sdpa.mask"],
+        ("chunked.per_live", name, grad): ratios["chunked.per_live"],
+    }
+    if "flex.per_live" in ratios:
+        tiles = causal().blocks(shape.T, shape.T, flex.BLOCK_SIZE, flex.BLOCK_SIZE, device)
+        entries["flex.per_live", name, grad] = ratios["flex.per_live"] / tiles.live_fraction()
+    if "blocksparse.dense" in ratios:
+        pairs = shape.B * shape.H * shape.T * shape.T
+        overhead = table.value("blocksparse.overhead_pairs", dtype, grad) / pairs
+        per_live = max(ratios["blocksparse.dense"] - overhead, 1e-3)
+        tiles = causal().blocks(shape.T, shape.T, *blocksparse.tile_shape(masked), device)
+        rest = ratios["blocksparse.causal"] - overhead - per_live * tiles.live_fraction()
+        entries["blocksparse.per_live", name, grad] = per_live
+        entries["blocksparse.partial", name, grad] = min(
+            max(rest / tiles.partial_fraction, 0.0), 2 * per_live
+        )
+    return entries
+
+
+def calibration_dtypes(device: torch.device) -> tuple[torch.dtype, ...]:
+    if device.type == "cuda":
+        return (torch.float32, torch.bfloat16, torch.float16)
+    return (torch.float32, torch.bfloat16)
+
+
+def measure(
+    device: torch.device | str = "cpu", shape: Shape | None = None, rounds: int | None = None
+) -> CostTable:
+    """Measure the cost table of ``device`` now (no cache), at ``shape`` (default ``SHAPE``)
+    with ``rounds`` timed rounds (default ``ROUNDS``)."""
+    device = torch.device(device)
+    shape = SHAPE if shape is None else shape
+    rounds = ROUNDS if rounds is None else rounds
+    caps = capabilities(device)
+    start = time.perf_counter()
+    base = CostTable(caps, "defaults")
+    entries: dict[Key, float] = {}
+    for dtype in calibration_dtypes(device):
+        for grad in (False, True):
+            entries.update(_measure(device, dtype, grad, caps, base, shape, rounds))
+    took = time.perf_counter() - start
+    when = datetime.datetime.now().isoformat(timespec="seconds")
+    source = (
+        f"measured {when} in {took:.1f} s (B={shape.B} H={shape.H} T={shape.T} D={shape.D}, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads)"
+    )
+    return CostTable(caps, source, entries)
+
+
+def _to_json(table: CostTable) -> dict:
+    rows = [{"name": n, "dtype": d, "grad": g, "value": v} for n, d, g, v in table.rows()]
+    return {"format": FORMAT, "device": table.capabilities.describe(), "source": table.source,
+            "entries": rows}  # fmt: skip
+
+
+def _from_json(data: dict, caps: Capabilities) -> CostTable:
+    entries = {(r["name"], r["dtype"], r["grad"]): float(r["value"]) for r in data["entries"]}
+    return CostTable(caps, data["source"], entries)
+
+
+def calibrate(device: torch.device | str = "cpu", force: bool = False) -> CostTable:
+    """The measured table of ``device``: from the cache, or measured now and cached."""
+    device = torch.device(device)
+    path = cache_path(device)
+    if not force and path.exists():
+        try:
+            return _from_json(json.loads(path.read_text()), capabilities(device))
+        except (ValueError, KeyError, TypeError):
+            _log.warning("attnkit: unreadable calibration cache %s; measuring again", path)
+    _log.info("attnkit: calibrating the backends on %s (once per machine)", device)
+    table = measure(device)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(f".{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(_to_json(table), indent=1))
+    temporary.replace(path)
+    return table
+
+
+# -- the table auto uses -------------------------------------------------------------------
+
+_given: contextvars.ContextVar[CostTable | None] = contextvars.ContextVar("given", default=None)
+_tables: dict[str, CostTable] = {}
+_measuring: contextvars.ContextVar[bool] = contextvars.ContextVar("measuring", default=False)
+
+
+@contextlib.contextmanager
+def using(table: CostTable) -> Iterator[CostTable]:
+    """``auto`` ranks by ``table`` inside the block, whatever the device (tests, what-ifs)."""
+    token = _given.set(table)
+    try:
+        yield table
+    finally:
+        _given.reset(token)
+
+
+def table_for(device: torch.device | str) -> CostTable:
+    """The table ``auto`` ranks by on ``device``: a given one (:func:`using`), the conservative
+    one with ``ATTNKIT_CALIBRATION=off``, else the measured one (measured on first use)."""
+    given = _given.get()
+    if given is not None:
+        return given
+    device = torch.device(device)
+    caps = capabilities(device)
+    if not enabled() or _measuring.get():
+        return conservative_table(caps)
+    key = f"{device.type}:{device.index or 0}"
+    if key not in _tables:
+        token = _measuring.set(True)
+        try:
+            _tables[key] = calibrate(device)
+        finally:
+            _measuring.reset(token)
+    return _tables[key]
+
+
+def forget() -> None:
+    """Drop the tables of this process (the disk cache stays)."""
+    _tables.clear()

@@ -1,0 +1,84 @@
+"""The calibration: what it measures, where it caches it, and when auto uses it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import attnkit
+from attnkit import calibration, masks
+from attnkit.costs import MEASURED_ENTRIES, CostTable
+from attnkit.machine import capabilities
+
+TINY = calibration.Shape(B=1, T=256, H=2, D=16)
+
+
+@pytest.fixture
+def tiny(monkeypatch, tmp_path):
+    """Calibration at a tiny shape with one round, cached in a temporary folder."""
+    monkeypatch.setattr(calibration, "SHAPE", TINY)
+    monkeypatch.setattr(calibration, "ROUNDS", 1)
+    monkeypatch.setenv("ATTNKIT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("ATTNKIT_CALIBRATION", "on")
+    calibration.forget()
+    yield tmp_path
+    calibration.forget()
+
+
+def test_it_measures_every_entry_per_dtype_and_grad_mode(tiny) -> None:
+    table = calibration.measure("cpu")
+    assert table.source.startswith("measured") and table.capabilities == capabilities("cpu")
+    measured = {(name, dtype, grad) for name, dtype, grad, _ in table.rows()}
+    native_bf16 = capabilities("cpu").native_bfloat16
+    for dtype in ("float32", "bfloat16"):
+        for grad in (False, True):
+            for name in ("sdpa.causal_edge", "sdpa.mask", "chunked.per_live"):
+                assert (name, dtype, grad) in measured
+            kernel_here = dtype == "float32" or native_bf16
+            for name in ("blocksparse.per_live", "blocksparse.partial"):
+                assert ((name, dtype, grad) in measured) == kernel_here
+        # FlexAttention has no backward on the CPU: forward only
+        assert ("flex.per_live", dtype, False) in measured
+        assert ("flex.per_live", dtype, True) not in measured
+    assert {name for name, *_ in measured} <= set(MEASURED_ENTRIES)
+    for *_, value in table.rows():
+        assert value >= 0 and value < 1e4
+
+
+def test_the_table_is_cached_per_machine_and_reused(tiny) -> None:
+    first = calibration.calibrate("cpu")
+    path = calibration.cache_path(torch.device("cpu"))
+    assert path.parent == tiny and path.exists()
+    saved = json.loads(path.read_text())
+    assert saved["device"] == capabilities("cpu").describe()
+    assert saved["source"] == first.source
+    again = calibration.calibrate("cpu")  # from the cache: same source, same entries
+    assert again.source == first.source and again.rows() == first.rows()
+    path.write_text("not json")
+    remeasured = calibration.calibrate("cpu")
+    assert json.loads(path.read_text())["source"] == remeasured.source
+
+
+def test_the_cache_key_changes_with_what_the_table_depends_on(tiny, monkeypatch) -> None:
+    cpu = torch.device("cpu")
+    base = calibration.cache_path(cpu)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 97)
+    assert calibration.cache_path(cpu) != base
+    monkeypatch.undo()
+    monkeypatch.setattr(calibration, "SHAPE", calibration.Shape(T=512))
+    assert calibration.cache_path(cpu) != base
+
+
+def test_auto_measures_on_first_use_and_off_means_conservative(tiny, monkeypatch) -> None:
+    x = torch.randn(1, 64, 2, 16)
+    attnkit.attention(x, x, x, mask=masks.causal())
+    table = calibration.table_for("cpu")
+    assert table.source.startswith("measured")
+    assert calibration.cache_path(torch.device("cpu")).exists()
+    monkeypatch.setenv("ATTNKIT_CALIBRATION", "off")
+    assert calibration.table_for("cpu").conservative
+    given = CostTable(capabilities("cpu"), "given")
+    with calibration.using(given):
+        assert calibration.table_for("cpu") is given
