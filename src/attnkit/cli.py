@@ -25,8 +25,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 import attnkit
-from attnkit import calibration, catalog
+from attnkit import calibration, catalog, machine
 from attnkit.bench import (
+    Record,
     SpeedConfig,
     quick_config,
     rich_table,
@@ -37,6 +38,7 @@ from attnkit.bench import (
 )
 from attnkit.bench.kv import POLICY_NAMES, KVBenchConfig, kv_table, run_kv_bench, write_kv
 from attnkit.bench.linear import LinearBenchConfig, run_linear_bench, write_linear
+from attnkit.bench.report import backend_label
 from attnkit.bench.sparse import (
     PATTERNS,
     SparseConfig,
@@ -183,7 +185,16 @@ def bench(
         f"{torch.get_num_threads()} threads"
     )
     start = time.perf_counter()
-    results = _with_progress(console, lambda progress: run_speed_bench(config, progress=progress))
+    console.print(f"CPU: {machine.cpu_flags_line()}")
+    console.print(calibration_table(calibration.table_for("cpu")))
+    if sys.stdout.isatty():
+        results = _with_progress(
+            console, lambda progress: run_speed_bench(config, progress=progress)
+        )
+    else:  # logs and pipes: one line per finished cell, as it finishes
+        results = run_speed_bench(
+            config, cell_done=lambda records: console.print(cell_line(records), markup=False)
+        )
     console.print(rich_table(results))
     items = targets(results)
     console.print(targets_table(items))
@@ -367,6 +378,22 @@ def bench_kv(
     console.print(kv_table(rows, config))
     paths = write_kv(rows, config, out)
     console.print(f"wrote {paths['json']}, {paths['plot']} in {time.perf_counter() - start:.0f} s")
+
+
+def cell_line(records: list[Record]) -> str:
+    """One finished cell in one line: auto's choice and time, the fastest backend, SDPA."""
+    first = records[0]
+    timed = [r for r in records if r.ran]
+    parts = [f"{first.mechanism} T={first.T} {first.dtype}:"]
+    for role in ("auto", "baseline"):
+        for r in timed:
+            if r.role == role:
+                parts.append(f"{backend_label(r)} {r.median_ms:.1f} ms")
+    backends = [r for r in timed if r.role == "backend"]
+    if backends:
+        best = min(backends, key=lambda r: r.median_ms)
+        parts.append(f"fastest backend {best.backend} {best.median_ms:.1f} ms")
+    return " ".join(parts[:1]) + " " + ", ".join(parts[1:])
 
 
 def calibration_table(table: CostTable) -> Table:

@@ -170,30 +170,6 @@ def test_refusals_name_the_alternative() -> None:
         assert reason is not None and expected in reason
 
 
-def test_auto_prefers_it_where_measured_faster() -> None:
-    long = torch.randn(1, 4096, 4, 64)
-    window = masks.sliding_window(255)
-    half = long.bfloat16()
-    assert attnkit.explain(half, half, half, mask=window).chosen == "blocksparse"
-    assert attnkit.explain(half, half, half, mask=masks.causal()).chosen == "blocksparse"
-    assert attnkit.explain(half, half, half).chosen == "blocksparse"
-    # float32 (compiled kernel, measured in attnkit bench sparse): ahead of Flex on bands and
-    # aligned blocks, and by ~4x on grid neighborhoods
-    assert attnkit.explain(long, long, long, mask=window).chosen == "blocksparse"
-    assert attnkit.explain(long, long, long, mask=masks.chunked(512)).chosen == "blocksparse"
-    neighborhood = masks.neighborhood((13, 13), (64, 64))
-    assert attnkit.explain(long, long, long, mask=neighborhood).chosen == "blocksparse"
-    # float32 dense and causal: the kernel on brgemm measured ~2x faster than SDPA's, and 2-5%
-    # on the BLAS; decoding: fixed costs dominate
-    assert attnkit.explain(long, long, long).chosen == "blocksparse"
-    assert attnkit.explain(long, long, long, mask=masks.causal()).chosen == "blocksparse"
-    assert attnkit.explain(long[:, :1], long, long, mask=masks.causal()).chosen == "sdpa"
-    # a soft cap: its tanh pass costs up to ~2x, still well ahead of chunked (T=8192 causal
-    # fp32: 165 vs 911 ms)
-    capped = attnkit.explain(long, long, long, mask=masks.causal(), score=scores.softcap(30.0))
-    assert capped.chosen == "blocksparse"
-
-
 @pytest.mark.parametrize("gemm", ["brgemm", "blas"])
 def test_kernel_matmul_is_a_matmul_on_either_gemm(gemm: str) -> None:
     kernel = native.load("blocksparse_cpu")

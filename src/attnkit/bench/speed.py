@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import attnkit
-from attnkit import api, backends, catalog
+from attnkit import api, backends, calibration, catalog, machine
 from attnkit.bench.measure import (
     median,
     paired_ratio,
@@ -89,12 +89,12 @@ MEMORY_METHOD = (
 class SpeedConfig:
     """What to run.
 
-    The default grid is the core issue's: 8 mechanisms × T = 1k…8k × fp32/bf16, at B=1,
-    Hq=Hkv=4, D=64. Four heads keep ``attnkit bench`` to a few minutes on the project's 2-core
-    CPU when inductor's on-disk cache is warm; FlexAttention compiles once per shape (64
-    variants, ~3 s each warm, 5-8 s cold), so a first run on a fresh machine takes longer.
-    Fewer heads make calls so short that fixed per-call costs (attnkit's ~0.1-0.2 ms dispatch,
-    FlexAttention's ~1 ms BlockMask constructor) stop being representative of real models.
+    The default grid: 8 mechanisms × T = 1k and 4k × fp32/bf16, at B=1, Hq=Hkv=4, D=64, sized
+    so that ``attnkit bench`` on a fresh 2-core machine, FlexAttention's compilations (once
+    per shape, mask and score: 32 here) and the kernels' builds included, stays within
+    minutes; ``--lengths 1024,2048,4096,8192`` runs the longer grid. Fewer heads make calls so
+    short that fixed per-call costs (dispatch, FlexAttention's BlockMask constructor) stop
+    being representative of real models.
 
     ``repeats`` is the minimum number of timed rounds per cell; short cells get more rounds
     (up to ``max_repeats``) until a cell's rounds take ``round_budget_s``. A candidate far
@@ -106,7 +106,7 @@ class SpeedConfig:
     """
 
     mechanisms: tuple[str, ...] = DEFAULT_MECHANISMS
-    lengths: tuple[int, ...] = (1024, 2048, 4096, 8192)
+    lengths: tuple[int, ...] = (1024, 4096)
     dtypes: tuple[str, ...] = ("float32", "bfloat16")
     B: int = 1
     Hq: int = 4
@@ -600,14 +600,9 @@ def run_cell(
 
 
 def describe_config(config: SpeedConfig) -> dict[str, Any]:
-    """The run's configuration and machine, stored with the results."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
+    """The run's configuration and machine (its CPU flags in force, and the cost table ``auto``
+    ranked by), stored with the results."""
+    table = calibration.table_for("cpu")
     return {
         **asdict(config),
         "Hkv": config.Hkv or config.Hq,
@@ -615,7 +610,12 @@ def describe_config(config: SpeedConfig) -> dict[str, Any]:
         "attnkit": attnkit.__version__,
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
-        "cpu": cpu,
+        "cpu": machine.cpu_flags_line(),
+        "cost_table": {
+            "device": table.capabilities.describe(),
+            "source": table.source,
+            "entries": [list(row) for row in table.rows()],
+        },
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "timing": (
             "median over rounds after one first call and one memory-sampled call; "
@@ -640,9 +640,13 @@ def describe_config(config: SpeedConfig) -> dict[str, Any]:
 ProgressFn = Callable[[int, int, str], None]
 
 
-def run_speed_bench(config: SpeedConfig, progress: ProgressFn | None = None) -> SpeedResults:
+def run_speed_bench(
+    config: SpeedConfig,
+    progress: ProgressFn | None = None,
+    cell_done: Callable[[list[Record]], None] | None = None,
+) -> SpeedResults:
     """Run the grid of ``config``. ``progress(done, total, label)`` is called before each cell
-    and once at the end."""
+    and once at the end; ``cell_done(records)`` with each finished cell's records."""
     cells = [
         (m, t, d) for m in config.mechanisms for d in config.dtypes for t in sorted(config.lengths)
     ]
@@ -651,7 +655,10 @@ def run_speed_bench(config: SpeedConfig, progress: ProgressFn | None = None) -> 
     for i, (name, T, dtype) in enumerate(cells):
         if progress is not None:
             progress(i, len(cells), f"{name} T={T} {dtype}")
-        records += run_cell(catalog.get(name), T, dtype, config, state)
+        cell = run_cell(catalog.get(name), T, dtype, config, state)
+        records += cell
+        if cell_done is not None:
+            cell_done(cell)
         # Every cell is a new shape/mask/score for compiled backends: dropping the previous
         # cells' compiled variants keeps guard checks short and recompile limits unreached.
         torch.compiler.reset()
