@@ -75,3 +75,13 @@ def uncompiled(backend: str) -> Iterator[None]:
 def backend_context() -> Callable[[str], contextlib.AbstractContextManager]:
     """``uncompiled``: ``with backend_context(name): ...`` runs a backend without compiling."""
     return uncompiled
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``cuda`` skip, with the reason, where no CUDA device is present."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

@@ -133,9 +133,10 @@ def _bench_config(
     mechanisms: str | None,
     repeats: int | None,
     backward: bool,
+    device: str = "cpu",
 ) -> SpeedConfig:
     config = quick_config() if quick else SpeedConfig()
-    overrides: dict = {"backward": backward}
+    overrides: dict = {"backward": backward, "device": device}
     if lengths is not None:
         overrides["lengths"] = tuple(int(t) for t in _split(lengths) or [])
     if dtypes is not None:
@@ -171,11 +172,14 @@ def bench(
     quick: Annotated[
         bool, typer.Option(help="tiny grid for smoke runs (T=128,256, fp32; ~30 s)")
     ] = False,
+    device: Annotated[str, typer.Option(help="cpu, or cuda / cuda:N")] = "cpu",
 ) -> None:
     """Time every backend, auto and the SDPA baseline on the speed grid; write a report."""
     if ctx.invoked_subcommand is not None:
         return
-    config = _bench_config(quick, lengths, dtypes, mechanisms, repeats, backward)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise typer.BadParameter("no CUDA device here (torch.cuda.is_available() is False)")
+    config = _bench_config(quick, lengths, dtypes, mechanisms, repeats, backward, device)
     console = _console()
     console.print(
         f"[bold]attnkit bench[/] — {'forward+backward' if config.backward else 'forward'}; "
@@ -186,7 +190,7 @@ def bench(
     )
     start = time.perf_counter()
     console.print(f"CPU: {machine.cpu_flags_line()}")
-    console.print(calibration_table(calibration.table_for("cpu")))
+    console.print(calibration_table(calibration.table_for(config.device)))
     if sys.stdout.isatty():
         results = _with_progress(
             console, lambda progress: run_speed_bench(config, progress=progress)

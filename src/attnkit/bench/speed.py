@@ -123,6 +123,8 @@ class SpeedConfig:
     skip_above: dict[str, int] = field(default_factory=lambda: {"reference": 2048})
     verify_max_T: int = 2048
     seed: int = 0
+    #: ``cpu`` or ``cuda`` (``cuda:N``): where the inputs live and every candidate runs.
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         for name in self.mechanisms:
@@ -210,7 +212,7 @@ def _is_plain_causal(mask: Mask | None, Tq: int, Tk: int) -> bool:
 
 
 def baseline_attn_mask(
-    kwargs: dict[str, Any], Tq: int, Tk: int, dtype: torch.dtype
+    kwargs: dict[str, Any], Tq: int, Tk: int, dtype: torch.dtype, device: str = "cpu"
 ) -> Tensor | None:
     """The ``attn_mask`` of the SDPA baseline: None (dense or ``is_causal``), the dense
     boolean mask ``[Bm, Hm, Tq, Tk]``, or with a bias the float mask ``bias`` / ``-inf``."""
@@ -219,10 +221,10 @@ def baseline_attn_mask(
         return None
     if bias is None and _is_plain_causal(mask, Tq, Tk):
         return None
-    allowed = None if mask is None else mask.dense(Tq, Tk)
+    allowed = None if mask is None else mask.dense(Tq, Tk, device)
     if bias is None:
         return allowed
-    float_mask = bias.dense(Tq, Tk).detach().to(dtype).unsqueeze(0)
+    float_mask = bias.dense(Tq, Tk, device).detach().to(dtype).unsqueeze(0)
     if allowed is not None:
         float_mask = float_mask.masked_fill(~allowed, float("-inf"))
     return float_mask
@@ -371,19 +373,22 @@ class _Candidate:
 
 
 def _make_step(fn, q, k, v, grad_out: Tensor | None) -> Callable[[], object]:
-    if grad_out is None:
+    """One timed call; on a GPU it waits for the device, so wall time is the kernels' time."""
+    wait = torch.cuda.synchronize if q.device.type == "cuda" else lambda: None
 
-        def forward() -> object:
-            with torch.no_grad():
-                return fn(q, k, v)
-
-        return forward
+    def forward() -> object:
+        with torch.no_grad():
+            out = fn(q, k, v)
+        wait()
+        return out
 
     def forward_backward() -> object:
         out = fn(q, k, v)
-        return torch.autograd.grad(out, (q, k, v), grad_out)
+        grads = torch.autograd.grad(out, (q, k, v), grad_out)
+        wait()
+        return grads
 
-    return forward_backward
+    return forward if grad_out is None else forward_backward
 
 
 def _candidates(
@@ -444,7 +449,7 @@ def _candidates(
     # Nothing caches dense masks or biases on these fresh objects, so building the
     # baseline's mask here is also its one-off mask-building time.
     start = time.perf_counter()
-    attn_mask = baseline_attn_mask(kwargs, spec.Tq, spec.Tk, spec.dtype)
+    attn_mask = baseline_attn_mask(kwargs, spec.Tq, spec.Tk, spec.dtype, spec.device)
     base_mask_ms = (time.perf_counter() - start) * 1e3 if attn_mask is not None else None
     base = record("baseline", "baseline", runs_on=baseline_label(kwargs, spec.Tq, spec.Tk))
     base.mask_ms = base_mask_ms
@@ -520,14 +525,16 @@ def run_cell(
     state = GridState() if state is None else state
     verified = state.verified
     spec = catalog.InputSpec(
-        B=config.B, Tq=T, Tk=T, Hq=config.Hq, Hkv=config.Hkv, D=config.D, dtype=DTYPES[dtype]
-    )
+        B=config.B, Tq=T, Tk=T, Hq=config.Hq, Hkv=config.Hkv, D=config.D, dtype=DTYPES[dtype],
+        device=config.device,
+    )  # fmt: skip
     kwargs = mechanism.build(spec)
     inputs = spec.make_inputs(seed=config.seed, requires_grad=config.backward)
     grad_out = None
     if config.backward:
         g = torch.Generator().manual_seed(config.seed + 1)
-        grad_out = torch.randn(spec.B, T, spec.Hq, spec.D, generator=g).to(spec.dtype)
+        grad_out = torch.randn(spec.B, T, spec.Hq, spec.D, generator=g)
+        grad_out = grad_out.to(spec.dtype).to(spec.device)
     live, skipped = _candidates(mechanism, spec, kwargs, inputs, config, state)
 
     measured = {c.record.backend: c for c in live if c.record.role == "backend"}
@@ -602,7 +609,7 @@ def run_cell(
 def describe_config(config: SpeedConfig) -> dict[str, Any]:
     """The run's configuration and machine (its CPU flags in force, and the cost table ``auto``
     ranked by), stored with the results."""
-    table = calibration.table_for("cpu")
+    table = calibration.table_for(config.device)
     return {
         **asdict(config),
         "Hkv": config.Hkv or config.Hq,
@@ -611,6 +618,7 @@ def describe_config(config: SpeedConfig) -> dict[str, Any]:
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
         "cpu": machine.cpu_flags_line(),
+        "device": machine.capabilities(config.device).describe(),
         "cost_table": {
             "device": table.capabilities.describe(),
             "source": table.source,
