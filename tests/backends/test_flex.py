@@ -68,6 +68,26 @@ def test_compiled_fully_masked_rows_give_zero():
     torch.testing.assert_close(out, attnkit.attention(q, k, v, mask=mask, backend="reference"))
 
 
+def test_compiled_head_dim_16_with_an_8_key_tail_tile(formula):
+    # torch 2.13 on 256-bit vectors (AVX2; ATEN_CPU_CAPABILITY=avx2 forces it): with head dim
+    # 16 and Tk % 16 == 8, the kernel's q @ k^T read 8 keys past the tile and wrote their
+    # scores over the running maxima of query rows 0-7 (flex._widen_small_heads). k and v are
+    # views into a longer cache whose unwritten slots hold NaN, so the fault shows every time
+    # (NaN rows) instead of depending on the memory past the tensors.
+    B, T, H, D = 2, 40, 2, 16
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, T, H, D, generator=g)
+    cache = torch.full((2, B, T + 8, H, D), float("nan"))
+    cache[:, :, :T] = torch.randn(2, B, T, H, D, generator=g)
+    k, v = cache[0, :, :T], cache[1, :, :T]
+    keep = torch.ones(B, T, dtype=torch.bool)
+    keep[1, 20:25] = False
+    mask = masks.keys(keep) & masks.causal()
+    out = attnkit.attention(q, k, v, mask=mask, backend="flex")
+    expected = formula(q, k, v, allowed=mask.dense(T, T))
+    torch.testing.assert_close(out.double(), expected, atol=2e-6, rtol=0)
+
+
 def test_compiled_fast_path_survives_grad_mode_switches():
     q, k, v = Case("c", B=1, Tq=200, Tk=200, Hq=4, Hkv=2, D=33, Dv=48).make(requires_grad=False)
     attnkit.attention(q, k, v, mask=masks.causal(), backend="flex")  # compiled (or cached)

@@ -231,6 +231,22 @@ def test_swapped_attnkit_layers_and_their_transmla_conversion_keep_the_logits(
     assert torch.equal(generated, reference)
 
 
+@pytest.mark.parametrize("keyword", ["cache", "past_key_values"])
+def test_swapped_layer_reads_the_cache_under_either_keyword(keyword) -> None:
+    # transformers 5.25 passes the layer's cache as `cache`; reading only `past_key_values`
+    # made generate() attend each new token to itself.
+    seen = []
+
+    class Layer(torch.nn.Module):
+        def forward(self, x, positions=None, cache=None, layer=0, mask=None):
+            seen.append(cache)
+            return x
+
+    model_cache = object()
+    hf.HFAttention(Layer(), 3)(torch.zeros(1, 2, 4), **{keyword: model_cache})
+    assert isinstance(seen[0], hf._HFCache) and seen[0].cache is model_cache
+
+
 def test_swap_attention_refuses_models_it_cannot_convert() -> None:
     with pytest.raises(TypeError, match="not a decoder-only model"):
         hf.swap_attention(torch.nn.Linear(2, 2))

@@ -29,7 +29,9 @@ kernel's own lse (``AuxRequest(lse=True)``, natural log) is used.
 
 Limits (torch 2.13, CPU): forward only (no backward pass, compiled or not); compiled kernels
 take float32/float16/bfloat16 (not float64; ``eager()`` mode runs float64); any head dim
-(odd D=33 works) and a value head dim different from the query/key one.
+(odd D=33 works) and a value head dim different from the query/key one. Query/key head dims
+below 24 are zero-padded to 24 for the compiled CPU kernel (``_widen_small_heads``: its
+``q @ k^T`` micro-GEMM is wrong there on 256-bit vectors).
 
 Compile costs measured on the project's 2-core CPU (torch 2.13; shared machine, ±50%): with
 a cold inductor cache the first compiled call takes 11-21 s and each further mask/score/head
@@ -72,6 +74,8 @@ BLOCK_SIZE = 128
 RECOMPILE_LIMIT = 64
 #: Largest softcap for which the CPU anchor-key lse is exact (see the module docstring).
 _MAX_ANCHORED_SOFTCAP = 80.0
+#: Smallest query/key head dim the compiled CPU kernel is given (``_widen_small_heads``).
+_MIN_CPU_HEAD_DIM = 24
 
 ScoreMod = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
 MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
@@ -358,6 +362,33 @@ def _anchored_kv(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     return k_out, v_out
 
 
+def _widen_small_heads(q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+    """``q``/``k`` zero-padded to ``_MIN_CPU_HEAD_DIM`` head dims when smaller (``q.k`` and the
+    explicit scale unchanged), to keep the compiled CPU kernel off a torch 2.13 inductor bug.
+
+    The kernel computes ``q @ k^T`` per kv tile (up to 128 keys) with a micro-GEMM over
+    16-key column blocks (``GemmBlocking(1, 16, 1)``, BLOCK_M = 1). For the tile's last,
+    shorter block of ``N`` keys, its "transpose first" variant (``cpp_micro_gemm.py``, taken
+    when ``D % VLEN == 0``, ``N % VLEN == 0`` and ``24 * BLOCK_M > D``) ignores ``N``: it
+    reads ``16 - N`` keys past the tile and stores 16 scores per row. With 256-bit vectors
+    (AVX2, ``VLEN`` = 8 floats) that is ``N = 8``: a kv length (``Tk``, or ``Tk + 1`` with the
+    anchor key) ``% 16 == 8`` and head dim 8 or 16. The last row's 8 extra scores then land
+    on the first 8 entries of the per-thread running row maxima (right after the
+    ``qSplitSize x kvSplitSize`` score buffer, hit when the tile fills it: kv length <= 128),
+    so rows 0-7 of the query tile are normalised against
+    the dot products with whatever lies past the keys: a mere shift when those are the next
+    head's keys, 0 or NaN rows when they are past the tensor (the last batch entry in the
+    ``[B, T, H, D]`` layout) or a cache's unwritten slots. With 512-bit vectors ``N % 16``
+    is never 0 for ``N < 16``. From 24 dims the kernel takes its inner-product variant, which
+    honours ``N``.
+    """
+    D = q.shape[-1]
+    if D >= _MIN_CPU_HEAD_DIM:
+        return q, k
+    pad = (0, _MIN_CPU_HEAD_DIM - D)
+    return torch.nn.functional.pad(q, pad), torch.nn.functional.pad(k, pad)
+
+
 def _run(call: AttentionCall) -> tuple[Tensor, Tensor | None]:
     cpu = call.device.type == "cpu"
     anchored = _lse_by_anchor(call)
@@ -371,6 +402,8 @@ def _run(call: AttentionCall) -> tuple[Tensor, Tensor | None]:
         compute = call.accumulation_dtype
         q = q.to(compute)
         k, v = _anchored_kv(k.to(compute), v.to(compute))
+    if cpu and not is_eager():
+        q, k = _widen_small_heads(q, k)  # the scale is passed explicitly: unchanged
     block_mask = cached_block_mask(call.mask, call.Tq, call.Tk, call.device, anchored)
     score_mod = score_mod_for(call, anchored)
     native_lse = call.needs_lse and not anchored

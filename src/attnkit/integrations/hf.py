@@ -301,7 +301,8 @@ class HFAttention(nn.Module):
     """A transformers self-attention module backed by an ``attnkit.nn.Attention`` layer.
 
     It takes the keyword arguments transformers' decoder layers pass (``hidden_states``,
-    ``attention_mask``, ``position_ids``, ``past_key_values``) and returns ``(out, None)``.
+    ``attention_mask``, ``position_ids``, and the cache as ``cache`` (transformers 5.25) or
+    ``past_key_values`` (older releases)) and returns ``(out, None)``.
     The model's mask (an attnkit mask when the model's implementation is registered with
     ``register``) is ANDed with the layer's mechanism; keys and values go into the model's
     cache, so ``generate`` works unchanged.
@@ -318,12 +319,15 @@ class HFAttention(nn.Module):
         attention_mask: Mask | Tensor | None = None,
         position_ids: Tensor | None = None,
         past_key_values: Any = None,
+        cache: Any = None,
         **kwargs: Any,
     ) -> tuple[Tensor, None]:
         T = hidden_states.shape[1]
         if position_ids is not None and position_ids.shape[0] == 1:
             position_ids = position_ids[0]
-        cache = None if past_key_values is None else _HFCache(past_key_values)
+        # Without the cache, generate() would attend each new token to itself only.
+        model_cache = cache if cache is not None else past_key_values
+        cache = None if model_cache is None else _HFCache(model_cache)
         out = self.attention(
             hidden_states,
             positions=position_ids,
