@@ -73,9 +73,12 @@ def test_the_cache_key_changes_with_what_the_table_depends_on(tiny, monkeypatch)
 
 def test_auto_measures_on_first_use_and_off_means_conservative(tiny, monkeypatch) -> None:
     x = torch.randn(1, 64, 2, 16)
-    attnkit.attention(x, x, x, mask=masks.causal())
+    with torch.no_grad():  # the gradient entries are measured with gradients all the same
+        attnkit.attention(x, x, x, mask=masks.causal())
     table = calibration.table_for("cpu")
     assert table.source.startswith("measured")
+    assert table.measured("flex.per_live", torch.float32, False)
+    assert table.measured("chunked.per_live", torch.float32, True)
     assert calibration.cache_path(torch.device("cpu")).exists()
     monkeypatch.setenv("ATTNKIT_CALIBRATION", "off")
     assert calibration.table_for("cpu").conservative

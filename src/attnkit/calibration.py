@@ -123,9 +123,19 @@ def _step(
 def _paired_ratios(
     steps: dict[str, Callable[[], None]], device: torch.device, rounds: int
 ) -> dict[str, float]:
-    """Median over rounds of each step's time over the ``"unit"`` step's in the same round."""
-    for step in steps.values():  # first calls: compilation, caches, kernel builds
-        step()
+    """Median over rounds of each step's time over the ``"unit"`` step's in the same round. A
+    step whose first call fails is left out (its entry falls back to ``FACTORS``) and logged:
+    measuring must never break the attention call that asked for the table."""
+    for name, step in list(steps.items()):  # first calls: compilation, caches, kernel builds
+        try:
+            step()
+        except Exception as error:
+            if name == "unit":
+                raise
+            _log.warning(
+                "attnkit: calibration left out %s: %s: %s", name, type(error).__name__, error
+            )
+            del steps[name]
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(rounds):
         for name, step in steps.items():
@@ -146,7 +156,8 @@ def _measure(
     device: torch.device, dtype: torch.dtype, grad: bool, caps: Capabilities, table: CostTable,
     shape: Shape, rounds: int,
 ) -> dict[Key, float]:  # fmt: skip
-    """The measured entries of one dtype and grad mode."""
+    """The measured entries of one dtype and grad mode (run in that grad mode: the calls'
+    ``needs_grad``, and so the backends' ``supports``, read it)."""
     g = torch.Generator(device="cpu").manual_seed(0)
     q, k, v = (
         torch.randn(shape.B, shape.T, shape.H, shape.D, generator=g).to(device, dtype)
@@ -171,15 +182,15 @@ def _measure(
         steps["blocksparse.causal"] = _step(blocksparse.BACKEND, masked, grad_out)
     if flex.BACKEND.supports(masked) is None:
         steps["flex.per_live"] = _step(flex.BACKEND, masked, grad_out)
-    with torch.enable_grad() if grad else torch.no_grad():
-        ratios = _paired_ratios(steps, device, rounds)
+    ratios = _paired_ratios(steps, device, rounds)
 
     name = dtype_name(dtype)
-    entries: dict[Key, float] = {
-        ("sdpa.causal_edge", name, grad): max(0.0, (ratios["sdpa.causal"] - 0.5) * shape.T),
-        ("sdpa.mask", name, grad): ratios["sdpa.mask"],
-        ("chunked.per_live", name, grad): ratios["chunked.per_live"],
-    }
+    entries: dict[Key, float] = {}
+    if "sdpa.causal" in ratios:
+        entries["sdpa.causal_edge", name, grad] = max(0.0, (ratios["sdpa.causal"] - 0.5) * shape.T)
+    for entry in ("sdpa.mask", "chunked.per_live"):
+        if entry in ratios:
+            entries[entry, name, grad] = ratios[entry]
     if "flex.per_live" in ratios:
         tiles = causal().blocks(shape.T, shape.T, flex.BLOCK_SIZE, flex.BLOCK_SIZE, device)
         entries["flex.per_live", name, grad] = ratios["flex.per_live"] / tiles.live_fraction()
@@ -187,12 +198,13 @@ def _measure(
         pairs = shape.B * shape.H * shape.T * shape.T
         overhead = table.value("blocksparse.overhead_pairs", dtype, grad) / pairs
         per_live = max(ratios["blocksparse.dense"] - overhead, 1e-3)
-        tiles = causal().blocks(shape.T, shape.T, *blocksparse.tile_shape(masked), device)
-        rest = ratios["blocksparse.causal"] - overhead - per_live * tiles.live_fraction()
         entries["blocksparse.per_live", name, grad] = per_live
-        entries["blocksparse.partial", name, grad] = min(
-            max(rest / tiles.partial_fraction, 0.0), 2 * per_live
-        )
+        if "blocksparse.causal" in ratios:
+            tiles = causal().blocks(shape.T, shape.T, *blocksparse.tile_shape(masked), device)
+            rest = ratios["blocksparse.causal"] - overhead - per_live * tiles.live_fraction()
+            entries["blocksparse.partial", name, grad] = min(
+                max(rest / tiles.partial_fraction, 0.0), 2 * per_live
+            )
     return entries
 
 
@@ -216,7 +228,8 @@ def measure(
     entries: dict[Key, float] = {}
     for dtype in calibration_dtypes(device):
         for grad in (False, True):
-            entries.update(_measure(device, dtype, grad, caps, base, shape, rounds))
+            with torch.enable_grad() if grad else torch.no_grad():
+                entries.update(_measure(device, dtype, grad, caps, base, shape, rounds))
     took = time.perf_counter() - start
     when = datetime.datetime.now().isoformat(timespec="seconds")
     source = (
