@@ -34,7 +34,7 @@ def test_it_measures_every_entry_per_dtype_and_grad_mode(tiny) -> None:
     native_bf16 = capabilities("cpu").native_bfloat16
     for dtype in ("float32", "bfloat16"):
         for grad in (False, True):
-            for name in ("sdpa.causal_edge", "sdpa.mask", "chunked.per_live"):
+            for name in ("sdpa.causal_edge", "sdpa.mask", "sdpa.bias", "chunked.per_live"):
                 assert (name, dtype, grad) in measured
             kernel_here = dtype == "float32" or native_bf16
             for name in ("blocksparse.per_live", "blocksparse.partial"):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import attnkit
-from attnkit import calibration, masks, scores
+from attnkit import calibration, masks, positional, scores
 from attnkit.costs import FACTORS, CostTable, conservative_table
 from attnkit.machine import Capabilities
 
@@ -132,3 +132,13 @@ def test_ranking_follows_the_table() -> None:
     )
     assert _choice(slow).chosen == "chunked"
     assert _choice(fast).chosen == "blocksparse"
+
+
+def test_a_biased_call_weighs_sdpa_float_mask_against_flex() -> None:
+    """A bias reaches SDPA as a float mask: its measured cost decides against Flex's."""
+    alibi = positional.alibi(4)
+    cheap_mask = _table(AVX2, sdpa_bias__bfloat16__fwd=1.1)
+    dear_mask = _table(AVX2, sdpa_bias__bfloat16__fwd=2.5)
+    options = {"mask": masks.causal(), "bias": alibi, "dtype": torch.bfloat16, "T": 1024}
+    assert _choice(cheap_mask, **options).chosen == "sdpa"
+    assert _choice(dear_mask, **options).chosen == "flex"

@@ -8,9 +8,10 @@ count, and cached as JSON under the user cache dir (``$ATTNKIT_CACHE_DIR``, else
 the table; the first ``auto`` call that needs a table runs it otherwise.
 
 What is measured, at ``B=1, H=4, T=2048, D=64`` (``SHAPE``), for float32 and bfloat16 (CUDA:
-float16 too), without and with gradients: dense SDPA (the unit), SDPA ``is_causal`` and SDPA
-with a dense boolean mask, chunked without a mask, blocksparse without a mask and causal, and
-FlexAttention with a causal mask (forward only on the CPU; it compiles once per dtype). Each
+float16 too), without and with gradients: dense SDPA (the unit), SDPA ``is_causal``, SDPA
+with a dense boolean mask and with a float mask (how a bias reaches it), chunked without a
+mask, blocksparse without a mask and causal, and FlexAttention with a causal mask (forward
+only on the CPU; it compiles once per dtype). Each
 ratio is the median over rounds of the candidate's time over dense SDPA's in the same round.
 Paths that are no candidate here (a bfloat16 kernel on a CPU that emulates bfloat16 matmuls)
 are not measured.
@@ -37,6 +38,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 import attnkit
 from attnkit.backends import blocksparse, chunked, flex, sdpa
@@ -49,7 +51,7 @@ from attnkit.masks.patterns import causal, sliding_window
 _log = logging.getLogger("attnkit")
 
 #: Bump when what is measured, or how, changes: cached tables of another format are remeasured.
-FORMAT = 1
+FORMAT = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +122,22 @@ def _step(
     return run
 
 
+def _float_mask_step(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, grad_out
+) -> Callable[[], None]:
+    """SDPA as the sdpa backend calls it for a biased call: ``[B, H, T, D]`` views and a float
+    mask."""
+
+    def run() -> None:
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask
+        )
+        if grad_out is not None:
+            out.transpose(1, 2).backward(grad_out)
+
+    return run
+
+
 def _paired_ratios(
     steps: dict[str, Callable[[], None]], device: torch.device, rounds: int
 ) -> dict[str, float]:
@@ -170,8 +188,12 @@ def _measure(
     masked = AttentionCall(q, k, v, mask=causal())
     # the causal pattern as a window over every key: not `is_causal`, so SDPA takes a matrix
     as_matrix = AttentionCall(q, k, v, mask=sliding_window(shape.T))
+    # a bias reaches SDPA as one float matrix [1, H, T, T] of bias and mask
+    float_mask = torch.zeros(1, shape.H, shape.T, shape.T, dtype=dtype, device=device)
+    float_mask.masked_fill_(~causal().dense(shape.T, shape.T, device), float("-inf"))
     steps = {
         "unit": _step(sdpa.BACKEND, dense, grad_out),
+        "sdpa.bias": _float_mask_step(q, k, v, float_mask, grad_out),
         "sdpa.causal": _step(sdpa.BACKEND, masked, grad_out),
         "sdpa.mask": _step(sdpa.BACKEND, as_matrix, grad_out),
         "chunked.per_live": _step(chunked.BACKEND, dense, grad_out),
@@ -188,7 +210,7 @@ def _measure(
     entries: dict[Key, float] = {}
     if "sdpa.causal" in ratios:
         entries["sdpa.causal_edge", name, grad] = max(0.0, (ratios["sdpa.causal"] - 0.5) * shape.T)
-    for entry in ("sdpa.mask", "chunked.per_live"):
+    for entry in ("sdpa.mask", "sdpa.bias", "chunked.per_live"):
         if entry in ratios:
             entries[entry, name, grad] = ratios[entry]
     if "flex.per_live" in ratios:

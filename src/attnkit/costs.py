@@ -36,6 +36,7 @@ Key = tuple[str, str, "bool | None"]
 MEASURED_ENTRIES = {
     "sdpa.causal_edge": "SDPA is_causal costs 0.5 + edge / T of dense (its diagonal blocks)",
     "sdpa.mask": "SDPA with a dense boolean mask, relative to dense",
+    "sdpa.bias": "SDPA with a float mask (an additive bias and the mask), relative to dense",
     "flex.per_live": "FlexAttention per live 128x128 tile with a sparse mask",
     "chunked.per_live": "chunked per live tile",
     "blocksparse.per_live": "blocksparse per live tile (the implementation that runs here)",
@@ -47,9 +48,9 @@ MEASURED_ENTRIES = {
 FACTORS: dict[Key, float] = {
     ("sdpa.causal_edge", "*", None): 224.0,
     ("sdpa.mask", "*", None): 1.1,
-    # an additive bias goes into SDPA as a float mask
-    ("sdpa.bias", "*", False): 3.4,
-    ("sdpa.bias", "*", True): 1.6,
+    # an additive bias goes into SDPA as a float mask (with the mask's -inf), never is_causal
+    ("sdpa.bias", "*", False): 1.5,
+    ("sdpa.bias", "*", True): 1.2,
     ("flex.per_live", "*", None): 1.35,
     ("flex.per_live", "bfloat16", None): 1.75,
     ("flex.per_live", "float16", None): 1.75,

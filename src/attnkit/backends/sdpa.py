@@ -78,18 +78,17 @@ def _run(call: AttentionCall) -> tuple[Tensor, Tensor | None]:
 
 
 def _cost(call: AttentionCall, table: CostTable) -> tuple[float, str]:
-    """Every pair: ``is_causal`` computes about half, plus its diagonal blocks; a dense mask
-    and a bias (as a float mask) cost extra passes."""
+    """Every pair: ``is_causal`` computes about half, plus its diagonal blocks; a boolean
+    mask, or a bias (mask and bias in one float matrix), costs extra passes."""
     dtype, grad = call.dtype, call.needs_grad
-    if is_plain_causal(call):
+    if call.bias is not None:
+        cost, basis = table.value("sdpa.bias", dtype, grad), "bias and mask as a float mask"
+    elif is_plain_causal(call):
         cost, basis = 0.5 + table.value("sdpa.causal_edge", dtype, grad) / call.Tk, "causal kernel"
     elif call.mask is not None:
         cost, basis = table.value("sdpa.mask", dtype, grad), "dense mask"
     else:
         cost, basis = 1.0, "dense"
-    if call.bias is not None:
-        cost *= table.value("sdpa.bias", dtype, grad)
-        basis += " + bias as a float mask"
     return cost, f"computes every pair ({basis})"
 
 
