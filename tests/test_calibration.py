@@ -34,14 +34,16 @@ def test_it_measures_every_entry_per_dtype_and_grad_mode(tiny) -> None:
     native_bf16 = capabilities("cpu").native_bfloat16
     for dtype in ("float32", "bfloat16"):
         for grad in (False, True):
-            for name in ("sdpa.causal_edge", "sdpa.mask", "sdpa.bias", "chunked.per_live"):
+            for name in ("sdpa.causal_edge", "sdpa.mask", "sdpa.bias", "chunked.per_live",
+                         "chunked.score"):  # fmt: skip
                 assert (name, dtype, grad) in measured
             kernel_here = dtype == "float32" or native_bf16
             for name in ("blocksparse.per_live", "blocksparse.partial"):
                 assert ((name, dtype, grad) in measured) == kernel_here
         # FlexAttention has no backward on the CPU: forward only
-        assert ("flex.per_live", dtype, False) in measured
-        assert ("flex.per_live", dtype, True) not in measured
+        for name in ("flex.per_live", "flex.score"):
+            assert (name, dtype, False) in measured
+            assert (name, dtype, True) not in measured
     assert {name for name, *_ in measured} <= set(MEASURED_ENTRIES)
     for *_, value in table.rows():
         assert value >= 0 and value < 1e4

@@ -10,8 +10,9 @@ the table; the first ``auto`` call that needs a table runs it otherwise.
 What is measured, at ``B=1, H=4, T=2048, D=64`` (``SHAPE``), for float32 and bfloat16 (CUDA:
 float16 too), without and with gradients: dense SDPA (the unit), SDPA ``is_causal``, SDPA
 with a dense boolean mask and with a float mask (how a bias reaches it), chunked without a
-mask, blocksparse without a mask and causal, and FlexAttention with a causal mask (forward
-only on the CPU; it compiles once per dtype). Each
+mask, blocksparse without a mask and causal, FlexAttention with a causal mask (forward only
+on the CPU; it compiles once per dtype and score), and chunked and Flex causal with the
+sigmoid score against softmax (the extra cost of a score function or bias). Each
 ratio is the median over rounds of the candidate's time over dense SDPA's in the same round.
 Paths that are no candidate here (a bfloat16 kernel on a CPU that emulates bfloat16 matmuls)
 are not measured.
@@ -47,11 +48,12 @@ from attnkit.call import AttentionCall
 from attnkit.costs import CostTable, Key, conservative_table, dtype_name
 from attnkit.machine import Capabilities, capabilities
 from attnkit.masks.patterns import causal, sliding_window
+from attnkit.scores import sigmoid
 
 _log = logging.getLogger("attnkit")
 
 #: Bump when what is measured, or how, changes: cached tables of another format are remeasured.
-FORMAT = 2
+FORMAT = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,6 +188,8 @@ def _measure(
     grad_out = torch.randn_like(q.detach()) if grad else None
     dense = AttentionCall(q, k, v)
     masked = AttentionCall(q, k, v, mask=causal())
+    # a score function other than softmax (its cost stands for a bias's in chunked and Flex)
+    scored = AttentionCall(q, k, v, mask=causal(), score=sigmoid())
     # the causal pattern as a window over every key: not `is_causal`, so SDPA takes a matrix
     as_matrix = AttentionCall(q, k, v, mask=sliding_window(shape.T))
     # a bias reaches SDPA as one float matrix [1, H, T, T] of bias and mask
@@ -197,6 +201,8 @@ def _measure(
         "sdpa.causal": _step(sdpa.BACKEND, masked, grad_out),
         "sdpa.mask": _step(sdpa.BACKEND, as_matrix, grad_out),
         "chunked.per_live": _step(chunked.BACKEND, dense, grad_out),
+        "chunked.causal": _step(chunked.BACKEND, masked, grad_out),
+        "chunked.sigmoid": _step(chunked.BACKEND, scored, grad_out),
     }
     wanted = {"blocksparse": blocksparse.BACKEND.cost(dense, table)[0]}
     if not math.isinf(wanted["blocksparse"]):
@@ -204,6 +210,8 @@ def _measure(
         steps["blocksparse.causal"] = _step(blocksparse.BACKEND, masked, grad_out)
     if flex.BACKEND.supports(masked) is None:
         steps["flex.per_live"] = _step(flex.BACKEND, masked, grad_out)
+    if flex.BACKEND.supports(scored) is None:
+        steps["flex.sigmoid"] = _step(flex.BACKEND, scored, grad_out)
     ratios = _paired_ratios(steps, device, rounds)
 
     name = dtype_name(dtype)
@@ -213,6 +221,10 @@ def _measure(
     for entry in ("sdpa.mask", "sdpa.bias", "chunked.per_live"):
         if entry in ratios:
             entries[entry, name, grad] = ratios[entry]
+    for backend in ("chunked", "flex"):
+        plain = ratios.get("chunked.causal" if backend == "chunked" else "flex.per_live")
+        if plain is not None and f"{backend}.sigmoid" in ratios:
+            entries[f"{backend}.score", name, grad] = ratios[f"{backend}.sigmoid"] / plain
     if "flex.per_live" in ratios:
         tiles = causal().blocks(shape.T, shape.T, flex.BLOCK_SIZE, flex.BLOCK_SIZE, device)
         entries["flex.per_live", name, grad] = ratios["flex.per_live"] / tiles.live_fraction()

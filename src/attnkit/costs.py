@@ -38,7 +38,9 @@ MEASURED_ENTRIES = {
     "sdpa.mask": "SDPA with a dense boolean mask, relative to dense",
     "sdpa.bias": "SDPA with a float mask (an additive bias and the mask), relative to dense",
     "flex.per_live": "FlexAttention per live 128x128 tile with a sparse mask",
+    "flex.score": "FlexAttention with a score function (sigmoid) or a bias, over softmax",
     "chunked.per_live": "chunked per live tile",
+    "chunked.score": "chunked with a score function (sigmoid) or a bias, over softmax",
     "blocksparse.per_live": "blocksparse per live tile (the implementation that runs here)",
     "blocksparse.partial": "blocksparse's extra cost per partial tile",
 }
