@@ -35,7 +35,7 @@ def test_it_measures_every_entry_per_dtype_and_grad_mode(tiny) -> None:
     for dtype in ("float32", "bfloat16"):
         for grad in (False, True):
             for name in ("sdpa.causal_edge", "sdpa.mask", "sdpa.bias", "chunked.per_live",
-                         "chunked.score"):  # fmt: skip
+                         "chunked.dense", "chunked.score"):  # fmt: skip
                 assert (name, dtype, grad) in measured
             kernel_here = dtype == "float32" or native_bf16
             for name in ("blocksparse.per_live", "blocksparse.partial"):

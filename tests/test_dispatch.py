@@ -41,6 +41,8 @@ AVX2_TABLE = _table(
     blocksparse_per_live__float32__bwd=1.1,
     chunked_per_live__bfloat16__fwd=25.0,
     chunked_per_live__bfloat16__bwd=25.0,
+    chunked_dense__bfloat16__fwd=25.0,
+    chunked_dense__bfloat16__bwd=25.0,
     flex_per_live__bfloat16__fwd=1.6,
 )
 GPU_TABLE = _table(H100, flex_per_live__bfloat16__fwd=1.2, flex_per_live__bfloat16__bwd=1.4)
@@ -125,10 +127,10 @@ def test_a_table_entry_overrides_the_fallback_factors_only_where_given() -> None
 def test_ranking_follows_the_table() -> None:
     """The same call flips between backends as their measured costs cross."""
     slow = _table(
-        AVX512_BF16, blocksparse_per_live__float32__fwd=3.0, chunked_per_live__float32__fwd=0.9
+        AVX512_BF16, blocksparse_per_live__float32__fwd=3.0, chunked_dense__float32__fwd=0.9
     )
     fast = _table(
-        AVX512_BF16, blocksparse_per_live__float32__fwd=0.3, chunked_per_live__float32__fwd=0.9
+        AVX512_BF16, blocksparse_per_live__float32__fwd=0.3, chunked_dense__float32__fwd=0.9
     )
     assert _choice(slow).chosen == "chunked"
     assert _choice(fast).chosen == "blocksparse"

@@ -9,10 +9,10 @@ the table; the first ``auto`` call that needs a table runs it otherwise.
 
 What is measured, at ``B=1, H=4, T=2048, D=64`` (``SHAPE``), for float32 and bfloat16 (CUDA:
 float16 too), without and with gradients: dense SDPA (the unit), SDPA ``is_causal``, SDPA
-with a dense boolean mask and with a float mask (how a bias reaches it), chunked without a
-mask, blocksparse without a mask and causal, FlexAttention with a causal mask (forward only
-on the CPU; it compiles once per dtype and score), and chunked and Flex causal with the
-sigmoid score against softmax (the extra cost of a score function or bias). Each
+with a dense boolean mask and with a float mask (how a bias reaches it), chunked and
+blocksparse without a mask and causal, FlexAttention with a causal mask (forward only on the
+CPU; it compiles once per dtype and score), and chunked and Flex causal with the sigmoid score
+against softmax (the extra cost of a score function or bias). Each
 ratio is the median over rounds of the candidate's time over dense SDPA's in the same round.
 Paths that are no candidate here (a bfloat16 kernel on a CPU that emulates bfloat16 matmuls)
 are not measured.
@@ -53,7 +53,7 @@ from attnkit.scores import sigmoid
 _log = logging.getLogger("attnkit")
 
 #: Bump when what is measured, or how, changes: cached tables of another format are remeasured.
-FORMAT = 3
+FORMAT = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,7 +200,7 @@ def _measure(
         "sdpa.bias": _float_mask_step(q, k, v, float_mask, grad_out),
         "sdpa.causal": _step(sdpa.BACKEND, masked, grad_out),
         "sdpa.mask": _step(sdpa.BACKEND, as_matrix, grad_out),
-        "chunked.per_live": _step(chunked.BACKEND, dense, grad_out),
+        "chunked.dense": _step(chunked.BACKEND, dense, grad_out),
         "chunked.causal": _step(chunked.BACKEND, masked, grad_out),
         "chunked.sigmoid": _step(chunked.BACKEND, scored, grad_out),
     }
@@ -218,9 +218,12 @@ def _measure(
     entries: dict[Key, float] = {}
     if "sdpa.causal" in ratios:
         entries["sdpa.causal_edge", name, grad] = max(0.0, (ratios["sdpa.causal"] - 0.5) * shape.T)
-    for entry in ("sdpa.mask", "sdpa.bias", "chunked.per_live"):
+    for entry in ("sdpa.mask", "sdpa.bias", "chunked.dense"):
         if entry in ratios:
             entries[entry, name, grad] = ratios[entry]
+    if "chunked.causal" in ratios:
+        tiles = causal().blocks(shape.T, shape.T, chunked.BLOCK_Q, chunked.BLOCK_K, device)
+        entries["chunked.per_live", name, grad] = ratios["chunked.causal"] / tiles.live_fraction()
     for backend in ("chunked", "flex"):
         plain = ratios.get("chunked.causal" if backend == "chunked" else "flex.per_live")
         if plain is not None and f"{backend}.sigmoid" in ratios:

@@ -39,7 +39,8 @@ MEASURED_ENTRIES = {
     "sdpa.bias": "SDPA with a float mask (an additive bias and the mask), relative to dense",
     "flex.per_live": "FlexAttention per live 128x128 tile with a sparse mask",
     "flex.score": "FlexAttention with a score function (sigmoid) or a bias, over softmax",
-    "chunked.per_live": "chunked per live tile",
+    "chunked.dense": "chunked without a mask (one long piece per query block)",
+    "chunked.per_live": "chunked per live tile with a mask (causal)",
     "chunked.score": "chunked with a score function (sigmoid) or a bias, over softmax",
     "blocksparse.per_live": "blocksparse per live tile (the implementation that runs here)",
     "blocksparse.partial": "blocksparse's extra cost per partial tile",
@@ -64,6 +65,8 @@ FACTORS: dict[Key, float] = {
     ("flex.grid_partial", "*", None): 3.5,
     ("chunked.per_live", "*", False): 1.8,
     ("chunked.per_live", "*", True): 2.8,
+    ("chunked.dense", "*", False): 1.8,
+    ("chunked.dense", "*", True): 2.8,
     # a score function or bias computed in plain PyTorch, per tile
     ("chunked.score", "*", None): 2.0,
     ("blocksparse.per_live", "*", None): 1.2,
@@ -137,7 +140,7 @@ def conservative_table(capabilities: Capabilities) -> CostTable:
     ``CONSERVATIVE_PER_LIVE`` times SDPA per computed tile and with no discount for its own
     kernels, so dense and causal attention stay on SDPA."""
     entries: dict[Key, float] = {}
-    for name in ("flex.per_live", "chunked.per_live", "blocksparse.per_live"):
+    for name in ("flex.per_live", "chunked.per_live", "chunked.dense", "blocksparse.per_live"):
         for dtype in ("*", "float32", "bfloat16", "float16"):
             for grad in (None, False, True):
                 default = FACTORS.get((name, dtype, grad))

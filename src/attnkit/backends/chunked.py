@@ -143,10 +143,12 @@ def _supports(call: AttentionCall) -> str | None:
 
 
 def _cost(call: AttentionCall, table: CostTable) -> tuple[float, str]:
-    live = 1.0
+    # Without a mask each query block is one long matmul: a different cost per tile.
+    live, entry = 1.0, "chunked.dense"
     if call.mask is not None:
         live = call.mask.blocks(call.Tq, call.Tk, BLOCK_Q, BLOCK_K, call.device).live_fraction()
-    cost = table.value("chunked.per_live", call.dtype, call.needs_grad) * live
+        entry = "chunked.per_live"
+    cost = table.value(entry, call.dtype, call.needs_grad) * live
     plain = type(call.score) is Softmax and call.score.softcap is None and call.bias is None
     if not plain:
         cost *= table.value("chunked.score", call.dtype, call.needs_grad)
