@@ -144,3 +144,13 @@ def test_a_biased_call_weighs_sdpa_float_mask_against_flex() -> None:
     options = {"mask": masks.causal(), "bias": alibi, "dtype": torch.bfloat16, "T": 1024}
     assert _choice(cheap_mask, **options).chosen == "sdpa"
     assert _choice(dear_mask, **options).chosen == "flex"
+
+
+def test_flex_fixed_cost_per_call_keeps_short_calls_elsewhere() -> None:
+    table = _table(
+        AVX512_BF16, sdpa_bias__bfloat16__fwd=1.1, flex_per_live__bfloat16__fwd=1.5,
+        flex_score__bfloat16__fwd=1.0,
+    )  # fmt: skip
+    options = {"mask": masks.causal(), "bias": positional.alibi(4), "dtype": torch.bfloat16}
+    assert _choice(table, T=1024, **options).chosen == "sdpa"
+    assert _choice(table, T=4096, **options).chosen == "flex"

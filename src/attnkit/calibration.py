@@ -53,7 +53,7 @@ from attnkit.scores import sigmoid
 _log = logging.getLogger("attnkit")
 
 #: Bump when what is measured, or how, changes: cached tables of another format are remeasured.
-FORMAT = 4
+FORMAT = 5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,6 +215,7 @@ def _measure(
     ratios = _paired_ratios(steps, device, rounds)
 
     name = dtype_name(dtype)
+    pairs = shape.B * shape.H * shape.T * shape.T
     entries: dict[Key, float] = {}
     if "sdpa.causal" in ratios:
         entries["sdpa.causal_edge", name, grad] = max(0.0, (ratios["sdpa.causal"] - 0.5) * shape.T)
@@ -230,9 +231,10 @@ def _measure(
             entries[f"{backend}.score", name, grad] = ratios[f"{backend}.sigmoid"] / plain
     if "flex.per_live" in ratios:
         tiles = causal().blocks(shape.T, shape.T, flex.BLOCK_SIZE, flex.BLOCK_SIZE, device)
-        entries["flex.per_live", name, grad] = ratios["flex.per_live"] / tiles.live_fraction()
+        overhead = table.value("flex.overhead_pairs", dtype, grad) / pairs
+        per_live = max(ratios["flex.per_live"] - overhead, 1e-3) / tiles.live_fraction()
+        entries["flex.per_live", name, grad] = per_live
     if "blocksparse.dense" in ratios:
-        pairs = shape.B * shape.H * shape.T * shape.T
         overhead = table.value("blocksparse.overhead_pairs", dtype, grad) / pairs
         per_live = max(ratios["blocksparse.dense"] - overhead, 1e-3)
         entries["blocksparse.per_live", name, grad] = per_live

@@ -460,6 +460,7 @@ def _cost(call: AttentionCall, table: CostTable) -> tuple[float, str]:
         cost *= table.value("flex.dense", dtype, grad)
     elif isinstance(call.mask, GridMask):
         cost += table.value("flex.grid_partial", dtype, grad) * partial
+    cost += table.value("flex.overhead_pairs", dtype, grad) / (call.B * call.Hq * call.Tq * call.Tk)
     return cost, f"computes {live:.0%} of {BLOCK_SIZE}x{BLOCK_SIZE} tiles in one compiled kernel"
 
 
