@@ -12,8 +12,9 @@ float16 too), without and with gradients: dense SDPA (the unit), SDPA ``is_causa
 with a dense boolean mask and with a float mask (how a bias reaches it), chunked and
 blocksparse without a mask and causal, FlexAttention with a causal mask (forward only on the
 CPU; it compiles once per dtype and score), and chunked and Flex causal with the sigmoid score
-against softmax (the extra cost of a score function or bias). Each
-ratio is the median over rounds of the candidate's time over dense SDPA's in the same round.
+against softmax (the extra cost of a score function or bias); then chunked and Flex causal
+again at T/2, which separates their fixed cost per call from their cost per pair. Each ratio
+is the median over rounds of the candidate's time over dense SDPA's in the same round.
 Paths that are no candidate here (a bfloat16 kernel on a CPU that emulates bfloat16 matmuls)
 are not measured.
 
@@ -53,7 +54,7 @@ from attnkit.scores import sigmoid
 _log = logging.getLogger("attnkit")
 
 #: Bump when what is measured, or how, changes: cached tables of another format are remeasured.
-FORMAT = 5
+FORMAT = 6
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,11 +166,42 @@ def _paired_ratios(
             _synchronize(device)
             times[name].append(time.perf_counter() - start)
     unit = times["unit"]
-    return {
+    ratios = {
         name: statistics.median(t / u for t, u in zip(ts, unit, strict=True))
         for name, ts in times.items()
         if name != "unit"
     }
+    ratios["unit_s"] = statistics.median(unit)
+    return ratios
+
+
+def _inputs(shape: Shape, T: int, dtype: torch.dtype, device: torch.device, grad: bool):
+    """Seeded ``q, k, v [B, T, H, D]`` and an upstream gradient (None without ``grad``)."""
+    g = torch.Generator(device="cpu").manual_seed(T)
+    q, k, v = (
+        torch.randn(shape.B, T, shape.H, shape.D, generator=g).to(device, dtype) for _ in range(3)
+    )
+    if grad:
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+    return q, k, v, torch.randn_like(q.detach()) if grad else None
+
+
+def _fixed_and_per_pair(
+    long: float, short: float, live: tuple[float, float], units: tuple[float, float],
+    pairs: tuple[int, int],
+) -> tuple[float, float]:  # fmt: skip
+    """Fit ``time = fixed + per_pair · live pairs`` to a backend's ratios at a long and a short
+    shape (``live``: their live fractions; ``units``: dense SDPA's seconds; ``pairs``: all
+    pairs). Returns ``per_live`` in dense-SDPA units and ``fixed`` as dense-SDPA pairs, both
+    at the long shape's SDPA speed."""
+    times = (long * units[0], short * units[1])
+    live_pairs = (live[0] * pairs[0], live[1] * pairs[1])
+    per_pair = (times[0] - times[1]) / (live_pairs[0] - live_pairs[1])
+    if per_pair <= 0:  # noise larger than the difference: all of it per pair
+        per_pair = times[0] / live_pairs[0]
+    fixed = max(times[0] - per_pair * live_pairs[0], 0.0)
+    sdpa_per_pair = units[0] / pairs[0]
+    return per_pair / sdpa_per_pair, fixed / sdpa_per_pair
 
 
 def _measure(
@@ -178,14 +210,7 @@ def _measure(
 ) -> dict[Key, float]:  # fmt: skip
     """The measured entries of one dtype and grad mode (run in that grad mode: the calls'
     ``needs_grad``, and so the backends' ``supports``, read it)."""
-    g = torch.Generator(device="cpu").manual_seed(0)
-    q, k, v = (
-        torch.randn(shape.B, shape.T, shape.H, shape.D, generator=g).to(device, dtype)
-        for _ in range(3)
-    )
-    if grad:
-        q, k, v = (t.requires_grad_() for t in (q, k, v))
-    grad_out = torch.randn_like(q.detach()) if grad else None
+    q, k, v, grad_out = _inputs(shape, shape.T, dtype, device, grad)
     dense = AttentionCall(q, k, v)
     masked = AttentionCall(q, k, v, mask=causal())
     # a score function other than softmax (its cost stands for a bias's in chunked and Flex)
@@ -209,10 +234,22 @@ def _measure(
         steps["blocksparse.dense"] = _step(blocksparse.BACKEND, dense, grad_out)
         steps["blocksparse.causal"] = _step(blocksparse.BACKEND, masked, grad_out)
     if flex.BACKEND.supports(masked) is None:
-        steps["flex.per_live"] = _step(flex.BACKEND, masked, grad_out)
+        steps["flex.causal"] = _step(flex.BACKEND, masked, grad_out)
     if flex.BACKEND.supports(scored) is None:
         steps["flex.sigmoid"] = _step(flex.BACKEND, scored, grad_out)
     ratios = _paired_ratios(steps, device, rounds)
+    # Chunked and Flex again at half the length: their fixed costs per call (Python loops,
+    # guards, kernel launch) apart from their cost per pair.
+    short_T = shape.T // 2
+    sq, sk, sv, short_grad = _inputs(shape, short_T, dtype, device, grad)
+    short_causal = AttentionCall(sq, sk, sv, mask=causal())
+    short_steps = {
+        "unit": _step(sdpa.BACKEND, AttentionCall(sq, sk, sv), short_grad),
+        "chunked.causal": _step(chunked.BACKEND, short_causal, short_grad),
+    }
+    if "flex.causal" in ratios:
+        short_steps["flex.causal"] = _step(flex.BACKEND, short_causal, short_grad)
+    short = _paired_ratios(short_steps, device, rounds)
 
     name = dtype_name(dtype)
     pairs = shape.B * shape.H * shape.T * shape.T
@@ -222,18 +259,22 @@ def _measure(
     for entry in ("sdpa.mask", "sdpa.bias", "chunked.dense"):
         if entry in ratios:
             entries[entry, name, grad] = ratios[entry]
-    if "chunked.causal" in ratios:
-        tiles = causal().blocks(shape.T, shape.T, chunked.BLOCK_Q, chunked.BLOCK_K, device)
-        entries["chunked.per_live", name, grad] = ratios["chunked.causal"] / tiles.live_fraction()
-    for backend in ("chunked", "flex"):
-        plain = ratios.get("chunked.causal" if backend == "chunked" else "flex.per_live")
-        if plain is not None and f"{backend}.sigmoid" in ratios:
-            entries[f"{backend}.score", name, grad] = ratios[f"{backend}.sigmoid"] / plain
-    if "flex.per_live" in ratios:
-        tiles = causal().blocks(shape.T, shape.T, flex.BLOCK_SIZE, flex.BLOCK_SIZE, device)
-        overhead = table.value("flex.overhead_pairs", dtype, grad) / pairs
-        per_live = max(ratios["flex.per_live"] - overhead, 1e-3) / tiles.live_fraction()
-        entries["flex.per_live", name, grad] = per_live
+    units = (ratios["unit_s"], short["unit_s"])
+    for backend, block in (("chunked", chunked.BLOCK_Q), ("flex", flex.BLOCK_SIZE)):
+        key = f"{backend}.causal"
+        if key in ratios and f"{backend}.sigmoid" in ratios:
+            entries[f"{backend}.score", name, grad] = ratios[f"{backend}.sigmoid"] / ratios[key]
+        if key in ratios and key in short:
+            block_k = chunked.BLOCK_K if backend == "chunked" else block
+            live = tuple(
+                causal().blocks(T, T, block, block_k, device).live_fraction()
+                for T in (shape.T, short_T)
+            )
+            per_live, fixed = _fixed_and_per_pair(
+                ratios[key], short[key], live, units, (pairs, shape.B * shape.H * short_T**2)
+            )
+            entries[f"{backend}.per_live", name, grad] = per_live
+            entries[f"{backend}.overhead_pairs", name, grad] = fixed
     if "blocksparse.dense" in ratios:
         overhead = table.value("blocksparse.overhead_pairs", dtype, grad) / pairs
         per_live = max(ratios["blocksparse.dense"] - overhead, 1e-3)

@@ -42,6 +42,8 @@ MEASURED_ENTRIES = {
     "chunked.dense": "chunked without a mask (one long piece per query block)",
     "chunked.per_live": "chunked per live tile with a mask (causal)",
     "chunked.score": "chunked with a score function (sigmoid) or a bias, over softmax",
+    "chunked.overhead_pairs": "chunked's fixed cost per call, as pairs dense SDPA computes",
+    "flex.overhead_pairs": "FlexAttention's fixed cost per call, as pairs dense SDPA computes",
     "blocksparse.per_live": "blocksparse per live tile (the implementation that runs here)",
     "blocksparse.partial": "blocksparse's extra cost per partial tile",
 }
@@ -73,6 +75,8 @@ FACTORS: dict[Key, float] = {
     ("chunked.dense", "*", True): 2.8,
     # a score function or bias computed in plain PyTorch, per tile
     ("chunked.score", "*", None): 2.0,
+    # its Python loop over query blocks and pieces
+    ("chunked.overhead_pairs", "*", None): 2e5,
     ("blocksparse.per_live", "*", None): 1.2,
     ("blocksparse.per_live", "float32", False): 0.48,
     ("blocksparse.per_live", "float32", True): 0.51,

@@ -152,6 +152,8 @@ def _cost(call: AttentionCall, table: CostTable) -> tuple[float, str]:
     plain = type(call.score) is Softmax and call.score.softcap is None and call.bias is None
     if not plain:
         cost *= table.value("chunked.score", call.dtype, call.needs_grad)
+    pairs = call.B * call.Hq * call.Tq * call.Tk
+    cost += table.value("chunked.overhead_pairs", call.dtype, call.needs_grad) / pairs
     return cost, f"computes {live:.0%} of {BLOCK_Q}x{BLOCK_K} tiles"
 
 
