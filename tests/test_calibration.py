@@ -36,13 +36,14 @@ def test_it_measures_every_entry_per_dtype_and_grad_mode(tiny) -> None:
     for dtype in ("float32", "bfloat16"):
         for grad in (False, True):
             for name in ("sdpa.causal_edge", "sdpa.mask", "sdpa.bias", "chunked.per_live",
-                         "chunked.dense", "chunked.score", "chunked.overhead_pairs"):  # fmt: skip
+                         "chunked.dense", "chunked.score", "chunked.bias",
+                         "chunked.overhead_pairs"):  # fmt: skip
                 assert (name, dtype, grad) in measured
             kernel_here = dtype == "float32" or native_bf16
             for name in ("blocksparse.per_live", "blocksparse.partial"):
                 assert ((name, dtype, grad) in measured) == kernel_here
         # FlexAttention has no backward on the CPU: forward only
-        for name in ("flex.per_live", "flex.score", "flex.overhead_pairs"):
+        for name in ("flex.per_live", "flex.score", "flex.bias", "flex.overhead_pairs"):
             assert (name, dtype, False) in measured
             assert (name, dtype, True) not in measured
     assert {name for name, *_ in measured} <= set(MEASURED_ENTRIES)

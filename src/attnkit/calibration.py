@@ -11,12 +11,12 @@ What is measured, at ``B=1, H=4, T=2048, D=64`` (``SHAPE``), for float32 and bfl
 float16 too), without and with gradients: dense SDPA (the unit), SDPA ``is_causal``, SDPA
 with a dense boolean mask and with a float mask (how a bias reaches it), chunked and
 blocksparse without a mask and causal, FlexAttention with a causal mask (forward only on the
-CPU; it compiles once per dtype and score), and chunked and Flex causal with the sigmoid score
-against softmax (the extra cost of a score function or bias); then chunked and Flex causal
-again at T/2, which separates their fixed cost per call from their cost per pair. Each ratio
-is the median over rounds of the candidate's time over dense SDPA's in the same round.
-Paths that are no candidate here (a bfloat16 kernel on a CPU that emulates bfloat16 matmuls)
-are not measured.
+CPU; it compiles once per dtype, score and bias), and chunked and Flex causal with the sigmoid
+score and with an ALiBi bias against plain softmax (what a score function or a bias adds);
+then chunked and Flex causal again at T/2, which separates their fixed cost per call from
+their cost per pair. Each ratio is the median over rounds of the candidate's time over dense
+SDPA's in the same round. Paths that are no candidate here (a bfloat16 kernel on a CPU that
+emulates bfloat16 matmuls) are not measured.
 
 ``ATTNKIT_CALIBRATION=off`` skips all of it: ``auto`` then uses the conservative table
 (``attnkit.costs.conservative_table``), which never prefers another backend over SDPA for
@@ -49,12 +49,13 @@ from attnkit.call import AttentionCall
 from attnkit.costs import CostTable, Key, conservative_table, dtype_name
 from attnkit.machine import Capabilities, capabilities
 from attnkit.masks.patterns import causal, sliding_window
+from attnkit.positional.alibi import alibi
 from attnkit.scores import sigmoid
 
 _log = logging.getLogger("attnkit")
 
 #: Bump when what is measured, or how, changes: cached tables of another format are remeasured.
-FORMAT = 6
+FORMAT = 7
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,8 +214,9 @@ def _measure(
     q, k, v, grad_out = _inputs(shape, shape.T, dtype, device, grad)
     dense = AttentionCall(q, k, v)
     masked = AttentionCall(q, k, v, mask=causal())
-    # a score function other than softmax (its cost stands for a bias's in chunked and Flex)
+    # a score function other than softmax, and an additive bias
     scored = AttentionCall(q, k, v, mask=causal(), score=sigmoid())
+    biased = AttentionCall(q, k, v, mask=causal(), bias=alibi(shape.H))
     # the causal pattern as a window over every key: not `is_causal`, so SDPA takes a matrix
     as_matrix = AttentionCall(q, k, v, mask=sliding_window(shape.T))
     # a bias reaches SDPA as one float matrix [1, H, T, T] of bias and mask
@@ -228,6 +230,7 @@ def _measure(
         "chunked.dense": _step(chunked.BACKEND, dense, grad_out),
         "chunked.causal": _step(chunked.BACKEND, masked, grad_out),
         "chunked.sigmoid": _step(chunked.BACKEND, scored, grad_out),
+        "chunked.alibi": _step(chunked.BACKEND, biased, grad_out),
     }
     wanted = {"blocksparse": blocksparse.BACKEND.cost(dense, table)[0]}
     if not math.isinf(wanted["blocksparse"]):
@@ -237,6 +240,8 @@ def _measure(
         steps["flex.causal"] = _step(flex.BACKEND, masked, grad_out)
     if flex.BACKEND.supports(scored) is None:
         steps["flex.sigmoid"] = _step(flex.BACKEND, scored, grad_out)
+    if flex.BACKEND.supports(biased) is None:
+        steps["flex.alibi"] = _step(flex.BACKEND, biased, grad_out)
     ratios = _paired_ratios(steps, device, rounds)
     # Chunked and Flex again at half the length: their fixed costs per call (Python loops,
     # guards, kernel launch) apart from their cost per pair.
@@ -262,8 +267,11 @@ def _measure(
     units = (ratios["unit_s"], short["unit_s"])
     for backend, block in (("chunked", chunked.BLOCK_Q), ("flex", flex.BLOCK_SIZE)):
         key = f"{backend}.causal"
-        if key in ratios and f"{backend}.sigmoid" in ratios:
-            entries[f"{backend}.score", name, grad] = ratios[f"{backend}.sigmoid"] / ratios[key]
+        for entry, step in (("score", "sigmoid"), ("bias", "alibi")):
+            if key in ratios and f"{backend}.{step}" in ratios:
+                entries[f"{backend}.{entry}", name, grad] = (
+                    ratios[f"{backend}.{step}"] / ratios[key]
+                )
         if key in ratios and key in short:
             block_k = chunked.BLOCK_K if backend == "chunked" else block
             live = tuple(

@@ -38,10 +38,12 @@ MEASURED_ENTRIES = {
     "sdpa.mask": "SDPA with a dense boolean mask, relative to dense",
     "sdpa.bias": "SDPA with a float mask (an additive bias and the mask), relative to dense",
     "flex.per_live": "FlexAttention per live 128x128 tile with a sparse mask",
-    "flex.score": "FlexAttention with a score function (sigmoid) or a bias, over softmax",
+    "flex.score": "FlexAttention with a score function (sigmoid), over softmax",
+    "flex.bias": "FlexAttention with an additive bias (ALiBi), over softmax",
     "chunked.dense": "chunked without a mask (one long piece per query block)",
     "chunked.per_live": "chunked per live tile with a mask (causal)",
-    "chunked.score": "chunked with a score function (sigmoid) or a bias, over softmax",
+    "chunked.score": "chunked with a score function (sigmoid), over softmax",
+    "chunked.bias": "chunked with an additive bias (ALiBi), over softmax",
     "chunked.overhead_pairs": "chunked's fixed cost per call, as pairs dense SDPA computes",
     "flex.overhead_pairs": "FlexAttention's fixed cost per call, as pairs dense SDPA computes",
     "blocksparse.per_live": "blocksparse per live tile (the implementation that runs here)",
@@ -61,8 +63,9 @@ FACTORS: dict[Key, float] = {
     ("flex.per_live", "float16", None): 1.75,
     # without a mask FlexAttention runs its dense path, slower per tile than with a sparse mask
     ("flex.dense", "*", None): 2.5,
-    # a score function other than plain softmax, per tile
+    # a score function other than plain softmax, or an additive bias, per tile
     ("flex.score", "*", None): 1.3,
+    ("flex.bias", "*", None): 1.3,
     # grid masks (neighborhoods) evaluate index arithmetic per pair in partial tiles
     ("flex.grid_partial", "*", None): 3.5,
     # fixed cost per call on the CPU (guards, BlockMask, the kernel's launch over its tiles), as
@@ -75,6 +78,7 @@ FACTORS: dict[Key, float] = {
     ("chunked.dense", "*", True): 2.8,
     # a score function or bias computed in plain PyTorch, per tile
     ("chunked.score", "*", None): 2.0,
+    ("chunked.bias", "*", None): 2.0,
     # its Python loop over query blocks and pieces
     ("chunked.overhead_pairs", "*", None): 2e5,
     ("blocksparse.per_live", "*", None): 1.2,

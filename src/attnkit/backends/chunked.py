@@ -149,9 +149,10 @@ def _cost(call: AttentionCall, table: CostTable) -> tuple[float, str]:
         live = call.mask.blocks(call.Tq, call.Tk, BLOCK_Q, BLOCK_K, call.device).live_fraction()
         entry = "chunked.per_live"
     cost = table.value(entry, call.dtype, call.needs_grad) * live
-    plain = type(call.score) is Softmax and call.score.softcap is None and call.bias is None
-    if not plain:
+    if not (type(call.score) is Softmax and call.score.softcap is None):
         cost *= table.value("chunked.score", call.dtype, call.needs_grad)
+    if call.bias is not None:
+        cost *= table.value("chunked.bias", call.dtype, call.needs_grad)
     pairs = call.B * call.Hq * call.Tq * call.Tk
     cost += table.value("chunked.overhead_pairs", call.dtype, call.needs_grad) / pairs
     return cost, f"computes {live:.0%} of {BLOCK_Q}x{BLOCK_K} tiles"

@@ -454,8 +454,10 @@ def _cost(call: AttentionCall, table: CostTable) -> tuple[float, str]:
         tiles = call.mask.blocks(call.Tq, call.Tk, BLOCK_SIZE, BLOCK_SIZE, call.device)
         live, partial = tiles.live_fraction(), tiles.partial_fraction
     cost = table.value("flex.per_live", dtype, grad) * live
-    if not (type(call.score) is Softmax and call.score.softcap is None and call.bias is None):
+    if not (type(call.score) is Softmax and call.score.softcap is None):
         cost *= table.value("flex.score", dtype, grad)
+    if call.bias is not None:
+        cost *= table.value("flex.bias", dtype, grad)
     if call.mask is None:
         cost *= table.value("flex.dense", dtype, grad)
     elif isinstance(call.mask, GridMask):
