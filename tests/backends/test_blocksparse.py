@@ -160,6 +160,23 @@ def test_lse_is_returned(implementation: str) -> None:
     torch.testing.assert_close(extra.lse, expected.lse, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("mask", [None, masks.causal()], ids=["dense", "causal"])
+def test_the_lse_carries_its_gradient(implementation: str, mask) -> None:
+    """Split-KV decoding merges pieces by their lse, so dq and dk flow through it too."""
+    q, k, v = (t.requires_grad_() for t in inputs(40, Tq=9))
+    weights = torch.randn(2, 9, 4, generator=torch.Generator().manual_seed(3))
+
+    def grads(backend: str, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        x = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        out, extra = attnkit.attention(*x, mask=mask, backend=backend, aux=attnkit.Aux(lse=True))
+        loss = (extra.lse * weights.to(dtype)).sum() + out.sum()
+        return torch.autograd.grad(loss, x)
+
+    pairs = zip(grads("blocksparse", torch.float32), grads("reference", torch.float64), strict=True)
+    for got, want in pairs:
+        torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=1e-4)
+
+
 def test_refusals_name_the_alternative() -> None:
     q, k, v = inputs(64)
     for options, expected in (

@@ -317,15 +317,17 @@ def _backward(
     out: Tensor,
     lse: Tensor,
     grad_out: Tensor,
+    grad_lse: Tensor | None,
     plan: _Plan,
     acc: torch.dtype,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients w.r.t. the pre-scaled ``q`` and ``k``, ``v`` (shapes as in ``_forward``)."""
+    """Gradients w.r.t. the pre-scaled ``q`` and ``k``, ``v`` (shapes as in ``_forward``), from
+    the output's and the lse's (``grad_lse`` like ``lse``, or None)."""
     B, Hkv, G, Tq, D = q.shape
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     dk = torch.zeros(k.shape, dtype=acc, device=q.device)
     dv = torch.zeros(v.shape, dtype=acc, device=q.device)
-    delta = (grad_out.to(acc) * out.to(acc)).sum(-1, keepdim=True)  # [B, Hkv, G, Tq, 1]
+    delta = _delta(grad_out, out, lse, grad_lse).unsqueeze(-1)  # [B, Hkv, G, Tq, 1]
     finite_lse = torch.where(torch.isneginf(lse), 0.0, lse).unsqueeze(-1)
     for i, runs in enumerate(plan.runs):
         rows = slice(i * plan.block_q, min((i + 1) * plan.block_q, Tq))
@@ -350,6 +352,17 @@ def _backward(
     return dq, dk, dv
 
 
+def _delta(grad_out: Tensor, out: Tensor, lse: Tensor, grad_lse: Tensor | None) -> Tensor:
+    """FlashAttention-2's ``Δ = rowsum(dO ⊙ O)`` in float32, less the lse's gradient: since
+    ``∂lse_i / ∂s_ij = p_ij``, an lse gradient adds ``p ⊙ grad_lse`` to ``dS = p ⊙ (dP - Δ)``
+    (the split-KV merge and other lse users differentiate through it). Rows that see no key
+    (``lse = -inf``) take none."""
+    delta = (grad_out.float() * out.float()).sum(-1)
+    if grad_lse is None:
+        return delta
+    return delta - torch.where(torch.isneginf(lse), 0.0, grad_lse.float())
+
+
 class _BatchedAttention(torch.autograd.Function):
     """The batched-matmul implementation; q, k, v in ``[B, Hkv, (G,) T, D]`` layout."""
 
@@ -358,13 +371,14 @@ class _BatchedAttention(torch.autograd.Function):
         out, lse = _forward(q, k, v, plan, shifted, acc)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.plan, ctx.acc = plan, acc
-        ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):  # type: ignore[override]
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(q, k, v, out, lse, grad_out.contiguous(), ctx.plan, ctx.acc)
+        dq, dk, dv = _backward(
+            q, k, v, out, lse, grad_out.contiguous(), grad_lse, ctx.plan, ctx.acc
+        )
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
 
@@ -378,14 +392,13 @@ class _KernelAttention(torch.autograd.Function):
         out, lse = kernel.forward(q, k, v, *tiles, shifted, *score, True)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.tiles, ctx.kernel, ctx.score = tiles, kernel, score
-        ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):  # type: ignore[override]
         q, k, v, out, lse = ctx.saved_tensors
         grad_out = grad_out.contiguous()
-        delta = (grad_out.float() * out.float()).sum(-1)
+        delta = _delta(grad_out, out, lse, grad_lse).contiguous()
         finite_lse = torch.where(torch.isneginf(lse), 0.0, lse)
         dq, dk, dv = ctx.kernel.backward(
             q, k, v, grad_out, finite_lse, delta, *ctx.tiles, *ctx.score
