@@ -206,7 +206,7 @@ def _fixed_and_per_pair(
 
 
 def _measure(
-    device: torch.device, dtype: torch.dtype, grad: bool, caps: Capabilities, table: CostTable,
+    device: torch.device, dtype: torch.dtype, grad: bool, table: CostTable,
     shape: Shape, rounds: int,
 ) -> dict[Key, float]:  # fmt: skip
     """The measured entries of one dtype and grad mode (run in that grad mode: the calls'
@@ -232,8 +232,7 @@ def _measure(
         "chunked.sigmoid": _step(chunked.BACKEND, scored, grad_out),
         "chunked.alibi": _step(chunked.BACKEND, biased, grad_out),
     }
-    wanted = {"blocksparse": blocksparse.BACKEND.cost(dense, table)[0]}
-    if not math.isinf(wanted["blocksparse"]):
+    if not math.isinf(blocksparse.BACKEND.cost(dense, table)[0]):  # a candidate here
         steps["blocksparse.dense"] = _step(blocksparse.BACKEND, dense, grad_out)
         steps["blocksparse.causal"] = _step(blocksparse.BACKEND, masked, grad_out)
     if flex.BACKEND.supports(masked) is None:
@@ -317,7 +316,7 @@ def measure(
     for dtype in calibration_dtypes(device):
         for grad in (False, True):
             with torch.enable_grad() if grad else torch.no_grad():
-                entries.update(_measure(device, dtype, grad, caps, base, shape, rounds))
+                entries.update(_measure(device, dtype, grad, base, shape, rounds))
     took = time.perf_counter() - start
     when = datetime.datetime.now().isoformat(timespec="seconds")
     source = (

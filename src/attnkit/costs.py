@@ -21,7 +21,6 @@ machine (a score function's extra work, a partial tile's extra pass), fitted wit
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -159,8 +158,3 @@ def conservative_table(capabilities: Capabilities) -> CostTable:
                 if default is not None or (dtype, grad) == ("*", None):
                     entries[name, dtype, grad] = max(CONSERVATIVE_PER_LIVE, default or 0.0)
     return CostTable(capabilities, "conservative (ATTNKIT_CALIBRATION=off)", entries)
-
-
-def is_candidate(cost: float) -> bool:
-    """False for the infinite cost a backend gives a call it should not be chosen for."""
-    return not math.isinf(cost)
