@@ -346,7 +346,12 @@ def calibrate(device: torch.device | str = "cpu", force: bool = False) -> CostTa
             return _from_json(json.loads(path.read_text()), capabilities(device))
         except (ValueError, KeyError, TypeError):
             _log.warning("attnkit: unreadable calibration cache %s; measuring again", path)
-    _log.info("attnkit: calibrating the backends on %s (once per machine)", device)
+    _log.warning(
+        "attnkit: measuring the backends on %s for backend='auto' (once per machine, cached in "
+        "%s; `attnkit calibrate` does it ahead, ATTNKIT_CALIBRATION=off skips it)",
+        device,
+        path.parent,
+    )
     table = measure(device)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(f".{os.getpid()}.tmp")
