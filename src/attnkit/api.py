@@ -78,7 +78,7 @@ def _select(call: AttentionCall, backend: str) -> tuple[Backend, Explanation]:
         if candidate and name not in rejected:
             passed_over = {other: "not ranked by auto (select it by name)" for other in BACKENDS}
             passed_over.update(
-                {o: r if able else f"ranked after {name}: {r}" for o, r, able in preferences}
+                {o: f"ranked after {name}: {r}" if able else r for o, r, able in preferences}
             )
             passed_over.update(rejected)
             del passed_over[name]
