@@ -55,7 +55,7 @@ from attnkit.scores import sigmoid
 _log = logging.getLogger("attnkit")
 
 #: Bump when what is measured, or how, changes: cached tables of another format are remeasured.
-FORMAT = 8
+FORMAT = 9
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,7 +179,9 @@ def _paired_ratios(
         for name, ts in times.items()
         if name != "unit"
     }
-    ratios["unit_s"] = statistics.median(unit)
+    # The fastest call of each step: noise only adds time, so fits of small differences
+    # (fixed costs) read these.
+    ratios.update({f"{name}.fastest_s": min(ts) for name, ts in times.items()})
     return ratios
 
 
@@ -195,20 +197,18 @@ def _inputs(shape: Shape, T: int, dtype: torch.dtype, device: torch.device, grad
 
 
 def _fixed_and_per_pair(
-    long: float, short: float, live: tuple[float, float], units: tuple[float, float],
-    pairs: tuple[int, int],
-) -> tuple[float, float]:  # fmt: skip
-    """Fit ``time = fixed + per_pair · live pairs`` to a backend's ratios at a long and a short
-    shape (``live``: their live fractions; ``units``: dense SDPA's seconds; ``pairs``: all
-    pairs). Returns ``per_live`` in dense-SDPA units and ``fixed`` as dense-SDPA pairs, both
-    at the long shape's SDPA speed."""
-    times = (long * units[0], short * units[1])
+    times: tuple[float, float], live: tuple[float, float], unit: float, pairs: tuple[int, int]
+) -> tuple[float, float]:
+    """Fit ``time = fixed + per_pair · live pairs`` to a backend's fastest seconds at a long and
+    a short shape (``live``: their live fractions; ``unit``: dense SDPA's fastest seconds at the
+    long shape; ``pairs``: all pairs of each). Returns ``per_live`` in dense-SDPA units and
+    ``fixed`` as dense-SDPA pairs, at the long shape's SDPA speed."""
     live_pairs = (live[0] * pairs[0], live[1] * pairs[1])
     per_pair = (times[0] - times[1]) / (live_pairs[0] - live_pairs[1])
     if per_pair <= 0:  # noise larger than the difference: all of it per pair
         per_pair = times[0] / live_pairs[0]
     fixed = max(times[0] - per_pair * live_pairs[0], 0.0)
-    sdpa_per_pair = units[0] / pairs[0]
+    sdpa_per_pair = unit / pairs[0]
     return per_pair / sdpa_per_pair, fixed / sdpa_per_pair
 
 
@@ -272,7 +272,6 @@ def _measure(
     for entry in ("sdpa.mask", "sdpa.bias", "chunked.dense"):
         if entry in ratios:
             entries[entry, name, grad] = ratios[entry]
-    units = (ratios["unit_s"], short["unit_s"])
     for backend, block in (("chunked", chunked.BLOCK_Q), ("flex", flex.BLOCK_SIZE)):
         key = f"{backend}.causal"
         for entry, step in (("score", "sigmoid"), ("bias", "alibi")):
@@ -286,8 +285,10 @@ def _measure(
                 causal().blocks(T, T, block, block_k, device).live_fraction()
                 for T in (shape.T, short_T)
             )
+            fastest = (ratios[f"{key}.fastest_s"], short[f"{key}.fastest_s"])
+            all_pairs = (pairs, shape.B * shape.H * short_T**2)
             per_live, fixed = _fixed_and_per_pair(
-                ratios[key], short[key], live, units, (pairs, shape.B * shape.H * short_T**2)
+                fastest, live, ratios["unit.fastest_s"], all_pairs
             )
             entries[f"{backend}.per_live", name, grad] = per_live
             entries[f"{backend}.overhead_pairs", name, grad] = fixed
