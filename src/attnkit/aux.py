@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from attnkit.call import AttentionCall, AuxOutput
+from attnkit.primitives import expand_kv_heads
 
 _QUERY_TILE = 256
 _KEY_TILE = 1024
@@ -40,7 +41,7 @@ def _weight_tiles(call: AttentionCall, lse: Tensor, q_idx: Tensor):
     """Yield ``(query positions in q_idx, key slice, weights [B, Hq, nq, nk] float32)``."""
     compute = call.accumulation_dtype
     log_counts = call.log_counts()
-    k = call.k.to(compute).transpose(1, 2).repeat_interleave(call.groups, dim=1)
+    k = expand_kv_heads(call.k.to(compute).transpose(1, 2), call.groups, dim=1)
     for qs in range(0, q_idx.numel(), _QUERY_TILE):
         rows = q_idx[qs : qs + _QUERY_TILE]
         q = call.q[:, rows].to(compute).transpose(1, 2)

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from attnkit.backends.base import Backend
 from attnkit.call import AttentionCall
+from attnkit.primitives import expand_kv_heads
 
 
 def normalize_rows(lw: Tensor, v: Tensor, sign: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -41,8 +42,8 @@ def reference_forward(
     if compute_dtype is None:
         compute_dtype = call.accumulation_dtype
     q = call.q.to(compute_dtype).transpose(1, 2)  # [B, Hq, Tq, D]
-    k = call.k.to(compute_dtype).transpose(1, 2).repeat_interleave(call.groups, dim=1)
-    v = call.v.to(compute_dtype).transpose(1, 2).repeat_interleave(call.groups, dim=1)
+    k = expand_kv_heads(call.k.to(compute_dtype).transpose(1, 2), call.groups, dim=1)
+    v = expand_kv_heads(call.v.to(compute_dtype).transpose(1, 2), call.groups, dim=1)
     s = (q @ k.transpose(-1, -2)) * call.scale
     q_idx = torch.arange(call.Tq, device=call.device)
     k_idx = torch.arange(call.Tk, device=call.device)

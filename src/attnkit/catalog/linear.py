@@ -12,6 +12,7 @@ from torch import Tensor
 
 from attnkit import linear
 from attnkit.catalog import InputSpec, Mechanism, register
+from attnkit.primitives import expand_kv_heads
 
 
 def _form(
@@ -24,7 +25,7 @@ def _form(
             if not mechanism.gqa and k.shape[2] != q.shape[2]:
                 # FLARE's keys act as queries of the latents: one key head per query head
                 groups = q.shape[2] // k.shape[2]
-                k, v = k.repeat_interleave(groups, 2), v.repeat_interleave(groups, 2)
+                k, v = expand_kv_heads(k, groups, dim=2), expand_kv_heads(v, groups, dim=2)
             return mechanism.run(q, k, v, form=form)
 
         return run

@@ -36,6 +36,7 @@ from attnkit.heads.base import Rotary, check_positive, default_positions, rotate
 from attnkit.heads.dense import Compose, dense_attend
 from attnkit.heads.gqa import GroupedQueryAttention
 from attnkit.nn.attend import Attend
+from attnkit.primitives import expand_kv_heads
 
 #: The four dynamic-weight generators: (stage, side) in the order of the parameters' first dim.
 GENERATORS = (("scores", "query"), ("scores", "key"), ("weights", "query"), ("weights", "key"))
@@ -158,8 +159,8 @@ def dcmha_reference(
     q = rotate(rotary, (x @ q_weight.T).view(B, T, n_heads, D), positions)
     k = rotate(rotary, (x @ k_weight.T).view(B, T, n_kv_heads, D), positions)
     v = (x @ v_weight.T).view(B, T, n_kv_heads, D)
-    k = k.repeat_interleave(n_heads // n_kv_heads, dim=2)
-    v = v.repeat_interleave(n_heads // n_kv_heads, dim=2)
+    k = expand_kv_heads(k, n_heads // n_kv_heads, dim=2)
+    v = expand_kv_heads(v, n_heads // n_kv_heads, dim=2)
 
     hidden = F.gelu(torch.einsum("btc,sck->btsk", x, dynamic_in))
     w = torch.einsum("btsk,sklrh->btslrh", hidden, dynamic_out)

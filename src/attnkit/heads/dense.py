@@ -24,6 +24,7 @@ from torch import Tensor
 
 from attnkit.call import AttentionCall
 from attnkit.nn.attend import Attend
+from attnkit.primitives import expand_kv_heads
 from attnkit.scores import Softmax
 
 #: Maps ``[B, Hq, Tq, Tk]`` to ``[B, Hq, Tq, Tk]``, mixing heads.
@@ -55,8 +56,8 @@ def dense_attend(
     call = AttentionCall(q, k, v, attend.mask, attend.score or Softmax(), attend.bias, attend.scale)
     acc = call.accumulation_dtype
     qh = q.to(acc).transpose(1, 2)
-    kh = k.to(acc).transpose(1, 2).repeat_interleave(call.groups, dim=1)
-    vh = v.to(acc).transpose(1, 2).repeat_interleave(call.groups, dim=1)
+    kh = expand_kv_heads(k.to(acc).transpose(1, 2), call.groups, dim=1)
+    vh = expand_kv_heads(v.to(acc).transpose(1, 2), call.groups, dim=1)
     s = (qh @ kh.transpose(-1, -2)) * call.scale
     if compose_scores is not None:
         s = compose_scores(s)

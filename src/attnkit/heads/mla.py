@@ -45,6 +45,7 @@ from attnkit.heads.base import (
     split_heads,
 )
 from attnkit.nn.attend import Attend
+from attnkit.primitives import expand_kv_heads
 
 
 @dataclass(frozen=True)
@@ -191,7 +192,7 @@ class MultiHeadLatentAttention(HeadLayout):
             [self.nope_dim, self.value_dim], dim=-1
         )
         k_rope = rotate(rotary, k_rope, positions)
-        k_rope = k_rope.repeat_interleave(self.n_heads // self.rope_heads, dim=2)
+        k_rope = expand_kv_heads(k_rope, self.n_heads // self.rope_heads, dim=2)
         q = torch.cat([q_nope, rotate(rotary, q_rope, positions)], dim=-1)
         k = torch.cat([k_nope, k_rope], dim=-1)
         return attend(q, k, v)

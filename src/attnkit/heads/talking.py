@@ -22,6 +22,7 @@ from attnkit.heads.base import Rotary, default_positions, rotate
 from attnkit.heads.dense import dense_attend
 from attnkit.heads.gqa import GroupedQueryAttention
 from attnkit.nn.attend import Attend
+from attnkit.primitives import expand_kv_heads
 
 
 class TalkingHeadsAttention(GroupedQueryAttention):
@@ -93,8 +94,8 @@ def talking_heads_reference(
     q = rotate(rotary, (x @ q_weight.T).view(B, T, n_heads, D), positions)
     k = rotate(rotary, (x @ k_weight.T).view(B, T, n_kv_heads, D), positions)
     v = (x @ v_weight.T).view(B, T, n_kv_heads, D)
-    k = k.repeat_interleave(n_heads // n_kv_heads, dim=2)
-    v = v.repeat_interleave(n_heads // n_kv_heads, dim=2)
+    k = expand_kv_heads(k, n_heads // n_kv_heads, dim=2)
+    v = expand_kv_heads(v, n_heads // n_kv_heads, dim=2)
     J = torch.einsum("bqhd,bkhd->bhqk", q, k) / D**0.5
     L = torch.einsum("bhqk,hm->bmqk", J, logits_mix)
     if causal:

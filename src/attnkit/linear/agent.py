@@ -25,6 +25,7 @@ from torch import Tensor
 
 from attnkit.api import attention
 from attnkit.linear._common import check_qkv, pick
+from attnkit.primitives import expand_kv_heads
 
 PAPER = (
     "Agent Attention: On the Integration of Softmax and Linear Attention — Han, Ye, Han, Xia, "
@@ -46,7 +47,7 @@ def _reference(q: Tensor, k: Tensor, v: Tensor, agents: Tensor, scale: float) ->
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     G = q.shape[2] // k.shape[2]
     qq, aa = q.to(acc), agents.to(acc)
-    kk, vv = (x.to(acc).repeat_interleave(G, dim=2) for x in (k, v))
+    kk, vv = (expand_kv_heads(x.to(acc), G, dim=2) for x in (k, v))
     phi_q = torch.softmax(torch.einsum("bihd,bahd->bhia", qq, aa) * scale, dim=-1)
     phi_k = torch.softmax(torch.einsum("bahd,bjhd->bhaj", aa, kk) * scale, dim=-1)
     mixing = phi_q @ phi_k  # [B, H, N, N], rank n

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from attnkit.primitives import expand_kv_heads
+
 
 def _check(q: Tensor, rel_emb: Tensor, Tk: int) -> None:
     if q.dim() != 4:
@@ -134,8 +136,8 @@ def relative_attention_reference(
     + causal mask) V`` in plain matmuls. Same shapes as ``relative_attention``."""
     Tq, Tk, Hq, Hkv = q.shape[1], k.shape[1], q.shape[2], k.shape[2]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    k = k.repeat_interleave(Hq // Hkv, dim=2)
-    v = v.repeat_interleave(Hq // Hkv, dim=2)
+    k = expand_kv_heads(k, Hq // Hkv, dim=2)
+    v = expand_kv_heads(v, Hq // Hkv, dim=2)
     logits = (
         torch.einsum("bihd,bjhd->bhij", q, k) + relative_logits_gather(q, rel_emb, Tk)
     ) * scale

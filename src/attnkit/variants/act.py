@@ -55,6 +55,7 @@ from attnkit.api import attention
 from attnkit.call import AttentionCall, Aux
 from attnkit.masks import EMPTY, FULL, PARTIAL, Mask, full
 from attnkit.positional import Bias
+from attnkit.primitives import expand_kv_heads
 from attnkit.scores import ScoreFunction, Softmax
 
 _QUERY_TILE = 256
@@ -262,8 +263,8 @@ def reference_calibrated_attention(
     call = AttentionCall(q, k, v, mask, score or Softmax(), bias, scale)
     B, Hq, Tq, Tk, G = call.B, call.Hq, call.Tq, call.Tk, call.groups
     qh = q.transpose(1, 2)
-    kh = k.transpose(1, 2).repeat_interleave(G, dim=1)
-    vh = v.transpose(1, 2).repeat_interleave(G, dim=1)
+    kh = expand_kv_heads(k.transpose(1, 2), G, dim=1)
+    vh = expand_kv_heads(v.transpose(1, 2), G, dim=1)
     s = (qh @ kh.transpose(-1, -2)) * call.scale
     lw = call.log_weights(s, torch.arange(Tq, device=q.device), torch.arange(Tk, device=q.device))
     lse = torch.logsumexp(lw, dim=-1, keepdim=True)
