@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from attnkit.masks.base import aligned_query_positions
 from attnkit.primitives import expand_kv_heads
 
 
@@ -51,8 +52,8 @@ def _check(q: Tensor, rel_emb: Tensor, Tk: int) -> None:
 
 def _future(Tq: int, Tk: int, device: torch.device) -> Tensor:
     """``[Tq, Tk]`` True where key ``j`` lies after query ``i`` (bottom-right aligned)."""
-    i = torch.arange(Tq, device=device).view(-1, 1) + (Tk - Tq)
-    return torch.arange(Tk, device=device).view(1, -1) > i
+    pos = aligned_query_positions(torch.arange(Tq, device=device).view(-1, 1), Tq, Tk)
+    return torch.arange(Tk, device=device).view(1, -1) > pos
 
 
 def _per_head(rel_emb: Tensor) -> Tensor:
@@ -87,7 +88,7 @@ def relative_logits_gather(q: Tensor, rel_emb: Tensor, Tk: int) -> Tensor:
     and take each query's dot product with its row. The readable reference."""
     _check(q, rel_emb, Tk)
     Tq = q.shape[1]
-    pos = torch.arange(Tq, device=q.device).view(-1, 1) + (Tk - Tq)
+    pos = aligned_query_positions(torch.arange(Tq, device=q.device).view(-1, 1), Tq, Tk)
     distance = (pos - torch.arange(Tk, device=q.device).view(1, -1)).clamp(0, rel_emb.shape[-2] - 1)
     pairs = _per_head(rel_emb)[:, distance]  # [H|1, Tq, Tk, D]: e_(i-j) for every pair
     logits = torch.einsum("bihd,hijd->bhij", q, pairs.expand(q.shape[2], -1, -1, -1))
