@@ -10,7 +10,7 @@ import torch
 import attnkit
 from attnkit import Aux, masks, positional, scores
 from attnkit.backends import BACKENDS
-from attnkit.backends.sdpa import dense_attn_mask, is_plain_causal
+from attnkit.backends.sdpa import dense_attn_mask
 from attnkit.call import AttentionCall
 from attnkit.testing import CASES, check_against_reference, reference_attention
 
@@ -20,11 +20,12 @@ SDPA = BACKENDS["sdpa"]
 
 def test_only_square_causal_uses_is_causal() -> None:
     q, k, v = CASES["cross_17x65_b2"].make(requires_grad=False)
-    assert is_plain_causal(AttentionCall(q, q, q, masks.causal()))
-    assert not is_plain_causal(AttentionCall(q, k, v, masks.causal())), "SDPA is top-left"
-    assert not is_plain_causal(AttentionCall(q, q, q, masks.sliding_window(3)))
-    assert not is_plain_causal(AttentionCall(q, q, q, masks.causal() & masks.sinks(2)))
-    assert not is_plain_causal(AttentionCall(q, q, q, None))
+    square = AttentionCall(q, q, q, masks.causal())
+    assert dense_attn_mask(square) is None, "square causal runs as is_causal"
+    cross = AttentionCall(q, k, v, masks.causal())
+    assert dense_attn_mask(cross) is not None, "SDPA is top-left"
+    for mask in (masks.sliding_window(3), masks.causal() & masks.sinks(2)):
+        assert dense_attn_mask(AttentionCall(q, q, q, mask)) is not None, mask
 
 
 @pytest.mark.parametrize(

@@ -14,14 +14,12 @@ from torch import Tensor
 from attnkit.backends.base import Backend
 from attnkit.call import AttentionCall
 from attnkit.costs import CostTable
-from attnkit.masks.patterns import Band
 from attnkit.scores import Softmax
 
 
-def is_plain_causal(call: AttentionCall) -> bool:
-    """True if the mask is exactly ``causal()`` on square inputs (SDPA's ``is_causal``)."""
-    m = call.mask
-    return isinstance(m, Band) and m.lower is None and m.upper == 0 and call.Tq == call.Tk
+def _uses_is_causal(call: AttentionCall) -> bool:
+    """True where SDPA's own causal mode computes the call's mask (``is_top_left_causal``)."""
+    return call.mask is not None and call.mask.is_top_left_causal(call.Tq, call.Tk)
 
 
 def _supports(call: AttentionCall) -> str | None:
@@ -37,7 +35,7 @@ def _supports(call: AttentionCall) -> str | None:
 def dense_attn_mask(call: AttentionCall) -> Tensor | None:
     """The additive/boolean ``attn_mask`` SDPA receives: ``[Bm, Hm, Tq, Tk]`` or None."""
     allowed = None
-    if call.mask is not None and not is_plain_causal(call):
+    if call.mask is not None and not _uses_is_causal(call):
         allowed = call.mask.cached(
             ("dense", call.Tq, call.Tk, str(call.device)),
             lambda: call.mask.dense(call.Tq, call.Tk, call.device),
@@ -56,7 +54,7 @@ def dense_attn_mask(call: AttentionCall) -> Tensor | None:
 
 def _biased_mask(call: AttentionCall, allowed: Tensor | None) -> Tensor:
     bias = call.bias.dense(call.Tq, call.Tk, call.device).to(call.dtype).unsqueeze(0)
-    if is_plain_causal(call):
+    if _uses_is_causal(call):
         allowed = torch.ones(call.Tq, call.Tk, dtype=torch.bool, device=call.device).tril()
     if allowed is not None:
         bias = bias.masked_fill(~allowed, float("-inf"))
@@ -70,7 +68,7 @@ def _run(call: AttentionCall) -> tuple[Tensor, Tensor | None]:
         call.k.transpose(1, 2),
         call.v.transpose(1, 2),
         attn_mask=attn_mask,
-        is_causal=is_plain_causal(call) and attn_mask is None,
+        is_causal=_uses_is_causal(call) and attn_mask is None,
         scale=call.scale,
         enable_gqa=call.groups > 1,
     )
@@ -83,7 +81,7 @@ def _cost(call: AttentionCall, table: CostTable) -> tuple[float, str]:
     dtype, grad = call.dtype, call.needs_grad
     if call.bias is not None:
         cost, basis = table.value("sdpa.bias", dtype, grad), "bias and mask as a float mask"
-    elif is_plain_causal(call):
+    elif _uses_is_causal(call):
         cost, basis = 0.5 + table.value("sdpa.causal_edge", dtype, grad) / call.Tk, "causal kernel"
     elif call.mask is not None:
         cost, basis = table.value("sdpa.mask", dtype, grad), "dense mask"

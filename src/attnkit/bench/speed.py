@@ -53,7 +53,6 @@ from attnkit.bench.measure import (
 )
 from attnkit.call import AttentionCall
 from attnkit.masks.base import Mask, private_caches, row_counts
-from attnkit.masks.patterns import Band
 from attnkit.scores import Softmax
 from attnkit.testing import check_against_reference
 
@@ -207,10 +206,6 @@ class SpeedResults:
 # -- the baseline ------------------------------------------------------------------------
 
 
-def _is_plain_causal(mask: Mask | None, Tq: int, Tk: int) -> bool:
-    return isinstance(mask, Band) and mask.lower is None and mask.upper == 0 and Tq == Tk
-
-
 def baseline_attn_mask(
     kwargs: dict[str, Any], Tq: int, Tk: int, dtype: torch.dtype, device: str = "cpu"
 ) -> Tensor | None:
@@ -219,7 +214,7 @@ def baseline_attn_mask(
     mask, bias = kwargs.get("mask"), kwargs.get("bias")
     if mask is None and bias is None:
         return None
-    if bias is None and _is_plain_causal(mask, Tq, Tk):
+    if bias is None and mask is not None and mask.is_top_left_causal(Tq, Tk):
         return None
     allowed = None if mask is None else mask.dense(Tq, Tk, device)
     if bias is None:
@@ -235,7 +230,7 @@ def baseline_label(kwargs: dict[str, Any], Tq: int, Tk: int) -> str:
     mask, bias = kwargs.get("mask"), kwargs.get("bias")
     if mask is None:
         form = "no mask"
-    elif bias is None and _is_plain_causal(mask, Tq, Tk):
+    elif bias is None and mask.is_top_left_causal(Tq, Tk):
         form = "is_causal"
     else:
         form = "dense bool mask"

@@ -46,8 +46,6 @@ from attnkit import masks
 from attnkit.api import attention
 from attnkit.call import Aux
 from attnkit.kv.policies import FullCache, Policy, StepView
-from attnkit.masks.base import Mask
-from attnkit.masks.patterns import Band
 from attnkit.nn.attend import Attend
 from attnkit.scores import ScoreFunction
 
@@ -456,10 +454,6 @@ class KVCache:
 # -- attnkit.nn models -----------------------------------------------------------------------
 
 
-def _is_causal(mask: Mask | None) -> bool:
-    return isinstance(mask, Band) and mask.lower is None and mask.upper == 0
-
-
 @dataclass(frozen=True)
 class KVAttend(Attend):
     """An ``attnkit.nn.Attend`` that hands calls on ``KVCache`` keys back to the cache (masks,
@@ -474,7 +468,7 @@ class KVAttend(Attend):
         step = pending_step(k)
         if step is None:
             return super().__call__(q, k, v)
-        if self.bias is not None or not (self.mask is None or _is_causal(self.mask)):
+        if self.bias is not None or not (self.mask is None or self.mask.is_plain_causal):
             step.cache.reset()
             raise ValueError(
                 f"attnkit.kv caches support causal (or unmasked) attention without a bias; this "

@@ -127,6 +127,23 @@ class Mask:
         """Heads the pattern distinguishes (1 = same for every head)."""
         return 1
 
+    @property
+    def is_plain_causal(self) -> bool:
+        """True if this mask is ``causal()`` itself: query ``i`` sees exactly the keys
+        ``j <= i + (Tk - Tq)`` (bottom-right aligned), whatever the sizes. Answered from the
+        mask's structure, not by comparing patterns, so that a causal fast path is taken only
+        for the mask a user wrote as causal: a window wider than a call's keys, or a
+        composition such as ``causal() & sinks(4)``, answers False and runs as the mask it is."""
+        return False
+
+    def is_top_left_causal(self, Tq: int, Tk: int) -> bool:
+        """True if, for ``Tq`` queries and ``Tk`` keys, this mask is the top-left-aligned
+        causal pattern ``j <= i`` that kernels' causal flags compute (SDPA's ``is_causal``):
+        a plain causal mask on square sizes, where the two alignments coincide. For
+        ``Tq != Tk``, ``causal()`` lets each query see ``Tk - Tq`` keys more (a decoding
+        query sees the whole cache), which such a flag would drop."""
+        return self.is_plain_causal and Tq == Tk
+
     def check(self, B: int, H: int, Tq: int, Tk: int, device: torch.device) -> None:
         """Raise ``ValueError`` if this mask cannot serve a call of these sizes."""
         if self.batch_size not in (1, B):

@@ -61,6 +61,10 @@ class Band(Mask):
     def identity(self):
         return ("band", self.lower, self.upper)
 
+    @property
+    def is_plain_causal(self) -> bool:
+        return self.lower is None and self.upper == 0
+
     def predicate(self, b, h, q, k, Tq, Tk):
         return in_band(k - aligned_query_positions(q, Tq, Tk), self.lower, self.upper)
 
