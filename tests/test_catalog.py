@@ -13,6 +13,7 @@ from torch import Tensor
 
 import attnkit
 from attnkit import catalog
+from attnkit import nn as ak
 from attnkit.grid import balanced_grid
 from attnkit.testing import check_function
 
@@ -405,17 +406,92 @@ def test_function_mechanism_matches_its_reference(name: str, shape: str) -> None
     report.assert_ok()
 
 
+#: Which tokens each layer entry's output at token t reads: "causal" (tokens <= t: the head
+#: layouts and gated outputs run causal softmax attention), "token-wise" (token t only: GAAM
+#: re-weights each token's features) or "bidirectional" (every token: GPSA on a patch grid).
+LAYER_READS = {
+    **dict.fromkeys(
+        ["mha", "gqa", "mqa", "mla", "transmla", "moh", "kdgqa", "dgqa", "dcmha"], "causal"
+    ),
+    **dict.fromkeys(["knocking_heads", "talking_heads", "gated_attention"], "causal"),
+    "gated_attention_elementwise": "causal",
+    "gaam": "token-wise",
+    "gpsa": "bidirectional",
+}
+
+#: Layouts that mix every head's scores or regroup heads per call: they refuse a KV cache.
+NO_KV_CACHE = {"kdgqa", "dgqa", "dcmha", "talking_heads"}
+
+
+def test_every_layer_entry_says_which_tokens_it_reads() -> None:
+    assert set(LAYER_READS) == set(_of_kind("layer"))
+
+
+def _changed(a: Tensor, b: Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
 @pytest.mark.parametrize("name", _of_kind("layer"))
-def test_layer_mechanism_maps_tokens_to_tokens_with_gradients(name: str) -> None:
+def test_layer_mechanism_reads_only_the_tokens_it_may(name: str) -> None:
+    """Rewriting the last tokens leaves earlier outputs exactly as they were (causal and
+    token-wise) or changes them (bidirectional); rewriting the first tokens changes later
+    outputs unless the layer is token-wise; batch rows never mix. The same holds for the
+    gradients, which reach every parameter."""
+    spec, cut = SPECS["self"], 30
+    reads = LAYER_READS[name]
+    torch.manual_seed(0)
+    layer = catalog.get(name).layer(spec)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(spec.B, spec.Tq, spec.Hq * spec.D, generator=g)
+    later, earlier, other_row = x.clone(), x.clone(), x.clone()
+    later[:, cut:] = torch.randn(later[:, cut:].shape, generator=g) * 3 + 1
+    earlier[:, :cut] = torch.randn(earlier[:, :cut].shape, generator=g) * 3 + 1
+    other_row[1] = torch.randn(other_row[1].shape, generator=g)
+    with torch.no_grad():
+        out = layer(x)
+        out_later, out_earlier, out_row = layer(later), layer(earlier), layer(other_row)
+    assert out.shape == x.shape
+    assert torch.equal(out_row[0], out[0]), "batch rows mix"
+    assert _changed(out_later[:, cut:], out[:, cut:]) > 1e-2, "outputs ignore their own tokens"
+    if reads == "bidirectional":
+        assert _changed(out_later[:, :cut], out[:, :cut]) > 1e-2, "earlier tokens ignore later"
+    else:
+        assert torch.equal(out_later[:, :cut], out[:, :cut]), "earlier outputs read later tokens"
+    if reads == "token-wise":
+        assert torch.equal(out_earlier[:, cut:], out[:, cut:]), "tokens read other tokens"
+    else:
+        assert _changed(out_earlier[:, cut:], out[:, cut:]) > 1e-2, "later tokens ignore context"
+
+    x = x.requires_grad_(True)
+    layer(x)[:, :cut].square().sum().backward()
+    assert x.grad[:, :cut].abs().sum() > 0
+    if reads == "bidirectional":
+        assert x.grad[:, cut:].abs().sum() > 0
+    else:
+        assert torch.equal(x.grad[:, cut:], torch.zeros_like(x.grad[:, cut:]))
+    assert all(p.grad is not None for p in layer.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("name", [n for n, r in LAYER_READS.items() if r == "causal"])
+def test_causal_layer_decodes_with_a_cache_as_its_full_forward(name: str) -> None:
+    """A prefill then one token at a time through a KV cache gives the full forward's outputs
+    (positions continue from the cache); layouts that need every head's scores refuse."""
     spec = SPECS["self"]
     torch.manual_seed(0)
     layer = catalog.get(name).layer(spec)
-    x = torch.randn(spec.B, spec.Tq, spec.Hq * spec.D, requires_grad=True)
-    out = layer(x)
-    assert out.shape == x.shape and out.isfinite().all()
-    out.square().sum().backward()
-    assert x.grad.isfinite().all() and x.grad.abs().sum() > 0
-    assert all(p.grad is not None for p in layer.parameters() if p.requires_grad)
+    x = torch.randn(spec.B, spec.Tq, spec.Hq * spec.D, generator=torch.Generator().manual_seed(1))
+    prefill = spec.Tq - 8
+    cache = ak.DenseCache()
+    with torch.no_grad():
+        if name in NO_KV_CACHE:
+            with pytest.raises(ValueError, match="cannot decode with a KV cache"):
+                layer(x, cache=cache)
+            return
+        full = layer(x)
+        steps = [layer(x[:, :prefill], cache=cache)]
+        steps += [layer(x[:, t : t + 1], cache=cache) for t in range(prefill, spec.Tq)]
+    assert cache.seen(0) == spec.Tq
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
 def test_register_needs_exactly_one_kind() -> None:
