@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from attnkit import masks
-from attnkit.primitives import expand_kv_heads
+from attnkit.masks.base import EMPTY, FULL, PARTIAL
+from attnkit.primitives import TileRun, expand_kv_heads, live_tile_runs
 
 
 @pytest.mark.parametrize("groups", [1, 2, 3])
@@ -48,3 +49,49 @@ def test_top_left_causal_exactly_where_a_causal_flag_computes_causal(Tq: int, Tk
     assert causal.is_top_left_causal(Tq, Tk) == same_pattern == (Tq == Tk)
     for mask in (masks.sliding_window(2), masks.causal() & masks.sinks(1), masks.full()):
         assert not mask.is_top_left_causal(Tq, Tk), mask
+
+
+def _runs_by_hand(kinds: list[int], max_tiles: int) -> list[tuple[int, int, tuple[int, ...]]]:
+    """Maximal non-EMPTY stretches, each cut into chunks of ``max_tiles`` from its left end."""
+    runs, j = [], 0
+    while j < len(kinds):
+        if kinds[j] == EMPTY:
+            j += 1
+            continue
+        end = j
+        while end < len(kinds) and kinds[end] != EMPTY:
+            end += 1
+        for first in range(j, end, max_tiles):
+            stop = min(first + max_tiles, end)
+            runs.append((first, stop, tuple(t for t in range(first, stop) if kinds[t] == PARTIAL)))
+        j = end
+    return runs
+
+
+def test_live_tile_runs_of_a_hand_made_row() -> None:
+    E, P, F = EMPTY, PARTIAL, FULL
+    row = [E, F, F, P, F, F, E, E, P, E, F, F, F, F, F, P]
+    assert live_tile_runs(row, 3) == [
+        TileRun(1, 4, (3,)),
+        TileRun(4, 6, ()),
+        TileRun(8, 9, (8,)),
+        TileRun(10, 13, ()),
+        TileRun(13, 16, (15,)),
+    ]
+    assert [run.has_partial for run in live_tile_runs(row, 3)] == [True, False, True, False, True]
+    assert live_tile_runs(row, 100) == [
+        TileRun(1, 6, (3,)),
+        TileRun(8, 9, (8,)),
+        TileRun(10, 16, (15,)),
+    ]
+    assert live_tile_runs([E, E], 4) == []
+    assert live_tile_runs([F] * 5, 2) == [TileRun(0, 2, ()), TileRun(2, 4, ()), TileRun(4, 5, ())]
+
+
+@pytest.mark.parametrize("max_tiles", [1, 2, 5])
+def test_live_tile_runs_match_the_stretches_of_random_rows(max_tiles: int) -> None:
+    generator = torch.Generator().manual_seed(max_tiles)
+    for _ in range(20):
+        kinds = torch.randint(0, 3, (23,), generator=generator).tolist()
+        got = [tuple(run) for run in live_tile_runs(kinds, max_tiles)]
+        assert got == _runs_by_hand(kinds, max_tiles), kinds

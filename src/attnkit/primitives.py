@@ -1,11 +1,17 @@
 """Primitives shared by the backends, layouts and variants: one definition per concept.
 
 - ``expand_kv_heads``: each key/value head repeated for the query heads of its GQA group.
+- ``live_tile_runs``: one query block's live key tiles, cut into runs computed one matmul each.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import NamedTuple
+
 from torch import Tensor
+
+from attnkit.masks.base import EMPTY, PARTIAL
 
 
 def expand_kv_heads(x: Tensor, groups: int, dim: int) -> Tensor:
@@ -17,3 +23,36 @@ def expand_kv_heads(x: Tensor, groups: int, dim: int) -> Tensor:
     tensor, ``groups == 1`` included.
     """
     return x.repeat_interleave(groups, dim=dim)
+
+
+class TileRun(NamedTuple):
+    """Consecutive live key tiles ``first .. stop - 1`` of one query block, computed together;
+    ``partial`` lists those among them that are PARTIAL (their pairs need the mask)."""
+
+    first: int
+    stop: int
+    partial: tuple[int, ...]
+
+    @property
+    def has_partial(self) -> bool:
+        """True if the mask must be applied somewhere in the run."""
+        return bool(self.partial)
+
+
+def live_tile_runs(kinds_row: Sequence[int], max_tiles: int) -> list[TileRun]:
+    """The runs of consecutive non-EMPTY tiles in ``kinds_row`` (``[nk]`` tile kinds of one
+    query block: EMPTY, PARTIAL or FULL), left to right, a run cut after ``max_tiles`` tiles
+    (which bounds the score buffer of one matmul). EMPTY tiles belong to no run."""
+    runs: list[TileRun] = []
+    start = None
+    partial: list[int] = []
+    for j, kind in enumerate([*kinds_row, EMPTY]):
+        if start is not None and (kind == EMPTY or j - start == max_tiles):
+            runs.append(TileRun(start, j, tuple(partial)))
+            start = None
+        if kind != EMPTY:
+            if start is None:
+                start, partial = j, []
+            if kind == PARTIAL:
+                partial.append(j)
+    return runs

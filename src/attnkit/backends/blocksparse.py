@@ -66,7 +66,8 @@ from attnkit.backends import native
 from attnkit.backends.base import Backend
 from attnkit.call import AttentionCall
 from attnkit.costs import CostTable
-from attnkit.masks.base import EMPTY, FULL, PARTIAL
+from attnkit.masks.base import FULL
+from attnkit.primitives import live_tile_runs
 from attnkit.scores import Softmax
 
 #: Tile sizes of the batched path's block structure; a query block's score buffer is at most
@@ -84,24 +85,6 @@ KERNEL_TILES = ((BLOCK_Q, BLOCK_K), (128, 128), (64, 64))
 NARROW_GAIN = 0.95
 #: Largest |score| for which exp needs no shift: e^60 · 2^40 keys stays below float32's max.
 BOUND = 60.0
-
-
-def _runs(kinds_row: list[int], longest: int) -> list[tuple[int, int, list[int]]]:
-    """Consecutive live tiles of one query block: ``(first tile, stop tile, partial tiles)``
-    runs of at most ``longest`` tiles (one GEMM each way)."""
-    runs: list[tuple[int, int, list[int]]] = []
-    start = None
-    partial: list[int] = []
-    for j, kind in enumerate([*kinds_row, EMPTY]):
-        if start is not None and (kind == EMPTY or j - start == longest):
-            runs.append((start, j, partial))
-            start = None
-        if kind != EMPTY:
-            if start is None:
-                start, partial = j, []
-            if kind == PARTIAL:
-                partial.append(j)
-    return runs
 
 
 #: Dtypes the compiled kernel runs, forward and backward.
@@ -148,11 +131,11 @@ class _Plan:
         self.keep: dict[tuple[int, int], Tensor] = {}
         self._keep_by_dtype: dict[torch.dtype, dict[tuple[int, int], Tensor]] = {}
         if call is None:
-            self.runs = [_runs([FULL] * n_k, self.run_tiles) for _ in range(n_q)]
+            self.runs = [live_tile_runs([FULL] * n_k, self.run_tiles) for _ in range(n_q)]
             return
         structure = call.mask.blocks(Tq, Tk, block_q, block_k, call.device)
         rows = structure.union_over_batch_heads().tolist()
-        self.runs = [_runs(row, self.run_tiles) for row in rows]
+        self.runs = [live_tile_runs(row, self.run_tiles) for row in rows]
         mask, device, acc = call.mask, call.device, call.accumulation_dtype
         Bm, Hm = mask.batch_size, mask.num_heads
         b = torch.arange(Bm, device=device).view(-1, 1, 1, 1)

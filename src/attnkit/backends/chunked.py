@@ -5,7 +5,7 @@ FlashAttention (Dao et al., 2022), written with batched matmuls:
 
     for each query block (``block_q`` rows):
         live key blocks = tiles of the mask's block structure that are not EMPTY
-        consecutive live blocks form pieces of at most ``max_keys`` keys
+        consecutive live blocks form pieces of at most ``MAX_KEYS`` keys (``live_tile_runs``)
         for each piece: s = scale q k^T, log-weights (the mask is applied only if a tile in the
             piece is PARTIAL), then (out_piece, lse_piece) = normalised rows
         merge the pieces with the LSE merge (attnkit.merge)
@@ -28,35 +28,21 @@ from torch.utils.checkpoint import checkpoint
 from attnkit.backends.base import Backend
 from attnkit.call import AttentionCall
 from attnkit.costs import CostTable
-from attnkit.masks.base import EMPTY, FULL, PARTIAL
+from attnkit.masks.base import FULL
 from attnkit.merge import merge
+from attnkit.primitives import TileRun, live_tile_runs
 from attnkit.scores import Softmax
 
 #: Query rows per block and key columns per tile. 256 × 256 tiles keep the per-piece score
-#: matrix in cache-friendly sizes; measured with ``attnkit bench``.
+#: matrix in cache-friendly sizes; measured with ``attnkit bench``. Each backend measured its
+#: own sizes: a piece here is a dozen PyTorch ops over every batch entry and head (the score
+#: pipeline included), each with a fixed cost per call, so pieces are long; blocksparse's
+#: GEMMs work in cache on tiles of one head, where narrower tiles that skip more of a sparse
+#: mask pay off (256 × 128, runs of 512 keys).
 BLOCK_Q = 256
 BLOCK_K = 256
 #: Longest run of keys computed in one matmul (bounds the score buffer per query block).
 MAX_KEYS = 4096
-
-
-def _pieces(kinds_row: Tensor, Tk: int) -> list[tuple[int, int, bool]]:
-    """Split one query block's live key tiles into ``(k_start, k_stop, needs_mask)`` pieces of
-    consecutive tiles, at most ``MAX_KEYS`` keys each."""
-    pieces: list[tuple[int, int, bool]] = []
-    kinds = kinds_row.tolist()
-    start = None
-    partial = False
-    for j, kind in enumerate([*kinds, EMPTY]):
-        too_long = start is not None and (j - start) * BLOCK_K >= MAX_KEYS
-        if start is not None and (kind == EMPTY or too_long):
-            pieces.append((start * BLOCK_K, min(j * BLOCK_K, Tk), partial))
-            start = None
-        if kind != EMPTY and start is None:
-            start, partial = j, False
-        if kind == PARTIAL:
-            partial = True
-    return pieces
 
 
 def _query_block(
@@ -65,12 +51,13 @@ def _query_block(
     k: Tensor,
     v: Tensor,
     row_start: int,
-    pieces: list[tuple[int, int, bool]],
+    runs: list[TileRun],
     log_counts: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
-    """Attention for one query block. ``q_rows`` ``[B, Hkv, G * bq, D]`` (heads of a group
-    stacked, already multiplied by the scale), ``k``/``v`` ``[B, Hkv, Tk, D|Dv]``. Returns
-    ``out [B, Hq, bq, Dv]`` and ``lse [B, Hq, bq]`` in float32 (float64 for float64 inputs)."""
+    """Attention for one query block over its ``runs`` of live key tiles. ``q_rows``
+    ``[B, Hkv, G * bq, D]`` (heads of a group stacked, already multiplied by the scale),
+    ``k``/``v`` ``[B, Hkv, Tk, D|Dv]``. Returns ``out [B, Hq, bq, Dv]`` and ``lse [B, Hq, bq]``
+    in float32 (float64 for float64 inputs)."""
     B, Hq, G = call.B, call.Hq, call.groups
     bq = q_rows.shape[2] // G
     q_idx = torch.arange(row_start, row_start + bq, device=q_rows.device)
@@ -78,10 +65,11 @@ def _query_block(
     in_place = not torch.is_grad_enabled()
     acc = call.accumulation_dtype
     out = lse = None
-    for k_start, k_stop, needs_mask in pieces:
+    for run in runs:
+        k_start, k_stop = run.first * BLOCK_K, min(run.stop * BLOCK_K, call.Tk)
         k_idx = torch.arange(k_start, k_stop, device=q_rows.device)
         s = (q_rows @ k[:, :, k_start:k_stop].transpose(-1, -2)).to(acc).view(B, Hq, bq, -1)
-        lw = call.log_weights(s, q_idx, k_idx, apply_mask=needs_mask, log_counts=log_counts)
+        lw = call.log_weights(s, q_idx, k_idx, apply_mask=run.has_partial, log_counts=log_counts)
         # The result does not depend on the shift; keeping it out of autograd avoids a gradient
         # that cancels only up to rounding at each row's argmax.
         row_max = lw.detach().amax(dim=-1, keepdim=True)
@@ -125,8 +113,8 @@ def chunked_forward(call: AttentionCall) -> tuple[Tensor, Tensor]:
     for i in range(kinds.shape[0]):
         row_start, row_stop = i * BLOCK_Q, min((i + 1) * BLOCK_Q, Tq)
         q_rows = q[:, :, :, row_start:row_stop].reshape(B, Hkv, G * (row_stop - row_start), call.D)
-        pieces = _pieces(kinds[i], Tk)
-        args = (call, q_rows, k, v, row_start, pieces, log_counts)
+        runs = live_tile_runs(kinds[i].tolist(), MAX_KEYS // BLOCK_K)
+        args = (call, q_rows, k, v, row_start, runs, log_counts)
         if recompute:
             out, lse = checkpoint(_query_block, *args, use_reentrant=False)
         else:
