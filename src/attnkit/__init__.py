@@ -12,13 +12,13 @@ from attnkit import grid, masks, positional, scores
 from attnkit.api import Explanation, attention, explain
 from attnkit.call import Aux, AuxOutput
 from attnkit.merge import merge, merge_all
-
-__version__ = "0.1.0"
+from attnkit.version import __version__
 
 __all__ = [
     "Aux",
     "AuxOutput",
     "Explanation",
+    "__version__",
     "attention",
     "explain",
     "grid",

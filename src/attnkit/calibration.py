@@ -7,13 +7,13 @@ count, and cached as JSON under the user cache dir (``$ATTNKIT_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/attnkit``, else ``~/.cache/attnkit``). ``attnkit calibrate`` runs it and prints
 the table; the first ``auto`` call that needs a table runs it otherwise.
 
-What is measured, at ``B=1, H=4, T=2048, D=64`` (``SHAPE``), for float32 and bfloat16 (CUDA:
+What is measured, at ``B=1, H=4, T=1024, D=64`` (``SHAPE``), for float32 and bfloat16 (CUDA:
 float16 too), without and with gradients: dense SDPA (the unit), SDPA ``is_causal``, SDPA
 with a dense boolean mask and with a float mask (how a bias reaches it), chunked and
 blocksparse without a mask and causal, FlexAttention with a causal mask (forward only on the
 CPU; it compiles once per dtype, score and bias), and chunked and Flex causal with the sigmoid
 score and with an ALiBi bias against plain softmax (what a score function or a bias adds);
-then chunked and Flex causal again at T/2, which separates their fixed cost per call from
+then chunked and Flex causal again at T/4, which separates their fixed cost per call from
 their cost per pair. Each ratio is the median over rounds of the candidate's time over dense
 SDPA's in the same round. Paths that are no candidate here (a bfloat16 kernel on a CPU that
 emulates bfloat16 matmuls) are not measured.
@@ -41,7 +41,6 @@ from pathlib import Path
 
 import torch
 
-import attnkit
 from attnkit.backends import blocksparse, chunked, flex, sdpa
 from attnkit.backends.base import Backend
 from attnkit.call import AttentionCall
@@ -50,6 +49,7 @@ from attnkit.machine import Capabilities, capabilities
 from attnkit.masks.patterns import causal, sliding_window
 from attnkit.positional.alibi import alibi
 from attnkit.scores import sigmoid
+from attnkit.version import __version__
 
 _log = logging.getLogger("attnkit")
 
@@ -59,12 +59,17 @@ FORMAT = 10
 
 @dataclasses.dataclass(frozen=True)
 class Shape:
-    """The calibration problem: ``q, k, v [B, T, H, D]``."""
+    """The calibration problem: ``q, k, v [B, T, H, D]``, and a shorter length that separates
+    fixed costs from costs per pair."""
 
     B: int = 1
-    T: int = 2048
+    T: int = 1024
     H: int = 4
     D: int = 64
+
+    @property
+    def short_T(self) -> int:
+        return max(self.T // 4, 1)
 
 
 SHAPE = Shape()
@@ -99,7 +104,7 @@ def cache_path(device: torch.device) -> Path:
     """Where the table of ``device`` in this configuration is cached."""
     caps = capabilities(device)
     identity = json.dumps(
-        [FORMAT, caps.describe(), torch.__version__, attnkit.__version__,
+        [FORMAT, caps.describe(), torch.__version__, __version__,
          torch.get_num_threads(), os.environ.get("ATTNKIT_NATIVE", "1"), _sources_digest(),
          dataclasses.astuple(SHAPE)]
     )  # fmt: skip
@@ -222,7 +227,6 @@ def _measure(
     }
     if not math.isinf(blocksparse.BACKEND.cost(dense, table)[0]):  # a candidate here
         steps["blocksparse.dense"] = _step(blocksparse.BACKEND, dense, grad_out)
-        steps["blocksparse.causal"] = _step(blocksparse.BACKEND, masked, grad_out)
     if flex.BACKEND.supports(masked) is None:
         steps["flex.causal"] = _step(flex.BACKEND, masked, grad_out)
     if flex.BACKEND.supports(scored) is None:
@@ -230,9 +234,9 @@ def _measure(
     if flex.BACKEND.supports(biased) is None:
         steps["flex.alibi"] = _step(flex.BACKEND, biased, grad_out)
     ratios = _paired_ratios(steps, device, rounds)
-    # Chunked and Flex again at half the length: their fixed costs per call (Python loops,
-    # guards, kernel launch) apart from their cost per pair.
-    short_T = shape.T // 2
+    # Chunked and Flex again at a quarter of the length, where their fixed costs per call
+    # (Python loops, guards, kernel launch) weigh most: apart from their cost per pair.
+    short_T = shape.short_T
     sq, sk, sv, short_grad = _inputs(shape, short_T, dtype, device, grad)
     short_causal = AttentionCall(sq, sk, sv, mask=causal())
     short_steps = {
@@ -241,7 +245,7 @@ def _measure(
     }
     if "flex.causal" in ratios:
         short_steps["flex.causal"] = _step(flex.BACKEND, short_causal, short_grad)
-    # The fixed cost is a difference of two measurements: the short runs, 4x cheaper, take
+    # The fixed cost is a difference of two measurements: the short runs, 16x cheaper, take
     # more rounds so that its noise stays small.
     short = _paired_ratios(short_steps, device, 3 * rounds)
 
@@ -279,12 +283,6 @@ def _measure(
         overhead = table.value("blocksparse.overhead_pairs", dtype, grad) / pairs
         per_live = max(ratios["blocksparse.dense"] - overhead, 1e-3)
         entries["blocksparse.per_live", name, grad] = per_live
-        if "blocksparse.causal" in ratios:
-            tiles = causal().blocks(shape.T, shape.T, *blocksparse.tile_shape(masked), device)
-            rest = ratios["blocksparse.causal"] - overhead - per_live * tiles.live_fraction()
-            entries["blocksparse.partial", name, grad] = min(
-                max(rest / tiles.partial_fraction, 0.0), 2 * per_live
-            )
     return entries
 
 

@@ -8,7 +8,7 @@ for any dtype and ``None`` for either grad mode.
 
 Tables come from three places:
 
-- **measured** on the device that runs (``attnkit.calibration``: a few seconds once per
+- **measured** on the device that runs (``attnkit.calibration``: seconds, once per
   machine, cached): the entries of ``MEASURED_ENTRIES``, per dtype and grad mode;
 - **conservative** (``ATTNKIT_CALIBRATION=off``): SDPA is assumed fastest per computed pair,
   so ``auto`` leaves SDPA only for masks that skip enough tiles to pay for it;
@@ -46,7 +46,6 @@ MEASURED_ENTRIES = {
     "chunked.overhead_pairs": "chunked's fixed cost per call, as pairs dense SDPA computes",
     "flex.overhead_pairs": "FlexAttention's fixed cost per call, as pairs dense SDPA computes",
     "blocksparse.per_live": "blocksparse per live tile (the implementation that runs here)",
-    "blocksparse.partial": "blocksparse's extra cost per partial tile",
 }
 
 #: Algorithmic ratios, the same on every machine to the precision ``auto`` needs, and the

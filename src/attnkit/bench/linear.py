@@ -45,7 +45,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-import attnkit
 from attnkit import linear
 from attnkit.backends import native
 from attnkit.bench.measure import median, peak_rss_increase_mb, release_memory, timed
@@ -53,6 +52,7 @@ from attnkit.bench.speed import DTYPES
 from attnkit.linear.based import based_problem
 from attnkit.linear.decay import lightning_decay, retnet_decay
 from attnkit.testing import check_function
+from attnkit.version import __version__
 
 #: Causal mechanisms with a chunked form, timed by default.
 DEFAULT_MECHANISMS = (
@@ -643,7 +643,7 @@ def run_linear_bench(
         progress(len(cells), len(cells), "done")
     described = asdict(config) | {
         "torch": torch.__version__,
-        "attnkit": attnkit.__version__,
+        "attnkit": __version__,
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
         "machine": platform.machine(),

@@ -55,6 +55,7 @@ from attnkit.call import AttentionCall
 from attnkit.masks.base import Mask, private_caches, row_counts
 from attnkit.scores import Softmax
 from attnkit.testing import check_against_reference
+from attnkit.version import __version__
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -609,7 +610,7 @@ def describe_config(config: SpeedConfig) -> dict[str, Any]:
         **asdict(config),
         "Hkv": config.Hkv or config.Hq,
         "torch": torch.__version__,
-        "attnkit": attnkit.__version__,
+        "attnkit": __version__,
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
         "cpu": machine.cpu_flags_line(),
