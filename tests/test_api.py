@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
 import attnkit
-from attnkit import masks, positional, scores
+from attnkit import calibration, masks, positional, scores
 from attnkit.backends import BACKENDS
+from attnkit.costs import CostTable
+from attnkit.machine import Capabilities
 from attnkit.testing import CASES
 
 
@@ -144,27 +148,96 @@ def test_non_bias_object() -> None:
 # -- explain -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "options",
-    [
-        {},
-        {"mask": masks.causal()},
-        {"mask": masks.sliding_window(3), "score": scores.sigmoid()},
-        {"aux": attnkit.Aux(lse=True)},
-        {"score": scores.softcap(5.0)},
-    ],
-    ids=["plain", "causal", "window_sigmoid", "lse", "softcap"],
+_AVX512 = Capabilities(
+    "cpu", "an AVX-512 CPU", "AVX512", frozenset({"avx2", "fma", "avx512f", "avx512bw"})
 )
-def test_explain_names_the_choice_and_a_reason_for_every_other_backend(options) -> None:
+
+
+def _table(chunked: float, blocksparse: float) -> CostTable:
+    """A synthetic table (``tests/test_dispatch.py``'s kind): chunked and blocksparse compute a
+    tile at these multiples of SDPA's cost, with no fixed cost per call."""
+    entries = {
+        ("chunked.per_live", "*", None): chunked,
+        ("chunked.dense", "*", None): chunked,
+        ("blocksparse.per_live", "*", None): blocksparse,
+        ("chunked.overhead_pairs", "*", None): 0.0,
+        ("blocksparse.overhead_pairs", "*", None): 0.0,
+        ("flex.overhead_pairs", "*", None): 0.0,
+    }
+    return CostTable(_AVX512, "synthetic", entries)
+
+
+#: Three tables that rank the same calls differently.
+EXPLAIN_TABLES = {
+    "chunked_fast": _table(chunked=0.01, blocksparse=50.0),
+    "blocksparse_fast": _table(chunked=50.0, blocksparse=0.01),
+    "both_slow": _table(chunked=50.0, blocksparse=70.0),
+}
+
+#: options, {table: the backend auto must choose}, {backend: what its refusal must say}. Flex
+#: is no candidate at these sizes (it compiles per shape); sigmoid leaves chunked alone against
+#: the reference; an lse or soft cap leaves SDPA out, an lse Flex too.
+EXPLAIN_CASES = {
+    "plain": (
+        {},
+        {"chunked_fast": "chunked", "blocksparse_fast": "blocksparse", "both_slow": "sdpa"},
+        {},
+    ),
+    "causal": (
+        {"mask": masks.causal()},
+        {"chunked_fast": "chunked", "blocksparse_fast": "blocksparse", "both_slow": "sdpa"},
+        {},
+    ),
+    "window_sigmoid": (
+        {"mask": masks.sliding_window(3), "score": scores.sigmoid()},
+        dict.fromkeys(EXPLAIN_TABLES, "chunked"),
+        {"sdpa": "only softmax", "blocksparse": "softmax only"},
+    ),
+    "lse": (
+        {"aux": attnkit.Aux(lse=True)},
+        {"chunked_fast": "chunked", "blocksparse_fast": "blocksparse", "both_slow": "chunked"},
+        {"sdpa": "log-sum-exp", "flex": "log-sum-exp"},
+    ),
+    "softcap": (
+        {"score": scores.softcap(5.0)},
+        {"chunked_fast": "chunked", "blocksparse_fast": "blocksparse", "both_slow": "chunked"},
+        {"sdpa": "soft-capping"},
+    ),
+}
+
+_ESTIMATE = re.compile(r"estimated (\d+\.\d+)x the time of dense SDPA: \w")
+
+
+@pytest.mark.parametrize("table", EXPLAIN_TABLES)
+@pytest.mark.parametrize("case", EXPLAIN_CASES)
+def test_explain_names_the_choice_and_a_reason_for_every_other_backend(
+    case: str, table: str
+) -> None:
+    """With injected costs, auto's choice is known: explain names it with its estimate, every
+    candidate ranked after it with a larger estimate, and every refusal with its cause."""
+    options, expected, refusals = EXPLAIN_CASES[case]
     q, k, v = qkv()
-    explanation = attnkit.explain(q, k, v, **options)
-    assert explanation.chosen in BACKENDS
-    assert explanation.why.strip()
-    assert set(explanation.rejected) == set(BACKENDS) - {explanation.chosen}
-    assert all(isinstance(r, str) and r.strip() for r in explanation.rejected.values())
+    with calibration.using(EXPLAIN_TABLES[table]):
+        explanation = attnkit.explain(q, k, v, **options)
+    chosen = expected[table]
+    assert explanation.chosen == chosen
+    estimate = _ESTIMATE.match(explanation.why)
+    assert estimate, explanation.why
+    assert set(explanation.rejected) == set(BACKENDS) - {chosen}
+    for name, reason in explanation.rejected.items():
+        if name in refusals:
+            assert refusals[name] in reason, (name, reason)
+        elif name == "reference":
+            assert reason == f"ranked after {chosen}: only the dense reference can run this call"
+        elif name == "flex":
+            assert reason.startswith("not a candidate here: compiles once per shape"), reason
+        else:  # a candidate auto estimated slower
+            assert reason.startswith(f"ranked after {chosen}: "), (name, reason)
+            later = _ESTIMATE.search(reason)
+            assert later and float(later[1]) > float(estimate[1]), (name, reason)
     text = str(explanation)
-    assert text.startswith(f"runs on: {explanation.chosen} — {explanation.why}")
-    assert all(f"not {name}: " in text for name in explanation.rejected)
+    assert text.startswith(f"runs on: {chosen} — {explanation.why}")
+    assert all(f"not {name}: {reason}" in text for name, reason in explanation.rejected.items())
 
 
 def test_explain_a_forced_backend_lists_the_refusals() -> None:
