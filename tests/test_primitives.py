@@ -7,7 +7,7 @@ import torch
 
 from attnkit import masks
 from attnkit.masks.base import EMPTY, FULL, PARTIAL
-from attnkit.primitives import TileRun, expand_kv_heads, live_tile_runs
+from attnkit.primitives import TileRun, expand_kv_heads, finite_or_zero, live_tile_runs
 
 
 @pytest.mark.parametrize("groups", [1, 2, 3])
@@ -95,3 +95,17 @@ def test_live_tile_runs_match_the_stretches_of_random_rows(max_tiles: int) -> No
         kinds = torch.randint(0, 3, (23,), generator=generator).tolist()
         got = [tuple(run) for run in live_tile_runs(kinds, max_tiles)]
         assert got == _runs_by_hand(kinds, max_tiles), kinds
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_finite_or_zero_replaces_only_minus_infinity(dtype: torch.dtype) -> None:
+    lse = torch.tensor([[-float("inf"), -3.5, 0.0], [2.25, -float("inf"), 7.0]], dtype=dtype)
+    expected = torch.tensor([[0.0, -3.5, 0.0], [2.25, 0.0, 7.0]], dtype=dtype)
+    got = finite_or_zero(lse)
+    assert got.dtype == dtype and torch.equal(got, expected)
+    # the reason for it: an empty row's shifted weights are 0, not NaN
+    lw = torch.full((2, 3), -float("inf"), dtype=dtype)
+    assert torch.equal(
+        torch.exp(lw - finite_or_zero(torch.logsumexp(lw, -1, keepdim=True))),
+        torch.zeros(2, 3, dtype=dtype),
+    )

@@ -17,9 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-
-def _finite_or_zero(lse: Tensor) -> Tensor:
-    return torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
+from attnkit.primitives import finite_or_zero
 
 
 def merge(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:
@@ -27,7 +25,7 @@ def merge(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> tuple[T
     recommended). Returns ``(out, lse)``; ``out`` has the promoted dtype of ``out_a`` and
     ``out_b`` (so a float32 accumulator merged with float64 pieces stays float64)."""
     lse = torch.logaddexp(lse_a, lse_b)
-    ref = _finite_or_zero(lse)
+    ref = finite_or_zero(lse)
     w_a = torch.exp(lse_a - ref).unsqueeze(-1)
     w_b = torch.exp(lse_b - ref).unsqueeze(-1)
     out = out_a * w_a.to(out_a.dtype) + out_b * w_b.to(out_b.dtype)
@@ -40,7 +38,7 @@ def merge_all(outs: list[Tensor], lses: list[Tensor]) -> tuple[Tensor, Tensor]:
         raise ValueError("merge_all needs one lse per output and at least one piece")
     stacked = torch.stack(lses)
     lse = torch.logsumexp(stacked, dim=0)
-    ref = _finite_or_zero(lse)
+    ref = finite_or_zero(lse)
     out = sum(
         o * torch.exp(l - ref).unsqueeze(-1).to(o.dtype) for o, l in zip(outs, lses, strict=True)
     )

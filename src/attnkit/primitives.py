@@ -2,6 +2,7 @@
 
 - ``expand_kv_heads``: each key/value head repeated for the query heads of its GQA group.
 - ``live_tile_runs``: one query block's live key tiles, cut into runs computed one matmul each.
+- ``finite_or_zero``: a log-normaliser or row maximum usable as a shift (0 for empty rows).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple
 
+import torch
 from torch import Tensor
 
 from attnkit.masks.base import EMPTY, PARTIAL
@@ -23,6 +25,13 @@ def expand_kv_heads(x: Tensor, groups: int, dim: int) -> Tensor:
     tensor, ``groups == 1`` included.
     """
     return x.repeat_interleave(groups, dim=dim)
+
+
+def finite_or_zero(x: Tensor) -> Tensor:
+    """``x`` with ``-inf`` entries replaced by 0, any shape. For a log-sum-exp or a row maximum
+    used as a shift, ``exp(lw - shift)``: a row that sees no key has ``-inf`` there and
+    ``-inf - -inf`` is NaN, while a shift of 0 leaves its weights at ``exp(-inf) = 0``."""
+    return torch.where(torch.isneginf(x), torch.zeros_like(x), x)
 
 
 class TileRun(NamedTuple):

@@ -67,7 +67,7 @@ from attnkit.backends.base import Backend
 from attnkit.call import AttentionCall
 from attnkit.costs import CostTable
 from attnkit.masks.base import FULL
-from attnkit.primitives import live_tile_runs
+from attnkit.primitives import finite_or_zero, live_tile_runs
 from attnkit.scores import Softmax
 
 #: Tile sizes of the batched path's block structure; a query block's score buffer is at most
@@ -273,7 +273,7 @@ def _forward(
             if shifted:
                 s = _apply(s.to(acc), plan.blocked, i, run, "add_", plan.block_k)
                 new_shift = torch.maximum(shift, s.amax(dim=-1, keepdim=True))
-                finite = new_shift.nan_to_num(neginf=0.0)
+                finite = finite_or_zero(new_shift)
                 rescale = torch.exp(shift - finite).view(B, Hkv, G * bq, 1)
                 total.mul_(rescale)
                 sums.mul_(rescale)
@@ -289,7 +289,7 @@ def _forward(
         out[:, :, :, rows] = (
             total.view(B, Hkv, G, bq, Dv) / sums.clamp_min(torch.finfo(acc).tiny)
         ).to(v.dtype)
-        lse[:, :, :, rows] = (shift.nan_to_num(neginf=0.0) + torch.log(sums)).squeeze(-1)
+        lse[:, :, :, rows] = (finite_or_zero(shift) + torch.log(sums)).squeeze(-1)
     return out, lse
 
 
@@ -311,7 +311,7 @@ def _backward(
     dk = torch.zeros(k.shape, dtype=acc, device=q.device)
     dv = torch.zeros(v.shape, dtype=acc, device=q.device)
     delta = _delta(grad_out, out, lse, grad_lse).unsqueeze(-1)  # [B, Hkv, G, Tq, 1]
-    finite_lse = torch.where(torch.isneginf(lse), 0.0, lse).unsqueeze(-1)
+    finite_lse = finite_or_zero(lse).unsqueeze(-1)
     for i, runs in enumerate(plan.runs):
         rows = slice(i * plan.block_q, min((i + 1) * plan.block_q, Tq))
         q_rows, d_rows = q[:, :, :, rows], grad_out[:, :, :, rows]
@@ -382,7 +382,7 @@ class _KernelAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         grad_out = grad_out.contiguous()
         delta = _delta(grad_out, out, lse, grad_lse).contiguous()
-        finite_lse = torch.where(torch.isneginf(lse), 0.0, lse)
+        finite_lse = finite_or_zero(lse)
         dq, dk, dv = ctx.kernel.backward(
             q, k, v, grad_out, finite_lse, delta, *ctx.tiles, *ctx.score
         )  # float32 gradients

@@ -31,7 +31,7 @@ from attnkit.costs import CostTable
 from attnkit.machine import Capabilities, capabilities
 from attnkit.masks.base import FULL
 from attnkit.merge import merge
-from attnkit.primitives import TileRun, live_tile_runs
+from attnkit.primitives import TileRun, finite_or_zero, live_tile_runs
 from attnkit.scores import Softmax
 
 #: Query rows per block and key columns per tile. 256 × 256 tiles keep the per-piece score
@@ -74,7 +74,7 @@ def _query_block(
         # The result does not depend on the shift; keeping it out of autograd avoids a gradient
         # that cancels only up to rounding at each row's argmax.
         row_max = lw.detach().amax(dim=-1, keepdim=True)
-        row_max = torch.where(torch.isneginf(row_max), torch.zeros_like(row_max), row_max)
+        row_max = finite_or_zero(row_max)
         p = lw.sub_(row_max).exp_() if in_place else torch.exp(lw - row_max)
         row_sum = p.sum(dim=-1)
         p = p.view(B, call.Hkv, G * bq, -1).to(v.dtype)

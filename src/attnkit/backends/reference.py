@@ -15,7 +15,7 @@ from torch import Tensor
 
 from attnkit.backends.base import Backend
 from attnkit.call import AttentionCall
-from attnkit.primitives import expand_kv_heads
+from attnkit.primitives import expand_kv_heads, finite_or_zero
 
 
 def normalize_rows(lw: Tensor, v: Tensor, sign: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -23,8 +23,7 @@ def normalize_rows(lw: Tensor, v: Tensor, sign: Tensor | None = None) -> tuple[T
     ``v [..., Tk, Dv]``; ``sign`` (like ``lw``) multiplies the weights of signed scores. Rows
     with no finite entry give ``out = 0``, ``lse = -inf``."""
     lse = torch.logsumexp(lw, dim=-1)
-    lse_safe = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
-    p = torch.exp(lw - lse_safe.unsqueeze(-1))
+    p = torch.exp(lw - finite_or_zero(lse).unsqueeze(-1))
     if sign is not None:
         p = p * sign
     return p @ v, lse

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from attnkit.call import AttentionCall
 from attnkit.nn.attend import Attend
-from attnkit.primitives import expand_kv_heads
+from attnkit.primitives import expand_kv_heads, finite_or_zero
 from attnkit.scores import Softmax
 
 #: Maps ``[B, Hq, Tq, Tk]`` to ``[B, Hq, Tq, Tk]``, mixing heads.
@@ -66,7 +66,7 @@ def dense_attend(
     lw = call.log_weights(s, q_idx, k_idx)
     if call.score.normalized:
         lse = torch.logsumexp(lw, dim=-1, keepdim=True)
-        p = torch.exp(lw - torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse))
+        p = torch.exp(lw - finite_or_zero(lse))
     else:
         p = torch.exp(lw)
     if call.score.signed:

@@ -55,7 +55,7 @@ from attnkit.api import attention
 from attnkit.call import AttentionCall, Aux
 from attnkit.masks import EMPTY, FULL, PARTIAL, Mask, full
 from attnkit.positional import Bias
-from attnkit.primitives import expand_kv_heads
+from attnkit.primitives import expand_kv_heads, finite_or_zero
 from attnkit.scores import ScoreFunction, Softmax
 
 _QUERY_TILE = 256
@@ -268,7 +268,7 @@ def reference_calibrated_attention(
     s = (qh @ kh.transpose(-1, -2)) * call.scale
     lw = call.log_weights(s, torch.arange(Tq, device=q.device), torch.arange(Tk, device=q.device))
     lse = torch.logsumexp(lw, dim=-1, keepdim=True)
-    weights = torch.exp(lw - torch.where(torch.isneginf(lse), 0, lse))
+    weights = torch.exp(lw - finite_or_zero(lse))
     if sinks is None:
         allowed = torch.ones(1, 1, Tq, Tk, dtype=torch.bool) if mask is None else mask.dense(Tq, Tk)
         counts = allowed.to(q.device).sum(-2)
