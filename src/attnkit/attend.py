@@ -2,8 +2,8 @@
 
 A head layout (``attnkit.heads``) owns its projections and how heads share keys and values; what
 each head computes once it has ``q``, ``k`` and ``v`` — mask, score function, bias, backend —
-is an ``Attend`` it is handed. A KV cache (``attnkit.nn``) wraps an ``Attend`` so that layouts
-never see caching.
+is an ``Attend`` it is handed. A KV cache (``attnkit.nn.cache``, ``attnkit.kv``) wraps an
+``Attend`` so that layouts never see caching.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from attnkit import masks
-from attnkit.nn.attend import Attend
+from attnkit.attend import Attend
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from attnkit.nn.attend import Attend
+from attnkit.attend import Attend
 from attnkit.testing import CheckReport, check_function
 
 

@@ -9,9 +9,9 @@ import torch
 
 import attnkit
 from attnkit import masks, positional, scores
+from attnkit.attend import Attend
 from attnkit.heads.dense import dense_attend
 from attnkit.heads.talking import mix_heads
-from attnkit.nn.attend import Attend
 from attnkit.testing import CASES
 
 OPTIONS = {

@@ -8,6 +8,7 @@ import torch
 from layout_helpers import CachingAttend, check_layout, llama_rope, make_x, randomize
 
 from attnkit import masks
+from attnkit.attend import Attend
 from attnkit.heads import (
     LAYOUTS,
     GroupedQueryAttention,
@@ -16,7 +17,6 @@ from attnkit.heads import (
     gqa_reference,
     mean_pool_heads,
 )
-from attnkit.nn.attend import Attend
 
 C, D = 48, 16
 

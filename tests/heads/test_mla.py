@@ -10,8 +10,8 @@ from layout_helpers import CachingAttend, check_layout, llama_rope, make_x, rand
 from torch import nn
 
 from attnkit import masks
+from attnkit.attend import Attend
 from attnkit.heads import MLACache, MultiHeadLatentAttention, mla_reference
-from attnkit.nn.attend import Attend
 
 C = 48
 CONFIGS = {

@@ -8,8 +8,8 @@ import torch
 from layout_helpers import CachingAttend, check_layout, llama_rope, make_x, randomize
 
 from attnkit import masks
+from attnkit.attend import Attend
 from attnkit.heads import GroupedQueryAttention, TalkingHeadsAttention, talking_heads_reference
-from attnkit.nn.attend import Attend
 
 C, D = 48, 16
 

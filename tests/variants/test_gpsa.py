@@ -13,15 +13,13 @@ from torch.func import functional_call
 
 import attnkit
 from attnkit.positional import (
-    GPSA,
     GridPositionBias,
-    gated_positional_attention,
-    gated_positional_attention_reference,
     grid_position_bias,
     grid_relative_positions,
     locality_init,
 )
 from attnkit.testing import Case, check_against_reference, check_function
+from attnkit.variants import GPSA, gated_positional_attention, gated_positional_attention_reference
 
 GRID = (6, 7)
 CASE = Case("grid_42", B=2, Tq=42, Tk=42, Hq=4, Hkv=4, D=16)

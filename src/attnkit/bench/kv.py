@@ -29,6 +29,7 @@ import torch
 from rich.table import Table
 
 from attnkit import data, kv
+from attnkit.integrations import models
 from attnkit.kv import evaluate
 from attnkit.kv.retrieval_heads import head_scores, razor_retrieval_heads
 
@@ -118,8 +119,6 @@ def _label(budget: float | int) -> str:
 def run_kv_bench(
     config: KVBenchConfig, progress: Callable[[int, int, str], None] | None = None
 ) -> list[KVRow]:
-    from attnkit.integrations import models
-
     model, tokenizer = models.smollm2()
     lines = config.prompt_tokens // 8 + config.decode_tokens // 8 + 80
     text = data.passage(config.play, config.start_line, lines)

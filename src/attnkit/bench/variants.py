@@ -23,6 +23,7 @@ import torch
 from rich.table import Table
 
 from attnkit import catalog
+from attnkit import nn as ak
 from attnkit.api import attention
 from attnkit.bench.measure import median, release_memory, timed
 from attnkit.bench.speed import DTYPES
@@ -73,8 +74,6 @@ class VariantRecord:
 
 
 def _plain_layer(spec: catalog.InputSpec) -> Any:
-    from attnkit import nn as ak
-
     return ak.Attention(
         ak.AttentionConfig(
             d_model=spec.Hq * spec.D, n_heads=spec.Hq, n_kv_heads=spec.kv_heads, head_dim=spec.D

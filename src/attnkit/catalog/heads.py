@@ -1,4 +1,4 @@
-"""Catalog entries for head layouts (issue 3): each is an ``attnkit.nn.Attention`` layer with
+"""Catalog entries for head layouts: each is an ``attnkit.nn.Attention`` layer with
 that layout, the model's RoPE and causal softmax attention."""
 
 from __future__ import annotations
@@ -6,16 +6,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from attnkit.catalog import InputSpec, Mechanism, register
+from attnkit import nn as ak
+from attnkit.heads import mla_from_gqa
+from attnkit.mechanisms import InputSpec, Mechanism, register
 
 
-def _layer(layout: str, grouped: bool = True, **options: Any) -> Callable[[InputSpec], Any]:
+def _layer(
+    layout: str, grouped: bool = True, **options: Any
+) -> Callable[[InputSpec], ak.Attention]:
     """A factory of causal ``Attention`` layers of ``layout``; ``grouped`` layouts get the
     spec's KV heads, the others (MHA, MQA, MLA) decide their own."""
 
-    def make(spec: InputSpec) -> Any:
-        from attnkit import nn as ak
-
+    def make(spec: InputSpec) -> ak.Attention:
         return ak.Attention(
             ak.AttentionConfig(
                 d_model=spec.Hq * spec.D,
@@ -29,9 +31,7 @@ def _layer(layout: str, grouped: bool = True, **options: Any) -> Callable[[Input
     return make
 
 
-def _transmla(spec: InputSpec) -> Any:
-    from attnkit.heads import mla_from_gqa
-
+def _transmla(spec: InputSpec) -> ak.Attention:
     layer = _layer("gqa")(spec)
     layer.heads = mla_from_gqa(layer.heads)
     return layer

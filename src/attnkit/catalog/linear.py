@@ -1,4 +1,4 @@
-"""Catalog entries for the linear and recurrent family (issue 5): each runs its fastest form
+"""Catalog entries for the linear and recurrent family: each runs its fastest form
 (``run``: ``form="auto"``, the compiled recurrent kernel for CPU inference where it applies,
 else the chunked form) against its quadratic reference (``reference``) on plain ``q, k, v``;
 gates, latents and feature maps come seeded from the family's registry
@@ -11,7 +11,7 @@ from collections.abc import Callable
 from torch import Tensor
 
 from attnkit import linear
-from attnkit.catalog import InputSpec, Mechanism, register
+from attnkit.mechanisms import InputSpec, Mechanism, register
 from attnkit.primitives import expand_kv_heads
 
 

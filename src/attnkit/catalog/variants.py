@@ -1,4 +1,5 @@
-"""Catalog entries for score variants, positional schemes and output variants (issue 3)."""
+"""Catalog entries that are functions of (q, k, v) or layers: RoPE and its scalings, Music
+Transformer relative attention, ACT, gated outputs, GAAM and GPSA."""
 
 from __future__ import annotations
 
@@ -10,42 +11,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from attnkit import masks, positional, scores, variants
+from attnkit import masks, positional, variants
+from attnkit import nn as ak
 from attnkit.api import attention
-from attnkit.catalog import InputSpec, Mechanism, register
+from attnkit.mechanisms import InputSpec, Mechanism, register
 from attnkit.positional.rotary import LinearScaling, YaRNScaling, rotary_reference
 from attnkit.testing import reference_attention
-
-KERPLE = (
-    "KERPLE: Kernelized Relative Positional Embedding for Length Extrapolation — Chi, Fan, "
-    "Ramadge, Rudnicky (2022)"
-)
-T5 = (
-    "Exploring the Limits of Transfer Learning with a Unified Text-to-Text Transformer — "
-    "Raffel, Shazeer, Roberts, Lee, Narang, Matena, Zhou, Li, Liu (2020)"
-)
 
 
 def _generator() -> torch.Generator:
     return torch.Generator().manual_seed(0)
-
-
-def _kerple(kernel: str) -> Callable[[InputSpec], dict[str, Any]]:
-    def build(spec: InputSpec) -> dict[str, Any]:
-        bias = positional.kerple(spec.Hq, kernel, generator=_generator(), device=spec.device)
-        return {"mask": masks.causal(), "bias": bias}
-
-    return build
-
-
-def _t5(bidirectional: bool) -> Callable[[InputSpec], dict[str, Any]]:
-    def build(spec: InputSpec) -> dict[str, Any]:
-        bias = positional.t5_bias(
-            spec.Hq, bidirectional=bidirectional, generator=_generator(), device=spec.device
-        )
-        return {"bias": bias} if bidirectional else {"mask": masks.causal(), "bias": bias}
-
-    return build
 
 
 # -- function mechanisms: RoPE, Music Transformer, ACT ----------------------------------------
@@ -101,8 +76,6 @@ def _act(reference: bool) -> Callable[[InputSpec], Callable[..., Tensor]]:
 
 def _gated(kind: str) -> Callable[[InputSpec], Any]:
     def make(spec: InputSpec) -> Any:
-        from attnkit import nn as ak
-
         return ak.Attention(
             ak.AttentionConfig(
                 d_model=spec.Hq * spec.D,
@@ -129,18 +102,10 @@ def _square_grid(T: int) -> tuple[int, int]:
 
 
 def _gpsa(spec: InputSpec) -> Any:
-    return positional.GPSA(d_model=spec.Hq * spec.D, n_heads=spec.Hq, grid=_square_grid(spec.Tk))
+    return variants.GPSA(d_model=spec.Hq * spec.D, n_heads=spec.Hq, grid=_square_grid(spec.Tk))
 
 
 for _mechanism in (
-    Mechanism(
-        "cog",
-        "score",
-        "More Expressive Attention with Negative Weights — Lv, Xie, Li, Liao, Sun, Kang, Wang, "
-        "Yan (2024)",
-        "causal signed weights sign(s)·e^|s| / Σ e^|s| (SignExp), two merged positive passes",
-        build=lambda spec: {"mask": masks.causal(), "score": scores.cog()},
-    ),
     Mechanism(
         "gated_attention",
         "score",
@@ -166,34 +131,6 @@ for _mechanism in (
         "Multiple Modalities — Ioannides, Chadha, Elkins (2024)",
         "features re-weighted by per-head Gaussians with learnable mean offset and scale",
         layer=_gaam,
-    ),
-    Mechanism(
-        "kerple_log",
-        "positional",
-        KERPLE,
-        "causal softmax plus a learned -r1·log(1 + r2·|i-j|) per head",
-        build=_kerple("log"),
-    ),
-    Mechanism(
-        "kerple_power",
-        "positional",
-        KERPLE,
-        "causal softmax plus a learned -r1·|i-j|^r2 per head, 0 < r2 < 2",
-        build=_kerple("power"),
-    ),
-    Mechanism(
-        "t5_bias",
-        "positional",
-        T5,
-        "causal softmax plus a learned scalar per head and log-spaced distance bucket (32, 128)",
-        build=_t5(bidirectional=False),
-    ),
-    Mechanism(
-        "t5_bias_bidirectional",
-        "positional",
-        T5,
-        "encoder form of the T5 bias: bidirectional buckets, no mask",
-        build=_t5(bidirectional=True),
     ),
     Mechanism(
         "rope",

@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from attnkit.nn.attend import Attend
+from attnkit.attend import Attend
 
 #: ``rotary(t [B, T, H, Dr], positions [T] or [B, T]) -> [B, T, H, Dr]``.
 Rotary = Callable[[Tensor, Tensor], Tensor]

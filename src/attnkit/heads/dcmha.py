@@ -32,10 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attnkit.attend import Attend
 from attnkit.heads.base import Rotary, check_positive, default_positions, rotate
 from attnkit.heads.dense import Compose, dense_attend
 from attnkit.heads.gqa import GroupedQueryAttention
-from attnkit.nn.attend import Attend
 from attnkit.primitives import expand_kv_heads
 
 #: The four dynamic-weight generators: (stage, side) in the order of the parameters' first dim.

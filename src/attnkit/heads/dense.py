@@ -22,8 +22,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from attnkit.attend import Attend
 from attnkit.call import AttentionCall
-from attnkit.nn.attend import Attend
 from attnkit.primitives import expand_kv_heads, finite_or_zero
 from attnkit.scores import Softmax
 

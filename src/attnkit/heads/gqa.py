@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from attnkit.attend import Attend
 from attnkit.heads.base import (
     HeadLayout,
     Rotary,
@@ -26,7 +27,6 @@ from attnkit.heads.base import (
     softmax_head,
     split_heads,
 )
-from attnkit.nn.attend import Attend
 
 
 class GroupedQueryAttention(HeadLayout):

@@ -35,9 +35,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from attnkit.attend import Attend
 from attnkit.heads.base import Rotary, default_positions, rotate, softmax_head
 from attnkit.heads.gqa import GroupedQueryAttention
-from attnkit.nn.attend import Attend
 
 
 def key_head_norms(k: Tensor) -> Tensor:

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from attnkit.attend import Attend
 from attnkit.heads.base import (
     HeadLayout,
     Rotary,
@@ -44,7 +45,6 @@ from attnkit.heads.base import (
     softmax_head,
     split_heads,
 )
-from attnkit.nn.attend import Attend
 from attnkit.primitives import expand_kv_heads
 
 

@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attnkit.attend import Attend
 from attnkit.heads.base import Rotary
 from attnkit.heads.gqa import GroupedQueryAttention, gqa_reference
-from attnkit.nn.attend import Attend
 
 
 class MixtureOfHeadsAttention(GroupedQueryAttention):

@@ -18,10 +18,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from attnkit.attend import Attend
 from attnkit.heads.base import Rotary, default_positions, rotate
 from attnkit.heads.dense import dense_attend
 from attnkit.heads.gqa import GroupedQueryAttention
-from attnkit.nn.attend import Attend
 from attnkit.primitives import expand_kv_heads
 
 

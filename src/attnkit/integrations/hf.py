@@ -40,7 +40,8 @@ from attnkit import catalog, masks, scores
 from attnkit.api import attention
 from attnkit.call import Aux, AuxOutput
 from attnkit.masks.base import Mask
-from attnkit.positional import Bias
+from attnkit.nn import Attend, Attention, AttentionConfig, Positional
+from attnkit.positional import Bias, Rotary
 from attnkit.scores import ScoreFunction
 
 #: Keyword arguments transformers passes that change what attention computes, and how each is
@@ -342,8 +343,6 @@ def from_llama_attention(module: nn.Module, config: Any) -> nn.Module:
     """An ``attnkit.nn.Attention`` (GQA layout, the model's RoPE) with the weights of a
     Llama-style transformers attention module (``q_proj``, ``k_proj``, ``v_proj``,
     ``o_proj``). Its mechanism is plain softmax: the model's mask arrives per call."""
-    from attnkit.nn import Attend, Attention, AttentionConfig, Positional
-    from attnkit.positional import Rotary
 
     missing = [
         name for name in ("q_proj", "k_proj", "v_proj", "o_proj") if not hasattr(module, name)

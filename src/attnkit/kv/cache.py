@@ -44,9 +44,9 @@ from torch import Tensor, nn
 
 from attnkit import masks
 from attnkit.api import attention
+from attnkit.attend import Attend
 from attnkit.call import Aux
 from attnkit.kv.policies import FullCache, Policy, StepView
-from attnkit.nn.attend import Attend
 from attnkit.scores import ScoreFunction
 
 
@@ -486,15 +486,14 @@ class KVAttend(Attend):
 
 
 def use(model: nn.Module) -> nn.Module:
-    """Make every ``attnkit.nn.Attention`` layer of ``model`` cache-aware (``KVAttend``), so
-    it decodes with a ``KVCache``: ``model.generate(ids, n, cache=KVCache(policy))``. Calls
-    without a ``KVCache`` are unchanged. Returns ``model`` (changed in place)."""
-    from attnkit.nn import Attention
-
+    """Make every softmax ``Attend`` of ``model``'s layers cache-aware (``KVAttend``: the
+    ``attend`` of each ``attnkit.nn.Attention``), so it decodes with a ``KVCache``:
+    ``model.generate(ids, n, cache=KVCache(policy))``. Calls without a ``KVCache`` are
+    unchanged. Returns ``model`` (changed in place)."""
     found = 0
     for module in model.modules():
-        if isinstance(module, Attention):
-            attend = module.attend
+        attend = getattr(module, "attend", None)
+        if isinstance(attend, Attend):
             if not isinstance(attend, KVAttend):
                 module.attend = KVAttend(
                     **{f.name: getattr(attend, f.name) for f in fields(attend)}
@@ -502,7 +501,7 @@ def use(model: nn.Module) -> nn.Module:
             found += 1
     if not found:
         raise TypeError(
-            f"{type(model).__name__} has no attnkit.nn.Attention layers; for a transformers "
-            "model use attnkit.kv.hf.prepare(model)"
+            f"{type(model).__name__} has no attnkit.nn.Attention layers with softmax "
+            "attention; for a transformers model use attnkit.kv.hf.prepare(model)"
         )
     return model

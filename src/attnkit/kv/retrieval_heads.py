@@ -27,8 +27,10 @@ import torch
 from torch import Tensor, nn
 
 from attnkit.api import attention
+from attnkit.attend import Attend
 from attnkit.call import Aux
-from attnkit.nn.attend import Attend
+from attnkit.integrations import hf
+from attnkit.nn import Attention, TinyLM
 
 
 @dataclass(frozen=True)
@@ -96,8 +98,6 @@ class _Recording(Attend):
 
 @contextlib.contextmanager
 def _recording_nn(model: nn.Module) -> Iterator[list[Tensor]]:
-    from attnkit.nn import Attention
-
     layers = [m for m in model.modules() if isinstance(m, Attention)]
     sink: list[Tensor] = []
     saved = [m.attend for m in layers]
@@ -121,7 +121,6 @@ def head_scores(
     ``model`` is a transformers causal LM (its attention is switched to attnkit's exact
     implementation for the probe and restored) or an ``attnkit.nn`` model taking ``ids``.
     """
-    from attnkit.nn import TinyLM
 
     if isinstance(model, TinyLM):
         high = model.config.vocab_size if high is None else high
@@ -134,7 +133,6 @@ def head_scores(
             f"head_scores takes a transformers causal LM or an attnkit.nn.TinyLM, got "
             f"{type(model).__name__}"
         )
-    from attnkit.integrations import hf
 
     high = model.config.vocab_size if high is None else high
     ids = repeated_random_tokens(length, low, high, seed=seed)

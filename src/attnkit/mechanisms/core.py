@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from attnkit import masks, positional, scores
-from attnkit.catalog import InputSpec, Mechanism, register
+from attnkit.mechanisms.base import InputSpec, Mechanism, register
 
 # -- deterministic ingredients for masks that need data --------------------------------------
 
@@ -55,6 +56,38 @@ VASWANI = (
     "Attention Is All You Need — Vaswani, Shazeer, Parmar, Uszkoreit, Jones, Gomez, Kaiser, "
     "Polosukhin (2017)"
 )
+
+KERPLE = (
+    "KERPLE: Kernelized Relative Positional Embedding for Length Extrapolation — Chi, Fan, "
+    "Ramadge, Rudnicky (2022)"
+)
+T5 = (
+    "Exploring the Limits of Transfer Learning with a Unified Text-to-Text Transformer — "
+    "Raffel, Shazeer, Roberts, Lee, Narang, Matena, Zhou, Li, Liu (2020)"
+)
+
+
+def _generator() -> torch.Generator:
+    return torch.Generator().manual_seed(0)
+
+
+def _kerple(kernel: str) -> Callable[[InputSpec], dict[str, Any]]:
+    def build(spec: InputSpec) -> dict[str, Any]:
+        bias = positional.kerple(spec.Hq, kernel, generator=_generator(), device=spec.device)
+        return {"mask": masks.causal(), "bias": bias}
+
+    return build
+
+
+def _t5(bidirectional: bool) -> Callable[[InputSpec], dict[str, Any]]:
+    def build(spec: InputSpec) -> dict[str, Any]:
+        bias = positional.t5_bias(
+            spec.Hq, bidirectional=bidirectional, generator=_generator(), device=spec.device
+        )
+        return {"bias": bias} if bidirectional else {"mask": masks.causal(), "bias": bias}
+
+    return build
+
 
 for _mechanism in (
     Mechanism(
@@ -160,6 +193,42 @@ for _mechanism in (
         "exact causal softmax attention computed chunk by chunk with O(T·block) memory",
         lambda spec: {"mask": masks.causal()},
         backend="chunked",
+    ),
+    Mechanism(
+        "cog",
+        "score",
+        "More Expressive Attention with Negative Weights — Lv, Xie, Li, Liao, Sun, Kang, Wang, "
+        "Yan (2024)",
+        "causal signed weights sign(s)·e^|s| / Σ e^|s| (SignExp), two merged positive passes",
+        build=lambda spec: {"mask": masks.causal(), "score": scores.cog()},
+    ),
+    Mechanism(
+        "kerple_log",
+        "positional",
+        KERPLE,
+        "causal softmax plus a learned -r1·log(1 + r2·|i-j|) per head",
+        build=_kerple("log"),
+    ),
+    Mechanism(
+        "kerple_power",
+        "positional",
+        KERPLE,
+        "causal softmax plus a learned -r1·|i-j|^r2 per head, 0 < r2 < 2",
+        build=_kerple("power"),
+    ),
+    Mechanism(
+        "t5_bias",
+        "positional",
+        T5,
+        "causal softmax plus a learned scalar per head and log-spaced distance bucket (32, 128)",
+        build=_t5(bidirectional=False),
+    ),
+    Mechanism(
+        "t5_bias_bidirectional",
+        "positional",
+        T5,
+        "encoder form of the T5 bias: bidirectional buckets, no mask",
+        build=_t5(bidirectional=True),
     ),
 ):
     register(_mechanism)

@@ -1,4 +1,4 @@
-"""Catalog entries for structured sparse patterns (issue 4). Grid patterns lay the ``Tk`` tokens
+"""Structured sparse patterns as masks. Grid patterns lay the ``Tk`` tokens
 on the most nearly square grid of that many tokens (``attnkit.grid.balanced_grid``)."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from typing import Any
 import torch
 
 from attnkit import masks
-from attnkit.catalog import InputSpec, Mechanism, register
 from attnkit.grid import balanced_grid
+from attnkit.mechanisms.base import InputSpec, Mechanism, register
 
 NAT = "Neighborhood Attention Transformer — Hassani, Walton, Li, Li, Shi (2023)"
 GNA = (

@@ -6,17 +6,9 @@
     model = ak.TinyLM(ak.TinyLMConfig(vocab_size=256, n_layers=4, attention=config))
 """
 
-from attnkit.nn.attend import Attend
-from attnkit.nn.attention import (
-    POSITIONAL,
-    Attention,
-    AttentionConfig,
-    Cache,
-    DenseCache,
-    Positional,
-    StateCache,
-    mechanism_attend,
-)
+from attnkit.attend import Attend
+from attnkit.nn.attention import Attention, AttentionConfig, mechanism_attend
+from attnkit.nn.cache import Cache, DenseCache, StateCache
 from attnkit.nn.linear import LinearAttend
 from attnkit.nn.model import TinyLM, TinyLMConfig, TransformerBlock
 from attnkit.nn.neighborhood import (
@@ -26,6 +18,7 @@ from attnkit.nn.neighborhood import (
     NeighborhoodAttention3d,
     NeighborhoodBias,
 )
+from attnkit.nn.positional import POSITIONAL, Positional
 
 __all__ = [
     "POSITIONAL",

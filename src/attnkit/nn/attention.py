@@ -10,7 +10,7 @@ The parts, each a table lookup:
 
 - ``layout`` (``attnkit.heads.LAYOUTS``): projections and how heads share keys/values
   (MHA/GQA/MQA, MLA, MoH, ...). It returns per-head outputs ``[B, T, Hq, Dv]``.
-- ``mechanism`` (``attnkit.catalog``): what each head computes — mask, score function, fixed
+- ``mechanism`` (``attnkit.mechanisms``): what each head computes — mask, score function, fixed
   bias — or an explicit ``Attend``. Learnable biases are positional schemes, not mechanisms.
 - ``positional`` (``POSITIONAL``): RoPE applied to q/k, or an additive bias (ALiBi, KERPLE,
   T5, learned relative) whose learnable tensors become parameters of this layer.
@@ -23,18 +23,19 @@ Then ``o_proj`` maps ``Hq * Dv`` back to ``d_model``. A KV cache (``cache=``) wr
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from attnkit import catalog, heads, linear, positional, variants
+from attnkit import heads, linear, mechanisms, variants
+from attnkit.attend import Attend
 from attnkit.masks.base import Mask
-from attnkit.nn.attend import Attend
+from attnkit.nn.cache import Cache, CachedAttend, StatefulAttend
 from attnkit.nn.linear import LinearAttend
-from attnkit.positional import Bias
+from attnkit.nn.positional import POSITIONAL, Positional
 
 #: ``name`` or ``(name, options)``: how every part of a layer is chosen.
 Choice = str | tuple[str, Mapping[str, Any]]
@@ -45,138 +46,6 @@ def _split(choice: Choice) -> tuple[str, dict[str, Any]]:
         return choice, {}
     name, options = choice
     return name, dict(options)
-
-
-class Cache(Protocol):
-    """What ``Attention`` needs from a KV cache (``attnkit.nn.DenseCache`` is the simplest)."""
-
-    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store this step's ``k``/``v`` ``[B, T, Hkv, D]``; return all keys/values so far."""
-        ...
-
-    def seen(self, layer: int) -> int:
-        """Tokens this layer has seen before this step (the next token's position)."""
-        ...
-
-
-class StateCache(Protocol):
-    """What a layer with a recurrent mechanism (``attnkit.linear``) needs from a cache."""
-
-    def state(self, layer: int) -> Any:
-        """The layer's carried state (None before the first step)."""
-        ...
-
-    def set_state(self, layer: int, state: Any, new_tokens: int) -> None:
-        """Store the layer's state after ``new_tokens`` more tokens."""
-        ...
-
-    def seen(self, layer: int) -> int: ...
-
-
-@dataclass
-class DenseCache:
-    """A decoding cache for ``attnkit.nn`` models: every key and value of softmax layers
-    (concatenation per layer) and the fixed-size state of recurrent layers."""
-
-    keys: dict[int, Tensor] = field(default_factory=dict)
-    values: dict[int, Tensor] = field(default_factory=dict)
-    states: dict[int, Any] = field(default_factory=dict)
-    lengths: dict[int, int] = field(default_factory=dict)
-
-    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        if layer in self.keys:
-            k = torch.cat([self.keys[layer], k], dim=1)
-            v = torch.cat([self.values[layer], v], dim=1)
-        self.keys[layer], self.values[layer] = k, v
-        self.lengths[layer] = k.shape[1]
-        return k, v
-
-    def seen(self, layer: int) -> int:
-        return self.lengths.get(layer, 0)
-
-    def state(self, layer: int) -> Any:
-        return self.states.get(layer)
-
-    def set_state(self, layer: int, state: Any, new_tokens: int) -> None:
-        self.states[layer] = state
-        self.lengths[layer] = self.seen(layer) + new_tokens
-
-
-@dataclass(frozen=True)
-class _CachedAttend:
-    attend: Attend
-    cache: Cache
-    layer: int
-
-    def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        k, v = self.cache.update(self.layer, k, v)
-        return self.attend(q, k, v)
-
-    def __getattr__(self, name: str) -> Any:  # layouts read mask/score/bias/scale
-        return getattr(self.attend, name)
-
-
-@dataclass(frozen=True)
-class _StatefulAttend:
-    """A recurrent mechanism's attend, carrying its state in the cache between calls."""
-
-    attend: LinearAttend
-    cache: StateCache
-    layer: int
-
-    def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        out, state = self.attend.step(q, k, v, self.cache.state(self.layer))
-        self.cache.set_state(self.layer, state, q.shape[1])
-        return out
-
-
-# -- positional schemes ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Positional:
-    """A positional scheme for a layer: a rotary map for q/k, an additive bias, or neither."""
-
-    rotary: Callable[[Tensor, Tensor], Tensor] | None = None
-    bias: Bias | None = None
-
-
-def _rope(n_heads: int, head_dim: int, **options: Any) -> Positional:
-    return Positional(rotary=positional.Rotary(head_dim, **options))
-
-
-def _alibi(n_heads: int, head_dim: int) -> Positional:
-    return Positional(bias=positional.alibi(n_heads))
-
-
-def _relative(n_heads: int, head_dim: int, max_distance: int = 128) -> Positional:
-    table = nn.Parameter(torch.zeros(n_heads, 2 * max_distance + 1))
-    return Positional(bias=positional.relative_bias(n_heads, max_distance, table=table))
-
-
-def _kerple(n_heads: int, head_dim: int, kernel: str = "log") -> Positional:
-    initial = positional.kerple(n_heads, kernel, requires_grad=False)
-    r1, r2 = (nn.Parameter(t.clone()) for t in (initial.r1_raw, initial.r2_raw))
-    return Positional(bias=positional.Kerple(kernel, r1, r2))
-
-
-def _t5(n_heads: int, head_dim: int, num_buckets: int = 32, max_distance: int = 128) -> Positional:
-    table = nn.Parameter(torch.zeros(num_buckets, n_heads))
-    bias = positional.t5_bias(n_heads, num_buckets, max_distance, bidirectional=False, table=table)
-    return Positional(bias=bias)
-
-
-#: Positional scheme name -> ``factory(n_heads, head_dim, **options) -> Positional``
-#: (``head_dim`` is the number of dims the layout rotates). Learned tensors are
-#: ``nn.Parameter``s, so the layer that holds the bias trains them.
-POSITIONAL: dict[str, Callable[..., Positional]] = {
-    "none": lambda n_heads, head_dim: Positional(),
-    "rope": _rope,
-    "alibi": _alibi,
-    "relative_bias": _relative,
-    "kerple": _kerple,
-    "t5": _t5,
-}
 
 
 # -- the layer -------------------------------------------------------------------------------
@@ -236,13 +105,13 @@ def mechanism_attend(choice: Choice | Attend, n_heads: int, backend: str = "auto
             f"catalog mechanisms take no options (got {sorted(options)} for {name!r}); "
             "pass an attnkit.nn.Attend(mask=..., score=...) for a custom variant"
         )
-    mechanism = catalog.get(name)
+    mechanism = mechanisms.get(name)
     if mechanism.name in ("documents", "key_padding"):
         raise ValueError(
             f"mechanism {name!r} depends on the batch's data; pass its mask per call "
             "through an Attend built for that batch"
         )
-    built = mechanism.build(catalog.InputSpec(Hq=n_heads))
+    built = mechanism.build(mechanisms.InputSpec(Hq=n_heads))
     bias = built.get("bias")
     if bias is not None and bias.parameters():
         raise ValueError(
@@ -362,14 +231,14 @@ class Attention(nn.Module):
         if mask is not None:
             attend = attend.with_options(mask=mask if attend.mask is None else attend.mask & mask)
         if cache is not None and isinstance(attend, LinearAttend):
-            attend = _StatefulAttend(attend, cache, layer)
+            attend = StatefulAttend(attend, cache, layer)
         elif cache is not None:
             if not self.heads.supports_kv_cache:
                 raise ValueError(
                     f"layout {type(self.heads).__name__} cannot decode with a KV cache (it "
                     "needs every head's scores or regroups heads per call); run it without one"
                 )
-            attend = _CachedAttend(attend, cache, layer)
+            attend = CachedAttend(attend, cache, layer)
         out = self.heads(x, attend, self.positional.rotary, positions)
         if self.gate is not None:
             out = self.gate(x, out)

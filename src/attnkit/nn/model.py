@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnkit.masks.base import Mask
-from attnkit.nn.attention import Attention, AttentionConfig, Cache, DenseCache
+from attnkit.nn.attention import Attention, AttentionConfig
+from attnkit.nn.cache import Cache, DenseCache
 
 
 class TransformerBlock(nn.Module):

@@ -9,21 +9,19 @@ backend):
 - ``kerple`` — KERPLE power / log kernels (Chi et al., 2022)
 - ``grid_position_bias`` — ConViT's positional scores on a patch grid (d'Ascoli et al., 2021)
 
-Applied to q/k or wrapping attention:
+Applied to q/k:
 
 - ``Rotary`` — RoPE (Su et al., 2021) with linear / NTK / dynamic NTK / YaRN scaling
 - ``relative_attention`` — Music Transformer relative attention with the skew (Huang et al., 2018)
-- ``gated_positional_attention`` / ``GPSA`` — ConViT's gated positional self-attention
+
+ConViT's gated layer that mixes content attention with ``grid_position_bias`` is
+``attnkit.variants.GPSA``.
 """
 
-# The base class first: attnkit.api (imported by gpsa) reads Bias from this package.
-from attnkit.positional.bias import Bias  # isort: skip
 from attnkit.positional.alibi import ALiBi, alibi, alibi_slopes
-from attnkit.positional.gpsa import (
-    GPSA,
+from attnkit.positional.bias import Bias
+from attnkit.positional.grid_bias import (
     GridPositionBias,
-    gated_positional_attention,
-    gated_positional_attention_reference,
     grid_position_bias,
     grid_relative_positions,
     locality_init,
@@ -55,7 +53,6 @@ from attnkit.positional.rotary import (
 )
 
 __all__ = [
-    "GPSA",
     "HF_ROPE_TYPES",
     "KERNELS",
     "LAYOUTS",
@@ -73,8 +70,6 @@ __all__ = [
     "YaRNScaling",
     "alibi",
     "alibi_slopes",
-    "gated_positional_attention",
-    "gated_positional_attention_reference",
     "grid_position_bias",
     "grid_relative_positions",
     "kerple",
