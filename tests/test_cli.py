@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import json
+from statistics import median
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
 import attnkit
-from attnkit import backends, catalog
+from attnkit import backends, calibration, catalog, machine
+from attnkit.backends import BACKENDS
 from attnkit.bench import SpeedConfig
 from attnkit.cli import app
+from attnkit.costs import CostTable
 
 runner = CliRunner()
 WIDE = {"COLUMNS": "250"}
@@ -42,19 +45,77 @@ def test_list_family_filter() -> None:
     assert bad.exit_code != 0 and "static sparse" in bad.output
 
 
+#: auto's costs for the bench test: chunked at 1/100 of SDPA per tile and no fixed cost, every
+#: other backend far behind, so auto picks chunked in every cell whatever the machine.
+CHUNKED_FIRST = CostTable(
+    machine.capabilities("cpu"),
+    "synthetic",
+    {
+        ("chunked.per_live", "*", None): 0.01,
+        ("chunked.dense", "*", None): 0.01,
+        ("chunked.overhead_pairs", "*", None): 0.0,
+        ("blocksparse.per_live", "*", None): 50.0,
+        ("flex.per_live", "*", None): 50.0,
+    },
+)
+
+
 def test_bench_quick_writes_report(tmp_path) -> None:
+    """The report holds every requested cell with every candidate; auto's row names the backend
+    the injected costs rank first (and its cell's record of that backend ran); each ratio is
+    the baseline's time over the row's, both as recorded; the CPU and cost table are stored."""
     out = tmp_path / "bench"
-    args = ["bench", "--quick", "--out", str(out), "--mechanisms", "softmax,sliding_window,sigmoid"]
-    result = runner.invoke(app, args, env=WIDE)
+    requested = ["softmax", "sliding_window", "sigmoid"]
+    args = ["bench", "--quick", "--out", str(out), "--mechanisms", ",".join(requested)]
+    with calibration.using(CHUNKED_FIRST):
+        result = runner.invoke(app, args, env=WIDE)
     assert result.exit_code == 0, result.output
     assert {p.name for p in out.iterdir()} >= {"bench.json", "bench.png", "report.md"}
     data = json.loads((out / "bench.json").read_text())
-    assert data["config"]["lengths"] == [128, 256] and data["config"]["threads"] >= 1
-    ran = [r for r in data["records"] if r["status"] == "ok"]
-    assert {r["mechanism"] for r in ran} == {"softmax", "sliding_window", "sigmoid"}
-    assert sum(r["role"] == "baseline" for r in ran) == 6  # one per cell
-    assert all(r["ratio"] > 0 for r in ran if r["role"] == "auto")
+    config = data["config"]
+    assert config["lengths"] == [128, 256] and config["threads"] >= 1
+    assert config["cpu"] == machine.cpu_flags_line()
+    assert config["cost_table"]["source"] == "synthetic"
+    assert config["cost_table"]["entries"] == [list(row) for row in CHUNKED_FIRST.rows()]
     assert "targets" in result.output and "baseline" in result.output
+
+    records = data["records"]
+    cells = {(r["mechanism"], r["T"], r["dtype"]) for r in records}
+    assert cells == {(m, T, "float32") for m in requested for T in (128, 256)}
+    for mechanism, T, dtype in cells:
+        rows = [r for r in records if (r["mechanism"], r["T"], r["dtype"]) == (mechanism, T, dtype)]
+        where = f"{mechanism} T={T}"
+        names = [r["backend"] for r in rows]
+        assert sorted(names) == sorted([*BACKENDS, "auto", "baseline"]), where
+        by_name = {r["backend"]: r for r in rows}
+        baseline, auto = by_name["baseline"], by_name["auto"]
+        assert baseline["status"] == "ok" and baseline["ratio"] == 1.0, where
+
+        spec = catalog.InputSpec(B=1, Tq=T, Tk=T, Hq=2, D=32)
+        with torch.no_grad(), calibration.using(CHUNKED_FIRST):
+            expected = attnkit.explain(*spec.make_inputs(), **catalog.get(mechanism).build(spec))
+        assert expected.chosen == "chunked"
+        assert auto["status"] == "ok", (where, auto["reason"])
+        assert auto["runs_on"] == f"{expected.chosen}: {expected.why}", where
+        assert by_name[expected.chosen]["status"] == "ok", where
+
+        for r in rows:
+            if r["status"] != "ok":
+                assert r["reason"] and r["ratio"] is None, (where, r["backend"])
+                continue
+            assert r["median_ms"] == pytest.approx(median(r["times_ms"])), (where, r["backend"])
+            if r["role"] == "baseline":
+                continue
+            if not r["verified"]:
+                assert r["ratio"] is None, (where, r["backend"])
+                continue
+            # --quick times one round: the ratio is the quotient of the round's two times
+            assert len(r["times_ms"]) == len(baseline["times_ms"]) == 1
+            ratio = baseline["times_ms"][0] / r["times_ms"][0]
+            assert r["ratio"] == pytest.approx(ratio), (where, r["backend"])
+        assert auto["verified"] and auto["ratio"] is not None, where
+    report = (out / "report.md").read_text()
+    assert all(f"| {m} | 256 | float32 | auto→chunked |" in report for m in requested)
 
 
 def test_bench_rejects_unknown_mechanism(tmp_path) -> None:
