@@ -7,7 +7,13 @@ import torch
 
 from attnkit import masks
 from attnkit.masks.base import EMPTY, FULL, PARTIAL
-from attnkit.primitives import TileRun, expand_kv_heads, finite_or_zero, live_tile_runs
+from attnkit.primitives import (
+    TileRun,
+    accumulation_dtype,
+    expand_kv_heads,
+    finite_or_zero,
+    live_tile_runs,
+)
 
 
 @pytest.mark.parametrize("groups", [1, 2, 3])
@@ -109,3 +115,16 @@ def test_finite_or_zero_replaces_only_minus_infinity(dtype: torch.dtype) -> None
         torch.exp(lw - finite_or_zero(torch.logsumexp(lw, -1, keepdim=True))),
         torch.zeros(2, 3, dtype=dtype),
     )
+
+
+def test_accumulation_dtype_widens_half_precision_and_keeps_float64() -> None:
+    expected = {
+        torch.float16: torch.float32,
+        torch.bfloat16: torch.float32,
+        torch.float32: torch.float32,
+        torch.float64: torch.float64,
+    }
+    for dtype, wide in expected.items():
+        assert accumulation_dtype(dtype) == wide
+        # the widest of the input and float32, as torch promotes them
+        assert torch.promote_types(dtype, torch.float32) == wide

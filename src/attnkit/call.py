@@ -16,6 +16,7 @@ from torch import Tensor
 
 from attnkit.masks.base import Mask, aligned_query_positions, row_counts
 from attnkit.positional import Bias
+from attnkit.primitives import accumulation_dtype
 from attnkit.scores import ScoreFunction, Softmax
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -122,7 +123,7 @@ class AttentionCall:
     def accumulation_dtype(self) -> torch.dtype:
         """Dtype for scores, sums and the lse: float64 for float64 inputs, else float32
         (half-precision inputs accumulate in float32)."""
-        return torch.float64 if self.dtype == torch.float64 else torch.float32
+        return accumulation_dtype(self.dtype)
 
     @property
     def needs_grad(self) -> bool:

@@ -3,6 +3,7 @@
 - ``expand_kv_heads``: each key/value head repeated for the query heads of its GQA group.
 - ``live_tile_runs``: one query block's live key tiles, cut into runs computed one matmul each.
 - ``finite_or_zero``: a log-normaliser or row maximum usable as a shift (0 for empty rows).
+- ``accumulation_dtype``: the dtype scores, sums and states accumulate in.
 """
 
 from __future__ import annotations
@@ -25,6 +26,12 @@ def expand_kv_heads(x: Tensor, groups: int, dim: int) -> Tensor:
     tensor, ``groups == 1`` included.
     """
     return x.repeat_interleave(groups, dim=dim)
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype that scores, sums, log-normalisers and states of ``dtype`` inputs accumulate
+    in: float64 for float64, else float32 (half precision would lose the small terms)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def finite_or_zero(x: Tensor) -> Tensor:

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from attnkit.backends.base import Backend
 from attnkit.call import AttentionCall
-from attnkit.primitives import expand_kv_heads, finite_or_zero
+from attnkit.primitives import accumulation_dtype, expand_kv_heads, finite_or_zero
 
 
 def normalize_rows(lw: Tensor, v: Tensor, sign: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -49,7 +49,7 @@ def reference_forward(
     lw = call.log_weights(s, q_idx, k_idx)
     sign = torch.sign(call.scores(s, q_idx, k_idx)) if call.score.signed else None
     out, lse = normalize_rows(lw, v, sign)
-    lse_dtype = torch.float64 if compute_dtype == torch.float64 else torch.float32
+    lse_dtype = accumulation_dtype(compute_dtype)
     return out.transpose(1, 2).to(call.dtype), lse.transpose(1, 2).to(lse_dtype)
 
 

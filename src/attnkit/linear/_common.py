@@ -14,11 +14,6 @@ FORMS = ("reference", "chunked", "recurrent")
 F = TypeVar("F", bound=Callable)
 
 
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """States and sums accumulate in float32 whatever the input dtype (float64 stays float64)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def check_qkv(q: Tensor, k: Tensor, v: Tensor, *, same_length: bool = True) -> int:
     """Validate ``q [B, Tq, Hq, D]``, ``k [B, T, Hkv, D]``, ``v [B, T, Hkv, Dv]``; return the
     GQA group size ``Hq // Hkv``. ``same_length``: ``Tq`` must equal ``T`` (self-attention)."""

@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnkit.linear._common import acc_dtype, check_qkv, pick
+from attnkit.linear._common import check_qkv, pick
+from attnkit.primitives import accumulation_dtype
 
 PAPER = (
     "SwiftFormer: Efficient Additive Attention for Transformer-based Real-time Mobile Vision "
@@ -42,7 +43,7 @@ POOLING: dict[str, Callable[[Tensor], Tensor]] = {
 
 
 def _parts(q: Tensor, k: Tensor, w: Tensor, pooling: str) -> tuple[Tensor, Tensor, Tensor]:
-    acc = acc_dtype(q.dtype)
+    acc = accumulation_dtype(q.dtype)
     qn, kn = F.normalize(q.to(acc), dim=-1), F.normalize(k.to(acc), dim=-1)
     scores = torch.einsum("bthd,hd->bth", qn, w.to(acc)) / math.sqrt(q.shape[-1])
     return qn, kn, pick(POOLING, pooling, "pooling")(scores)

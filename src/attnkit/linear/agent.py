@@ -25,7 +25,7 @@ from torch import Tensor
 
 from attnkit.api import attention
 from attnkit.linear._common import check_qkv, pick
-from attnkit.primitives import expand_kv_heads
+from attnkit.primitives import accumulation_dtype, expand_kv_heads
 
 PAPER = (
     "Agent Attention: On the Integration of Softmax and Linear Attention — Han, Ye, Han, Xia, "
@@ -44,7 +44,7 @@ def pool_agents(q: Tensor, num_agents: int) -> Tensor:
 
 
 def _reference(q: Tensor, k: Tensor, v: Tensor, agents: Tensor, scale: float) -> Tensor:
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(q.dtype)
     G = q.shape[2] // k.shape[2]
     qq, aa = q.to(acc), agents.to(acc)
     kk, vv = (expand_kv_heads(x.to(acc), G, dim=2) for x in (k, v))

@@ -46,9 +46,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnkit.backends import native
-from attnkit.linear._common import acc_dtype, check_chunk_size, check_qkv, pick, within
+from attnkit.linear._common import check_chunk_size, check_qkv, pick, within
 from attnkit.linear.features import FEATURES
 from attnkit.linear.state import ChunkStates, LinearState, combine_states
+from attnkit.primitives import accumulation_dtype
 
 #: Largest sub-chunk whose pairs GLA's secondary chunking compares directly in log space.
 SUBCHUNK = 16
@@ -397,7 +398,7 @@ def _prepared(problem: LinearProblem) -> tuple[Tensor, Tensor, Tensor, Tensor | 
     ``q``, ``k`` for a ``feature_map`` problem."""
     B, T, Hq, Dk = problem.q.shape
     Hkv = problem.k.shape[2]
-    acc = acc_dtype(problem.q.dtype)
+    acc = accumulation_dtype(problem.q.dtype)
     q = problem.q.to(acc).reshape(B, T, Hkv, Hq // Hkv, Dk)
     k, v = problem.k.to(acc), problem.v.to(acc)
     g = None if problem.log_gate is None else problem.log_gate.to(acc)

@@ -27,6 +27,7 @@ from torch import Tensor
 from attnkit.api import attention
 from attnkit.linear._common import check_qkv, no_state, pick
 from attnkit.linear.prefix import PrefixState, prefix_attention
+from attnkit.primitives import accumulation_dtype
 
 PAPER = (
     "FLARE: Fast Low-rank Attention Routing Engine — Puri, Joglekar, Ferguson, Chen, Zhang, "
@@ -36,7 +37,7 @@ PAPER = (
 
 
 def _reference(latents: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-    acc = torch.float64 if k.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(k.dtype)
     u, kk, vv = (x.to(acc).expand(k.shape[0], -1, -1, -1) for x in (latents, k, v))
     gather = torch.softmax(torch.einsum("bmhd,bnhd->bhmn", u, kk) * scale, dim=-1)
     scatter = torch.softmax(torch.einsum("bnhd,bmhd->bhnm", kk, u) * scale, dim=-1)
@@ -90,7 +91,7 @@ def flare(
         no_state(initial_state, return_state, "non-causal FLARE sees the whole sequence")
         run = pick(_NONCAUSAL, form, "form of non-causal FLARE (no recurrent form)")
         return run(q, k, v, scale)
-    acc = torch.float64 if k.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(k.dtype)
     u = q.to(acc).expand(k.shape[0], -1, -1, -1)
     readout = torch.softmax(torch.einsum("bthd,bmhd->bthm", k.to(acc), u) * scale, dim=-1)
     out, state = prefix_attention(

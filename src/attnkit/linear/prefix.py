@@ -28,8 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnkit.linear._common import acc_dtype, check_chunk_size, pick
+from attnkit.linear._common import check_chunk_size, pick
 from attnkit.merge import merge
+from attnkit.primitives import accumulation_dtype
 
 
 @dataclass(frozen=True)
@@ -197,7 +198,7 @@ def prefix_attention(
     if T == 0:
         raise ValueError("prefix attention needs at least one token")
     G = Hq // Hkv
-    acc = acc_dtype(k.dtype)
+    acc = accumulation_dtype(k.dtype)
     u = queries.to(acc).expand(B, -1, -1, -1).reshape(B, M, Hkv, G, -1)
     s = torch.einsum("bmhgd,bthd->bhgmt", u, k.to(acc)) * scale
     if readout is None:

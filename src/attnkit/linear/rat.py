@@ -31,9 +31,10 @@ from torch import Tensor
 from attnkit import masks
 from attnkit.api import attention
 from attnkit.call import Aux
-from attnkit.linear._common import acc_dtype, check_chunk_size, check_qkv, pick, within
+from attnkit.linear._common import check_chunk_size, check_qkv, pick, within
 from attnkit.masks.base import EMPTY, FULL, PARTIAL, Mask
 from attnkit.merge import merge
+from attnkit.primitives import accumulation_dtype
 
 PAPER = (
     "RAT: Bridging RNN Efficiency and Attention Accuracy via Chunk-based Sequence Modeling — "
@@ -325,7 +326,7 @@ def rat(
         value_gate = gate
     gk = _check_gate(gate, k, "gate")
     gv = _check_gate(value_gate, v, "value_gate")
-    acc = acc_dtype(q.dtype)
+    acc = accumulation_dtype(q.dtype)
     state = _initial(initial_state, k, v, C, acc)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     out, final = run(q, k.to(acc), v.to(acc), gk.to(acc), gv.to(acc), state, C, scale)
