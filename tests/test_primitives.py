@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
-from attnkit import masks
+from attnkit import masks, scores
+from attnkit.call import AttentionCall
 from attnkit.masks.base import EMPTY, FULL, PARTIAL
 from attnkit.primitives import (
     TileRun,
     accumulation_dtype,
+    attention_weights,
+    dense_weights,
     expand_kv_heads,
     finite_or_zero,
     live_tile_runs,
@@ -128,3 +133,63 @@ def test_accumulation_dtype_widens_half_precision_and_keeps_float64() -> None:
         assert accumulation_dtype(dtype) == wide
         # the widest of the input and float32, as torch promotes them
         assert torch.promote_types(dtype, torch.float32) == wide
+
+
+def _scores_by_hand(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """``s[b, h, i, j] = scale * q[b, i, h] . k[b, j, h // G]``, one head at a time."""
+    G = q.shape[2] // k.shape[2]
+    heads = [q[:, :, h] @ k[:, :, h // G].transpose(-1, -2) for h in range(q.shape[2])]
+    return torch.stack(heads, dim=1) * scale
+
+
+def _bottom_right_causal(Tq: int, Tk: int) -> torch.Tensor:
+    return torch.arange(Tk).view(1, -1) <= torch.arange(Tq).view(-1, 1) + (Tk - Tq)
+
+
+@pytest.mark.parametrize(("Tq", "Tk"), [(6, 6), (3, 7), (7, 4)])
+def test_dense_softmax_weights_are_the_masked_softmax(Tq: int, Tk: int) -> None:
+    q, k, v = torch.randn(2, Tq, 4, 8), torch.randn(2, Tk, 2, 8), torch.randn(2, Tk, 2, 8)
+    call = AttentionCall(q, k, v, masks.causal(), scale=0.3)
+    weights, lse = dense_weights(call, torch.float64)
+    s = _scores_by_hand(q.double(), k.double(), 0.3)
+    s = s.masked_fill(~_bottom_right_causal(Tq, Tk), -math.inf)
+    expected_lse = torch.logsumexp(s, dim=-1)
+    sees_a_key = _bottom_right_causal(Tq, Tk).any(-1)  # Tq > Tk: the first rows see none
+    expected = torch.where(sees_a_key.view(-1, 1), torch.softmax(s, dim=-1), 0.0)
+    assert weights.dtype == lse.dtype == torch.float64
+    torch.testing.assert_close(weights, expected)
+    torch.testing.assert_close(lse, expected_lse)
+
+
+def test_dense_sigmoid_weights_are_unnormalised_unless_asked() -> None:
+    q, k, v = torch.randn(1, 5, 2, 4), torch.randn(1, 5, 2, 4), torch.randn(1, 5, 2, 4)
+    call = AttentionCall(q, k, v, score=scores.sigmoid(), scale=0.5)
+    expected = torch.sigmoid(_scores_by_hand(q, k, 0.5) - math.log(5))
+    weights, lse = dense_weights(call, torch.float32)
+    torch.testing.assert_close(weights, expected)
+    torch.testing.assert_close(lse, expected.sum(-1).log())
+    normalised, _ = dense_weights(call, torch.float32, normalize=True)
+    torch.testing.assert_close(normalised, expected / expected.sum(-1, keepdim=True))
+
+
+def test_dense_cog_weights_are_signed_and_the_score_hook_sees_every_head() -> None:
+    q, k, v = torch.randn(1, 5, 3, 4), torch.randn(1, 5, 3, 4), torch.randn(1, 5, 3, 4)
+    call = AttentionCall(q, k, v, score=scores.cog())
+    s = _scores_by_hand(q, k, 0.5)
+    weights, _ = dense_weights(call, torch.float32)
+    torch.testing.assert_close(weights, torch.sign(s) * torch.softmax(s.abs(), dim=-1))
+    mixed, _ = dense_weights(call, torch.float32, lambda t: t.flip(1))
+    s = s.flip(1)
+    torch.testing.assert_close(mixed, torch.sign(s) * torch.softmax(s.abs(), dim=-1))
+
+
+@pytest.mark.parametrize("score", [scores.softmax(), scores.sigmoid(), scores.cog()])
+def test_attention_weights_of_a_tile_are_that_part_of_the_dense_weights(score) -> None:
+    q, k, v = torch.randn(2, 9, 4, 8), torch.randn(2, 11, 2, 8), torch.randn(2, 11, 2, 8)
+    call = AttentionCall(q, k, v, masks.sliding_window(4), score)
+    weights, lse = dense_weights(call, torch.float32)
+    rows, cols = torch.tensor([0, 3, 4, 8]), torch.arange(5, 11)
+    s = _scores_by_hand(q[:, rows], k[:, cols], call.scale)
+    lw = call.log_weights(s, rows, cols)
+    tile = attention_weights(call, s, lw, lse[:, :, rows].unsqueeze(-1), rows, cols)
+    torch.testing.assert_close(tile, weights[:, :, rows][:, :, :, cols])

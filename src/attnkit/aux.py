@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from attnkit.call import AttentionCall, AuxOutput
-from attnkit.primitives import expand_kv_heads, finite_or_zero
+from attnkit.primitives import attention_weights, expand_kv_heads
 
 _QUERY_TILE = 256
 _KEY_TILE = 1024
@@ -45,14 +45,12 @@ def _weight_tiles(call: AttentionCall, lse: Tensor, q_idx: Tensor):
     for qs in range(0, q_idx.numel(), _QUERY_TILE):
         rows = q_idx[qs : qs + _QUERY_TILE]
         q = call.q[:, rows].to(compute).transpose(1, 2)
-        row_lse = finite_or_zero(lse[:, rows].transpose(1, 2).unsqueeze(-1).to(compute))
+        row_lse = lse[:, rows].transpose(1, 2).unsqueeze(-1).to(compute)
         for ks in range(0, call.Tk, _KEY_TILE):
             cols = torch.arange(ks, min(ks + _KEY_TILE, call.Tk), device=call.device)
             s = (q @ k[:, :, cols].transpose(-1, -2)) * call.scale
             lw = call.log_weights(s, rows, cols, log_counts=log_counts)
-            w = torch.exp(lw - row_lse) if call.score.normalized else torch.exp(lw)
-            if call.score.signed:
-                w = w * torch.sign(call.scores(s, rows, cols))
+            w = attention_weights(call, s, lw, row_lse, rows, cols)
             yield slice(qs, qs + rows.numel()), slice(ks, ks + cols.numel()), w
 
 

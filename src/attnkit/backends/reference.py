@@ -15,18 +15,7 @@ from torch import Tensor
 
 from attnkit.backends.base import Backend
 from attnkit.call import AttentionCall
-from attnkit.primitives import accumulation_dtype, expand_kv_heads, finite_or_zero
-
-
-def normalize_rows(lw: Tensor, v: Tensor, sign: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Row-normalised output and log-normaliser for log-weights ``lw [..., Tq, Tk]`` and values
-    ``v [..., Tk, Dv]``; ``sign`` (like ``lw``) multiplies the weights of signed scores. Rows
-    with no finite entry give ``out = 0``, ``lse = -inf``."""
-    lse = torch.logsumexp(lw, dim=-1)
-    p = torch.exp(lw - finite_or_zero(lse).unsqueeze(-1))
-    if sign is not None:
-        p = p * sign
-    return p @ v, lse
+from attnkit.primitives import accumulation_dtype, dense_weights, expand_kv_heads
 
 
 def reference_forward(
@@ -40,15 +29,10 @@ def reference_forward(
     """
     if compute_dtype is None:
         compute_dtype = call.accumulation_dtype
-    q = call.q.to(compute_dtype).transpose(1, 2)  # [B, Hq, Tq, D]
-    k = expand_kv_heads(call.k.to(compute_dtype).transpose(1, 2), call.groups, dim=1)
+    # a backend returns row-normalised outputs for every score; finalize rescales them
+    p, lse = dense_weights(call, compute_dtype, normalize=True)
     v = expand_kv_heads(call.v.to(compute_dtype).transpose(1, 2), call.groups, dim=1)
-    s = (q @ k.transpose(-1, -2)) * call.scale
-    q_idx = torch.arange(call.Tq, device=call.device)
-    k_idx = torch.arange(call.Tk, device=call.device)
-    lw = call.log_weights(s, q_idx, k_idx)
-    sign = torch.sign(call.scores(s, q_idx, k_idx)) if call.score.signed else None
-    out, lse = normalize_rows(lw, v, sign)
+    out = p @ v
     lse_dtype = accumulation_dtype(compute_dtype)
     return out.transpose(1, 2).to(call.dtype), lse.transpose(1, 2).to(lse_dtype)
 

@@ -19,12 +19,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
 from torch import Tensor
 
 from attnkit.attend import Attend
 from attnkit.call import AttentionCall
-from attnkit.primitives import expand_kv_heads, finite_or_zero
+from attnkit.primitives import dense_weights, expand_kv_heads
 from attnkit.scores import Softmax
 
 #: Maps ``[B, Hq, Tq, Tk]`` to ``[B, Hq, Tq, Tk]``, mixing heads.
@@ -55,22 +54,8 @@ def dense_attend(
         )
     call = AttentionCall(q, k, v, attend.mask, attend.score or Softmax(), attend.bias, attend.scale)
     acc = call.accumulation_dtype
-    qh = q.to(acc).transpose(1, 2)
-    kh = expand_kv_heads(k.to(acc).transpose(1, 2), call.groups, dim=1)
+    p, _ = dense_weights(call, acc, compose_scores)
     vh = expand_kv_heads(v.to(acc).transpose(1, 2), call.groups, dim=1)
-    s = (qh @ kh.transpose(-1, -2)) * call.scale
-    if compose_scores is not None:
-        s = compose_scores(s)
-    q_idx = torch.arange(call.Tq, device=q.device)
-    k_idx = torch.arange(call.Tk, device=q.device)
-    lw = call.log_weights(s, q_idx, k_idx)
-    if call.score.normalized:
-        lse = torch.logsumexp(lw, dim=-1, keepdim=True)
-        p = torch.exp(lw - finite_or_zero(lse))
-    else:
-        p = torch.exp(lw)
-    if call.score.signed:
-        p = p * torch.sign(call.scores(s, q_idx, k_idx))
     if compose_weights is not None:
         p = compose_weights(p)
         if call.mask is not None:
