@@ -88,3 +88,33 @@ def test_auto_form_matches_the_reference(name: str) -> None:
         x,
         grads=False,
     )
+
+
+@pytest.mark.parametrize("name", sorted(linear.MECHANISMS))
+def test_a_layer_learns_every_tensor_the_example_extras_supply(name: str) -> None:
+    """A record's ``learned`` module stands in for its seeded ``extras`` inside a layer: it must
+    produce every tensor they do, with the same shape (a record that forgets ``learned`` fails)."""
+    mechanism = linear.get(name)
+    x = plain_inputs(name, dtype=torch.float32)
+    example = {
+        key: value
+        for key, value in mechanism.extras(x["q"], x["k"], x["v"]).items()
+        if isinstance(value, torch.Tensor)
+    }
+    if mechanism.learned is None:
+        assert example == {}
+        return
+    Hq, Hkv, D = x["q"].shape[2], x["k"].shape[2], x["q"].shape[3]
+    learned = mechanism.learned(Hq, Hkv, D)(x["q"], x["k"])
+    assert set(example) <= set(learned)
+    for key, value in example.items():
+        assert learned[key].shape[1:] == value.shape[1:], key
+
+
+def test_own_queries_are_the_mechanisms_that_take_any_number_of_queries() -> None:
+    own = {name for name, m in linear.MECHANISMS.items() if m.own_queries}
+    assert own == {"aaren", "agent_attention", "flare", "flare_causal"}
+    for name in sorted(own):  # their queries replace or pool q: a shorter q runs
+        x = plain_inputs(name)
+        out = linear.get(name).run(x["q"][:, :5], x["k"], x["v"], form="reference")
+        assert torch.isfinite(out).all()

@@ -33,9 +33,6 @@ def _form(
     return make
 
 
-#: Mechanisms whose queries are their own (a learned query, agents, latents): any Tq works.
-_OWN_QUERIES = {"aaren", "agent_attention", "flare", "flare_causal"}
-
 for _name, _mechanism in linear.MECHANISMS.items():
     register(
         Mechanism(
@@ -45,6 +42,6 @@ for _name, _mechanism in linear.MECHANISMS.items():
             _mechanism.summary,
             run=_form(_name, "auto"),
             reference=_form(_name, "reference"),
-            cross=_name in _OWN_QUERIES,
+            cross=_mechanism.own_queries,
         )
     )

@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-from attnkit.linear import additive, agent, decay
+from attnkit.linear import additive, agent, decay, learned
 from attnkit.linear.aaren import PAPER as AAREN_PAPER
 from attnkit.linear.aaren import aaren
 from attnkit.linear.based import PAPER as BASED_PAPER
@@ -28,6 +28,7 @@ from attnkit.linear.flare import PAPER as FLARE_PAPER
 from attnkit.linear.flare import flare
 from attnkit.linear.gla import PAPER as GLA_PAPER
 from attnkit.linear.gla import gla, gla_problem
+from attnkit.linear.learned import BASED_FEATURE_DIM, FLARE_LATENTS
 from attnkit.linear.linear_attention import PAPER as LINEAR_PAPER
 from attnkit.linear.linear_attention import linear_attention, linear_attention_problem
 from attnkit.linear.prefix import PrefixState
@@ -63,10 +64,6 @@ def _vig_extras(q: Tensor, k: Tensor, v: Tensor) -> dict[str, Any]:
     return {"log_gate": _gla_gate(k, 1), "backward_log_gate": _gla_gate(k, 2), "causal": False}
 
 
-#: BASED's projected feature dimension.
-BASED_FEATURE_DIM = 16
-
-
 def _based_extras(q: Tensor, k: Tensor, v: Tensor) -> dict[str, Any]:
     # A slice of q/k stands in for BASED's learned projection to 16 features.
     df = min(BASED_FEATURE_DIM, q.shape[-1])
@@ -83,10 +80,6 @@ def _rat_extras(q: Tensor, k: Tensor, v: Tensor) -> dict[str, Any]:
     if v.shape[-1] != k.shape[-1]:
         extras["value_gate"] = torch.sigmoid(_draw(v, *v.shape, seed=4) + 1.0)
     return extras
-
-
-#: FLARE's latent queries per head.
-FLARE_LATENTS = 16
 
 
 def _flare_extras(causal: bool) -> Extras:
@@ -143,6 +136,10 @@ class LinearMechanism:
         options: fixed keyword options of ``fn`` that define this entry.
         gqa: query heads may share key/value heads (False: FLARE, whose keys query its
             latents and so need one key head per query head).
+        learned: ``factory(n_heads, n_kv_heads, head_dim) -> module(q, k) -> extras``: what a
+            layer learns in place of ``extras`` (``attnkit.linear.learned``); None: nothing.
+        own_queries: its queries are its own (a learned query, agents, latents), so it takes
+            any number of queries, also a different one from the keys'.
     """
 
     name: str
@@ -156,6 +153,8 @@ class LinearMechanism:
     state: type | None = None
     options: dict[str, Any] = field(default_factory=dict)
     gqa: bool = True
+    learned: Callable[[int, int, int], nn.Module] | None = None
+    own_queries: bool = False
 
     def form(self, name: str) -> Callable[..., Any]:
         """``fn`` with ``form=name`` fixed."""
@@ -252,6 +251,7 @@ MECHANISMS: dict[str, LinearMechanism] = {
             extras=_gla_extras,
             problem=gla_problem,
             state=LinearState,
+            learned=learned.gla_gate,
         ),
         LinearMechanism(
             "gla_bidirectional",
@@ -260,6 +260,7 @@ MECHANISMS: dict[str, LinearMechanism] = {
             gla,
             extras=_vig_extras,
             causal=False,
+            learned=learned.vig_gates,
         ),
         LinearMechanism(
             "based",
@@ -270,6 +271,7 @@ MECHANISMS: dict[str, LinearMechanism] = {
             extras=_based_extras,
             problem=_based_problem,
             state=BasedState,
+            learned=learned.based_features,
         ),
         LinearMechanism(
             "aaren",
@@ -279,6 +281,8 @@ MECHANISMS: dict[str, LinearMechanism] = {
             aaren,
             extras=_aaren_extras,
             state=PrefixState,
+            learned=learned.aaren_query,
+            own_queries=True,
         ),
         LinearMechanism(
             "rat",
@@ -288,6 +292,7 @@ MECHANISMS: dict[str, LinearMechanism] = {
             rat,
             extras=_rat_extras,
             state=RATState,
+            learned=learned.rat_gate,
         ),
         LinearMechanism(
             "agent_attention",
@@ -297,6 +302,7 @@ MECHANISMS: dict[str, LinearMechanism] = {
             agent.agent_attention,
             forms=("reference", "chunked"),
             causal=False,
+            own_queries=True,
         ),
         LinearMechanism(
             "flare",
@@ -308,6 +314,8 @@ MECHANISMS: dict[str, LinearMechanism] = {
             extras=_flare_extras(causal=False),
             causal=False,
             gqa=False,
+            learned=learned.flare_latents(causal=False),
+            own_queries=True,
         ),
         LinearMechanism(
             "flare_causal",
@@ -318,6 +326,8 @@ MECHANISMS: dict[str, LinearMechanism] = {
             extras=_flare_extras(causal=True),
             state=PrefixState,
             gqa=False,
+            learned=learned.flare_latents(causal=True),
+            own_queries=True,
         ),
         LinearMechanism(
             "efficient_additive",
@@ -328,6 +338,7 @@ MECHANISMS: dict[str, LinearMechanism] = {
             forms=("reference", "chunked"),
             extras=_additive_extras,
             causal=False,
+            learned=learned.additive_scores,
         ),
     )
 }
