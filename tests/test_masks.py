@@ -475,3 +475,21 @@ def test_grid_masks_share_by_their_axes_and_grid() -> None:
     ]
     identities = [mask.identity for mask in [same[0], *others]]
     assert len(set(identities)) == len(identities)
+
+
+def test_a_mask_says_whether_it_is_data_of_one_batch_and_whether_it_unravels_a_grid():
+    from_data = [
+        masks.documents(torch.tensor([[0, 0, 1, 1]])),
+        masks.key_padding(torch.tensor([3])),
+        masks.keys(torch.tensor([[True, False, True, True]])),
+        masks.from_dense(torch.ones(1, 1, 4, 4, dtype=torch.bool)),
+    ]
+    rules = [masks.causal(), masks.sliding_window(2), masks.sinks(1), masks.neighborhood(3)]
+    for mask in from_data:
+        assert mask.data_dependent and (mask & masks.causal()).data_dependent
+        assert (~mask).data_dependent
+    for mask in rules:
+        assert not mask.data_dependent and not (mask | masks.causal()).data_dependent
+    assert masks.neighborhood(3).unravels_grid
+    assert (masks.neighborhood(3) & masks.causal()).unravels_grid
+    assert not masks.causal().unravels_grid and not masks.sliding_window(4).unravels_grid

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from attnkit import heads, masks, testing
+from attnkit import catalog, heads, masks, testing
 from attnkit import nn as ak
 from attnkit.positional import Rotary
 from attnkit.positional.rotary import rotary_reference
@@ -120,8 +120,12 @@ def test_bad_choices_name_the_problem() -> None:
         make(positional="nope")
     with pytest.raises(KeyError, match="no mechanism named 'nope'"):
         make(mechanism="nope")
-    with pytest.raises(ValueError, match="depends on the batch's data"):
-        make(mechanism="documents")
+    for data_dependent in ("documents", "key_padding"):
+        with pytest.raises(ValueError, match="depends on the batch's data"):
+            make(mechanism=data_dependent)
+    assert catalog.get("rope").kind == "function"  # registered by the catalog
+    with pytest.raises(ValueError, match=r"'rope' is a function \(positional\).*positional="):
+        make(mechanism="rope")
     with pytest.raises(ValueError, match="use positional='relative_bias'"):
         make(mechanism="relative_bias")
     with pytest.raises(ValueError, match="take no options"):

@@ -65,7 +65,6 @@ from attnkit.backends.base import Backend
 from attnkit.call import AttentionCall
 from attnkit.costs import CostTable
 from attnkit.masks.base import EMPTY, FULL, PARTIAL, Mask, aligned_query_positions
-from attnkit.masks.neighborhood import GridMask
 from attnkit.scores import Softmax
 
 #: Tile size of the BlockMasks (FlexAttention's default sparse block size).
@@ -460,7 +459,7 @@ def _cost(call: AttentionCall, table: CostTable) -> tuple[float, str]:
         cost *= table.value("flex.bias", dtype, grad)
     if call.mask is None:
         cost *= table.value("flex.dense", dtype, grad)
-    elif isinstance(call.mask, GridMask):
+    elif call.mask.unravels_grid:
         cost += table.value("flex.grid_partial", dtype, grad) * partial
     cost += table.value("flex.overhead_pairs", dtype, grad) / (call.B * call.Hq * call.Tq * call.Tk)
     return cost, f"computes {live:.0%} of {BLOCK_SIZE}x{BLOCK_SIZE} tiles in one compiled kernel"

@@ -128,6 +128,19 @@ class Mask:
         return 1
 
     @property
+    def data_dependent(self) -> bool:
+        """True if the pattern is data of one batch (segment ids, lengths, kept keys, a dense
+        matrix) rather than a rule of positions: it must be built for each batch, so it cannot
+        be fixed when a layer is built."""
+        return False
+
+    @property
+    def unravels_grid(self) -> bool:
+        """True if the predicate maps token indices to grid coordinates (integer divisions per
+        pair): costly per pair where a backend evaluates it elementwise (partial tiles)."""
+        return False
+
+    @property
     def is_plain_causal(self) -> bool:
         """True if this mask is ``causal()`` itself: query ``i`` sees exactly the keys
         ``j <= i + (Tk - Tq)`` (bottom-right aligned), whatever the sizes. Answered from the
@@ -306,6 +319,14 @@ class And(Mask):
     def num_heads(self):
         return _common_size(self.left.num_heads, self.right.num_heads, "head counts")
 
+    @property
+    def data_dependent(self) -> bool:
+        return self.left.data_dependent or self.right.data_dependent
+
+    @property
+    def unravels_grid(self) -> bool:
+        return self.left.unravels_grid or self.right.unravels_grid
+
     def check(self, B, H, Tq, Tk, device):
         self.left.check(B, H, Tq, Tk, device)
         self.right.check(B, H, Tq, Tk, device)
@@ -352,6 +373,14 @@ class Not(Mask):
     @property
     def num_heads(self):
         return self.inner.num_heads
+
+    @property
+    def data_dependent(self) -> bool:
+        return self.inner.data_dependent
+
+    @property
+    def unravels_grid(self) -> bool:
+        return self.inner.unravels_grid
 
     def check(self, B, H, Tq, Tk, device):
         self.inner.check(B, H, Tq, Tk, device)

@@ -41,6 +41,14 @@ class PerHead(Mask):
             size = _common_size(size, m.batch_size, "batch sizes")
         return size
 
+    @property
+    def data_dependent(self) -> bool:
+        return any(m.data_dependent for m in self.masks)
+
+    @property
+    def unravels_grid(self) -> bool:
+        return any(m.unravels_grid for m in self.masks)
+
     def check(self, B, H, Tq, Tk, device):
         super().check(B, H, Tq, Tk, device)
         for m in self.masks:

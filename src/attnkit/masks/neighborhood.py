@@ -265,6 +265,10 @@ class GridMask(Mask):
         # The axes are frozen dataclasses: equal by value, and by kind (neighborhood, halo).
         return ("grid", self.axes, self.grid)
 
+    @property
+    def unravels_grid(self) -> bool:
+        return True
+
     def _validate(self, grid: tuple[int, ...]) -> None:
         if len(grid) != len(self.axes):
             raise ValueError(

@@ -109,6 +109,10 @@ class _KeyRangeMask(Mask):
     def batch_size(self) -> int:
         return self.count.shape[0] if isinstance(self.count, Tensor) else 1
 
+    @property
+    def data_dependent(self) -> bool:
+        return isinstance(self.count, Tensor)
+
     def _count(self, b: Tensor) -> Tensor | int:
         if isinstance(self.count, Tensor):
             return self.count[b]
@@ -182,6 +186,10 @@ class Documents(Mask):
         self.name = f"documents(B={q_segments.shape[0]}, T={q_segments.shape[1]})"
 
     @property
+    def data_dependent(self) -> bool:
+        return True
+
+    @property
     def batch_size(self) -> int:
         return self.q_segments.shape[0]
 
@@ -239,6 +247,10 @@ class KeySet(Mask):
         self.name = f"keys(B={keep.shape[0]}, Tk={keep.shape[1]})"
 
     @property
+    def data_dependent(self) -> bool:
+        return True
+
+    @property
     def batch_size(self) -> int:
         return self.keep.shape[0]
 
@@ -275,6 +287,10 @@ class DenseMask(Mask):
             )
         self.allowed = allowed
         self.name = f"dense{tuple(allowed.shape)}"
+
+    @property
+    def data_dependent(self) -> bool:
+        return True
 
     @property
     def batch_size(self) -> int:

@@ -94,8 +94,9 @@ class AttentionConfig:
 def mechanism_attend(choice: Choice | Attend, n_heads: int, backend: str = "auto") -> Attend:
     """The ``Attend`` for a catalog mechanism used inside a layer.
 
-    Mechanisms whose options depend on data (``documents``, ``key_padding``) or carry
-    learnable tensors (``relative_bias``) cannot be fixed at construction and are refused.
+    Mechanisms whose mask is data of one batch (``Mask.data_dependent``: ``documents``,
+    ``key_padding``) or whose bias carries learnable tensors (``relative_bias``) cannot be
+    fixed at construction and are refused.
     """
     if isinstance(choice, Attend):
         return choice
@@ -106,12 +107,19 @@ def mechanism_attend(choice: Choice | Attend, n_heads: int, backend: str = "auto
             "pass an attnkit.nn.Attend(mask=..., score=...) for a custom variant"
         )
     mechanism = mechanisms.get(name)
-    if mechanism.name in ("documents", "key_padding"):
+    if mechanism.kind != "attention":
         raise ValueError(
-            f"mechanism {name!r} depends on the batch's data; pass its mask per call "
-            "through an Attend built for that batch"
+            f"mechanism {name!r} is a {mechanism.kind} ({mechanism.family}), not a mask, score "
+            "and bias that a layer's heads compute; choose it with the layer's own option "
+            "(layout=, positional=, gate=) or run it with attnkit.catalog.get(name)"
         )
     built = mechanism.build(mechanisms.InputSpec(Hq=n_heads))
+    mask = built.get("mask")
+    if mask is not None and mask.data_dependent:
+        raise ValueError(
+            f"mechanism {name!r} depends on the batch's data ({mask!r}); pass its mask per "
+            "call (Attention(..., mask=...)) or through an Attend built for that batch"
+        )
     bias = built.get("bias")
     if bias is not None and bias.parameters():
         raise ValueError(
@@ -119,7 +127,7 @@ def mechanism_attend(choice: Choice | Attend, n_heads: int, backend: str = "auto
             "become parameters of the layer"
         )
     return Attend(
-        mask=built.get("mask"),
+        mask=mask,
         score=built.get("score"),
         bias=bias,
         backend=mechanism.backend or backend,
