@@ -13,8 +13,6 @@ from attnkit.masks.base import EMPTY, FULL, PARTIAL
 from attnkit.primitives import (
     TileRun,
     accumulation_dtype,
-    attention_weights,
-    dense_weights,
     expand_kv_heads,
     finite_or_zero,
     live_tile_runs,
@@ -150,7 +148,7 @@ def _bottom_right_causal(Tq: int, Tk: int) -> torch.Tensor:
 def test_dense_softmax_weights_are_the_masked_softmax(Tq: int, Tk: int) -> None:
     q, k, v = torch.randn(2, Tq, 4, 8), torch.randn(2, Tk, 2, 8), torch.randn(2, Tk, 2, 8)
     call = AttentionCall(q, k, v, masks.causal(), scale=0.3)
-    weights, lse = dense_weights(call, torch.float64)
+    weights, lse = call.dense_weights(torch.float64)
     s = _scores_by_hand(q.double(), k.double(), 0.3)
     s = s.masked_fill(~_bottom_right_causal(Tq, Tk), -math.inf)
     expected_lse = torch.logsumexp(s, dim=-1)
@@ -165,10 +163,10 @@ def test_dense_sigmoid_weights_are_unnormalised_unless_asked() -> None:
     q, k, v = torch.randn(1, 5, 2, 4), torch.randn(1, 5, 2, 4), torch.randn(1, 5, 2, 4)
     call = AttentionCall(q, k, v, score=scores.sigmoid(), scale=0.5)
     expected = torch.sigmoid(_scores_by_hand(q, k, 0.5) - math.log(5))
-    weights, lse = dense_weights(call, torch.float32)
+    weights, lse = call.dense_weights(torch.float32)
     torch.testing.assert_close(weights, expected)
     torch.testing.assert_close(lse, expected.sum(-1).log())
-    normalised, _ = dense_weights(call, torch.float32, normalize=True)
+    normalised, _ = call.dense_weights(torch.float32, normalize=True)
     torch.testing.assert_close(normalised, expected / expected.sum(-1, keepdim=True))
 
 
@@ -176,20 +174,20 @@ def test_dense_cog_weights_are_signed_and_the_score_hook_sees_every_head() -> No
     q, k, v = torch.randn(1, 5, 3, 4), torch.randn(1, 5, 3, 4), torch.randn(1, 5, 3, 4)
     call = AttentionCall(q, k, v, score=scores.cog())
     s = _scores_by_hand(q, k, 0.5)
-    weights, _ = dense_weights(call, torch.float32)
+    weights, _ = call.dense_weights(torch.float32)
     torch.testing.assert_close(weights, torch.sign(s) * torch.softmax(s.abs(), dim=-1))
-    mixed, _ = dense_weights(call, torch.float32, lambda t: t.flip(1))
+    mixed, _ = call.dense_weights(torch.float32, lambda t: t.flip(1))
     s = s.flip(1)
     torch.testing.assert_close(mixed, torch.sign(s) * torch.softmax(s.abs(), dim=-1))
 
 
 @pytest.mark.parametrize("score", [scores.softmax(), scores.sigmoid(), scores.cog()])
-def test_attention_weights_of_a_tile_are_that_part_of_the_dense_weights(score) -> None:
+def test_tile_weights_are_that_part_of_the_dense_weights(score) -> None:
     q, k, v = torch.randn(2, 9, 4, 8), torch.randn(2, 11, 2, 8), torch.randn(2, 11, 2, 8)
     call = AttentionCall(q, k, v, masks.sliding_window(4), score)
-    weights, lse = dense_weights(call, torch.float32)
+    weights, lse = call.dense_weights(torch.float32)
     rows, cols = torch.tensor([0, 3, 4, 8]), torch.arange(5, 11)
     s = _scores_by_hand(q[:, rows], k[:, cols], call.scale)
     lw = call.log_weights(s, rows, cols)
-    tile = attention_weights(call, s, lw, lse[:, :, rows].unsqueeze(-1), rows, cols)
+    tile = call.tile_weights(s, lw, lse[:, :, rows].unsqueeze(-1), rows, cols)
     torch.testing.assert_close(tile, weights[:, :, rows][:, :, :, cols])

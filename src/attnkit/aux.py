@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from attnkit.call import AttentionCall, AuxOutput
-from attnkit.primitives import attention_weights, expand_kv_heads
+from attnkit.primitives import expand_kv_heads
 
 _QUERY_TILE = 256
 _KEY_TILE = 1024
@@ -50,7 +50,7 @@ def _weight_tiles(call: AttentionCall, lse: Tensor, q_idx: Tensor):
             cols = torch.arange(ks, min(ks + _KEY_TILE, call.Tk), device=call.device)
             s = (q @ k[:, :, cols].transpose(-1, -2)) * call.scale
             lw = call.log_weights(s, rows, cols, log_counts=log_counts)
-            w = attention_weights(call, s, lw, row_lse, rows, cols)
+            w = call.tile_weights(s, lw, row_lse, rows, cols)
             yield slice(qs, qs + rows.numel()), slice(ks, ks + cols.numel()), w
 
 

@@ -1,14 +1,16 @@
 """One attention call, validated: shapes, the extras requested, and the score pipeline.
 
 ``AttentionCall`` is what every backend receives. It owns the one definition of how a raw
-scaled score becomes a masked log-weight (``log_weights``) and how a backend's normalised
-output becomes the final one (``finalize``), so backends differ only in how they order work.
+scaled score becomes a masked log-weight (``log_weights``) and a weight (``tile_weights``; all
+pairs at once: ``dense_weights``), and how a backend's normalised output becomes the final one
+(``finalize``), so backends differ only in how they order work.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -16,7 +18,7 @@ from torch import Tensor
 
 from attnkit.masks.base import Mask, aligned_query_positions, row_counts
 from attnkit.positional import Bias
-from attnkit.primitives import accumulation_dtype
+from attnkit.primitives import accumulation_dtype, expand_kv_heads, finite_or_zero
 from attnkit.scores import ScoreFunction, Softmax
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -253,6 +255,62 @@ class AttentionCall:
             allowed = self.mask.predicate(b, hm, q, k, self.Tq, self.Tk)
             lw = lw.masked_fill(~allowed, float("-inf"))
         return lw
+
+    def tile_weights(
+        self,
+        s: Tensor,
+        lw: Tensor,
+        lse: Tensor,
+        q_idx: Tensor,
+        k_idx: Tensor,
+        *,
+        normalize: bool = False,
+    ) -> Tensor:
+        """The weights ``[B, Hq, nq, nk]`` of the pairs (``q_idx`` x ``k_idx``) of a tile, from
+        their scaled scores ``s`` and log-weights ``lw = self.log_weights(s, q_idx, k_idx)``
+        (both ``[B, Hq, nq, nk]``) and their rows' log-normaliser over all keys ``lse``
+        (``[B, Hq, nq, 1]``, ``-inf`` for a row that sees no key):
+
+            w = exp(lw - lse)      normalised scores (softmax), or every score with ``normalize``
+            w = exp(lw)            unnormalised scores (sigmoid): their weights do not sum to 1
+            w = sign(score) * w    signed scores (Cog)
+
+        0 on masked pairs and in rows that see no key. ``normalize`` gives a backend's
+        row-normalised weights, whose output ``finalize`` rescales by ``exp(lse)``."""
+        if normalize or self.score.normalized:
+            lw = lw - finite_or_zero(lse)
+        weights = torch.exp(lw)
+        if self.score.signed:
+            weights = weights * torch.sign(self.scores(s, q_idx, k_idx))
+        return weights
+
+    def dense_weights(
+        self,
+        dtype: torch.dtype,
+        compose_scores: Callable[[Tensor], Tensor] | None = None,
+        *,
+        normalize: bool = False,
+    ) -> tuple[Tensor, Tensor]:
+        """Every pair's weight, computed densely in ``dtype`` (``O(Tq Tk)`` memory): weights
+        ``[B, Hq, Tq, Tk]`` and each row's log-normaliser ``lse [B, Hq, Tq]`` (``-inf`` for a
+        query that sees no key).
+
+            s   = scale * q k^T          k's heads expanded for GQA
+            s   = compose_scores(s)      a hook that mixes heads' scores (talking heads, DCMHA)
+            lw  = log_weights(s)         bias, soft cap, score function; -inf where masked
+            lse = logsumexp_j lw
+            w   = tile_weights(...)      over all keys; ``normalize`` as there"""
+        q = self.q.to(dtype).transpose(1, 2)  # [B, Hq, Tq, D]
+        k = expand_kv_heads(self.k.to(dtype).transpose(1, 2), self.groups, dim=1)
+        s = (q @ k.transpose(-1, -2)) * self.scale
+        if compose_scores is not None:
+            s = compose_scores(s)
+        q_idx = torch.arange(self.Tq, device=self.device)
+        k_idx = torch.arange(self.Tk, device=self.device)
+        lw = self.log_weights(s, q_idx, k_idx)
+        lse = torch.logsumexp(lw, dim=-1, keepdim=True)
+        weights = self.tile_weights(s, lw, lse, q_idx, k_idx, normalize=normalize)
+        return weights, lse.squeeze(-1)
 
     def finalize(self, out: Tensor, lse: Tensor | None) -> Tensor:
         """Turn a backend's normalised output ``[B, Tq, Hq, Dv]`` into the final one:

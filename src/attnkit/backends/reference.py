@@ -15,7 +15,7 @@ from torch import Tensor
 
 from attnkit.backends.base import Backend
 from attnkit.call import AttentionCall
-from attnkit.primitives import accumulation_dtype, dense_weights, expand_kv_heads
+from attnkit.primitives import accumulation_dtype, expand_kv_heads
 
 
 def reference_forward(
@@ -30,7 +30,7 @@ def reference_forward(
     if compute_dtype is None:
         compute_dtype = call.accumulation_dtype
     # a backend returns row-normalised outputs for every score; finalize rescales them
-    p, lse = dense_weights(call, compute_dtype, normalize=True)
+    p, lse = call.dense_weights(compute_dtype, normalize=True)
     v = expand_kv_heads(call.v.to(compute_dtype).transpose(1, 2), call.groups, dim=1)
     out = p @ v
     lse_dtype = accumulation_dtype(compute_dtype)

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from attnkit.attend import Attend
 from attnkit.call import AttentionCall
-from attnkit.primitives import dense_weights, expand_kv_heads
+from attnkit.primitives import expand_kv_heads
 from attnkit.scores import Softmax
 
 #: Maps ``[B, Hq, Tq, Tk]`` to ``[B, Hq, Tq, Tk]``, mixing heads.
@@ -54,7 +54,7 @@ def dense_attend(
         )
     call = AttentionCall(q, k, v, attend.mask, attend.score or Softmax(), attend.bias, attend.scale)
     acc = call.accumulation_dtype
-    p, _ = dense_weights(call, acc, compose_scores)
+    p, _ = call.dense_weights(acc, compose_scores)
     vh = expand_kv_heads(v.to(acc).transpose(1, 2), call.groups, dim=1)
     if compose_weights is not None:
         p = compose_weights(p)

@@ -55,7 +55,7 @@ from attnkit.api import attention
 from attnkit.call import AttentionCall, Aux
 from attnkit.masks import EMPTY, FULL, PARTIAL, Mask, full
 from attnkit.positional import Bias
-from attnkit.primitives import dense_weights, expand_kv_heads
+from attnkit.primitives import expand_kv_heads
 from attnkit.scores import ScoreFunction, Softmax
 
 _QUERY_TILE = 256
@@ -262,7 +262,7 @@ def reference_calibrated_attention(
     _check_score(score)
     call = AttentionCall(q, k, v, mask, score or Softmax(), bias, scale)
     B, Hq, Tq, Tk, G = call.B, call.Hq, call.Tq, call.Tk, call.groups
-    weights, _ = dense_weights(call, q.dtype)
+    weights, _ = call.dense_weights(q.dtype)
     vh = expand_kv_heads(v.transpose(1, 2), G, dim=1)
     if sinks is None:
         allowed = torch.ones(1, 1, Tq, Tk, dtype=torch.bool) if mask is None else mask.dense(Tq, Tk)
