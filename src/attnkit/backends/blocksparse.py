@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
 from types import ModuleType
 
 import torch
@@ -394,18 +393,13 @@ def _kernel_inputs(call: AttentionCall) -> tuple[Tensor, Tensor, Tensor]:
     return call.q.contiguous(), call.k.contiguous(), call.v.contiguous()
 
 
-def gemms_alone(call: AttentionCall) -> Callable[[], object] | None:
-    """For benchmarks: a function running the compiled kernel's GEMM calls for ``call`` (with
-    the packing of their operands, and in bfloat16 the rounding of P) with the per-row softmax
-    steps between them skipped; its output is not attention. Its time is what the plan's tiles
-    cost at this GEMM's speed: a bound on the kernel's time. None where the kernel does not run
-    ``call``."""
+def kernel_launch(call: AttentionCall) -> tuple[ModuleType, tuple[Tensor, ...], tuple] | None:
+    """The compiled kernel, its ``q, k, v`` and its plan's tile tensors for ``call``; None
+    where the kernel does not run ``call``. (The benchmarks time its GEMMs alone with it.)"""
     kernel = _kernel(call)
     if kernel is None:
         return None
-    tiles = _plan(call).kernel_tiles
-    q, k, v = _kernel_inputs(call)
-    return lambda: kernel.forward(q, k, v, *tiles, False, float(call.scale), 0.0, False)
+    return kernel, _kernel_inputs(call), _plan(call).kernel_tiles
 
 
 def kernel_gemm(dtype: torch.dtype) -> str | None:
@@ -418,18 +412,6 @@ def kernel_gemm(dtype: torch.dtype) -> str | None:
     if kernel is None or dtype not in KERNEL_DTYPES:
         return None
     return kernel.float32_gemm() if dtype == torch.float32 else kernel.bfloat16_gemm()
-
-
-def kernel_matmul(a: Tensor, b: Tensor, out: Tensor) -> bool:
-    """``out = a @ b`` for float32 matrices with unit column stride, through the GEMM the
-    compiled kernel calls in float32 (:func:`kernel_gemm`), in cache-sized blocks over all
-    threads: the benchmarks' probe of the matmul throughput this kernel can reach. False
-    (``out`` untouched) without the kernel."""
-    kernel = native.load("blocksparse_cpu")
-    if kernel is None:
-        return False
-    kernel.matmul_into(a, b, out)
-    return True
 
 
 def needs_shift(call: AttentionCall) -> bool:

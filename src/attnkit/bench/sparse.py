@@ -20,7 +20,7 @@ tile computed at dense SDPA's throughput).
 
 What the machine allows: the run also measures its matmul throughput per dtype (a square
 ``MATMUL_PROBE`` GEMM, the most favourable shape, through the fastest GEMM this process has:
-torch's matmul, and in float32 also the compiled kernel's own, ``blocksparse.kernel_matmul``,
+torch's matmul, and in float32 also the compiled kernel's own, ``probes.kernel_matmul``,
 which runs about 2.3x faster than torch's MKL on AMD CPUs) and gives each cell a *floor*, the
 time of the mask's kept pairs alone at that throughput (two GEMMs, ``4 · B · H · D`` flops per
 kept pair; no softmax, no wasted pairs in partial tiles). An implementation that computes exact
@@ -32,7 +32,7 @@ CPUs runs AVX2 code at half the core's AVX-512 throughput, and called goals unre
 brgemm then met.)
 
 What our tiles allow: ``kernel_gemms`` times the compiled kernel's GEMMs on the same plan with
-the per-row softmax steps skipped (``blocksparse.gemms_alone``): the same tiles, partial ones
+the per-row softmax steps skipped (``probes.gemms_alone``): the same tiles, partial ones
 included, at the GEMM's speed on their shapes. ``flex / kernel_gemms`` (*reachable*) is the
 largest speed-up over Flex a kernel built on these tiles and this GEMM could reach with a free
 softmax; the gap between it and the ceiling is the GEMM's efficiency on tile-sized products plus
@@ -56,6 +56,7 @@ from torch import Tensor
 from attnkit import catalog, masks
 from attnkit.api import attention
 from attnkit.backends import blocksparse
+from attnkit.bench import probes
 from attnkit.bench.measure import median, release_memory, timed
 from attnkit.bench.speed import DTYPES, allowed_pairs
 from attnkit.call import AttentionCall
@@ -191,7 +192,7 @@ def _candidates(
         "flex": lambda: attention(q, k, v, mask=mask, backend="flex"),
     }
     skipped: dict[str, str] = {}
-    gemms = blocksparse.gemms_alone(AttentionCall(q, k, v, mask=mask))
+    gemms = probes.gemms_alone(AttentionCall(q, k, v, mask=mask))
     if gemms is None:
         skipped["kernel_gemms"] = "blocksparse's compiled kernel does not run this call"
     else:
@@ -262,7 +263,7 @@ def _square_matmuls(dtype: torch.dtype) -> list[Callable[[], object]]:
     if dtype == torch.float32 and blocksparse.kernel_gemm(dtype) is not None:
         padded = MATMUL_PROBE + 16
         x, y, out = (torch.randn(MATMUL_PROBE, padded)[:, :MATMUL_PROBE] for _ in range(3))
-        calls.append(lambda: blocksparse.kernel_matmul(x, y, out))
+        calls.append(lambda: probes.kernel_matmul(x, y, out))
     return calls
 
 
