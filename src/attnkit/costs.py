@@ -67,8 +67,8 @@ FACTORS: dict[Key, float] = {
     # grid masks (neighborhoods) evaluate index arithmetic per pair in partial tiles
     ("flex.grid_partial", "*", None): 3.5,
     # fixed cost per call on the CPU (guards, BlockMask, the kernel's launch over its tiles), as
-    # the (query x key) pairs dense SDPA computes in that time: 2.5-4 ms at B=1, H=4, D=64
-    # (sigmoid, ALiBi: 1.4-1.6x dense SDPA at T=1024, 1.0x at T=4096)
+    # the (query x key) pairs dense SDPA computes in that time (the timings it was fitted to:
+    # docs/dispatch.md, "Measurements behind the factors")
     ("flex.overhead_pairs", "*", None): 1.5e6,
     ("chunked.per_live", "*", False): 1.8,
     ("chunked.per_live", "*", True): 2.8,

@@ -34,17 +34,18 @@ Two implementations of these steps share the plan of live tiles:
   GEMMs are oneDNN's brgemm micro-kernels (through ATen's ``cpublas::brgemm``) where libtorch
   has them for the CPU, else the BLAS (:func:`kernel_gemm` says which). The difference is the
   CPU's vector width: MKL picks its code path by vendor and runs AVX2 on AMD CPUs, half of what
-  an AVX-512 core can do, and SDPA's float32 kernel calls MKL. On this Zen 5 machine brgemm
-  reaches 226-258 GFLOP/s per core on tile shapes against MKL's ~100, and the kernel runs dense
-  and causal attention ~2x faster than SDPA, forward and forward+backward (on the BLAS it
-  reaches ~0.95-1.0 of SDPA per live tile). It uses 128-row query tiles instead of 256 when
-  that cuts the live area enough, and 64x64 tiles when those cut it further (``KERNEL_TILES``,
-  ``NARROW_GAIN``: narrow bands, documents, neighborhoods).
+  an AVX-512 core can do, and SDPA's float32 kernel calls MKL, so on an AVX-512 AMD CPU brgemm
+  lets the kernel run dense and causal attention faster than SDPA, forward and
+  forward+backward; on the BLAS it runs about as fast as SDPA per live tile (measurements:
+  docs/kernels.md). It uses 128-row query tiles instead of 256 when that cuts the live area
+  enough, and 64x64 tiles when those cut it further (``KERNEL_TILES``, ``NARROW_GAIN``: narrow
+  bands, documents, neighborhoods).
 - bfloat16 runs the same kernel, forward and backward, on oneDNN's bf16 brgemm (its operands
-  packed in VNNI layout once per call; ~2x float32 brgemm with AVX512-BF16), else through
-  ``at::mm_out`` (oneDNN's matmul primitive, whose per-call cost small tiles feel). SDPA's
-  bf16 CPU kernel reaches a fraction of either: here forward 3.3-3.8x dense SDPA bf16 and
-  4-22x Flex. Gradients accumulate in float32.
+  packed in VNNI layout once per call; with AVX512-BF16 it has twice float32's dot-product
+  throughput), else through ``at::mm_out`` (oneDNN's matmul primitive, whose per-call cost
+  small tiles feel). SDPA's bf16 CPU kernel reaches a fraction of either, so where bf16
+  brgemm runs the kernel is faster than SDPA and Flex in bf16 (measurements:
+  docs/kernels.md). Gradients accumulate in float32.
 - float16, and everything where the kernel cannot be compiled, run the batched matmuls.
 
 Scores: softmax — the call pattern of every sparse pattern in the catalog — with Gemma 2's soft
@@ -76,10 +77,8 @@ BLOCK_K = 128
 MAX_KEYS = 512
 #: The compiled kernel's tile shapes ``(block_q, block_k)``, widest first. Each narrower shape
 #: is chosen when its live area is at most ``NARROW_GAIN`` of the shape chosen so far: smaller
-#: GEMMs cost more per pair, so they must save enough pairs. Measured at T=8192 (float32):
-#: 128 vs 256 rows: window 256, area 0.75: 27.5 vs 32.8 ms; documents 0.90: 57 vs 61; 2-D
-#: neighborhood 0.94: 91 vs 97; causal 0.985: 217 vs 211. 64x64 vs 128x128: window 256
-#: 16.6 vs 21.0 ms, documents 44.9 vs 49.4; aligned 512-blocks (same area) 25.0 vs 24.4.
+#: GEMMs cost more per pair, so they must cut the live area by at least 5% (the timings behind
+#: the threshold: docs/kernels.md).
 KERNEL_TILES = ((BLOCK_Q, BLOCK_K), (128, 128), (64, 64))
 NARROW_GAIN = 0.95
 #: Largest |score| for which exp needs no shift: e^60 · 2^40 keys stays below float32's max.
@@ -161,7 +160,7 @@ class _Plan:
 
     def keep_as(self, dtype: torch.dtype) -> dict[tuple[int, int], Tensor]:
         """``keep`` in ``dtype`` (cached): a bfloat16 tile times a float32 factor is promoted
-        to float32 and copied back, 2.5x the time of the multiply itself."""
+        to float32 and copied back, which costs more than the multiply itself."""
         if dtype not in self._keep_by_dtype:
             self._keep_by_dtype[dtype] = {key: t.to(dtype) for key, t in self.keep.items()}
         return self._keep_by_dtype[dtype]
@@ -230,7 +229,7 @@ def _scores(q_rows: Tensor, k: Tensor, cols: slice) -> Tensor:
     return (q_rows.reshape(B, Hkv, G * bq, -1) @ keys.transpose(-1, -2)).view(B, Hkv, G, bq, -1)
 
 
-#: exp is ~10x slower on inputs whose result underflows or is -inf (a scalar fallback), so
+#: exp takes a slow scalar fallback on inputs whose result underflows or is -inf, so
 #: arguments are clamped here: e^-80 is below every kept weight's rounding, and masked pairs
 #: are zeroed exactly by their 0/1 factor afterwards.
 _EXP_FLOOR = -80.0
@@ -239,7 +238,7 @@ _EXP_FLOOR = -80.0
 def _row_sums(p: Tensor, widened: Tensor) -> Tensor:
     """``p.sum(-1, keepdim=True)`` in ``widened``'s dtype, ``p [B, Hkv, R, L]``. A
     lower-precision ``p`` is widened into the reused buffer ``widened [B, Hkv, >=R, >=L]``:
-    ``sum(dtype=...)`` would widen it into a fresh tensor per call, 3x slower at T=32k."""
+    ``sum(dtype=...)`` would widen it into a fresh tensor per call, slower at long lengths."""
     if p.dtype == widened.dtype:
         return p.sum(dim=-1, keepdim=True)
     R, L = p.shape[-2:]
@@ -406,8 +405,8 @@ def kernel_gemm(dtype: torch.dtype) -> str | None:
     """The GEMM the compiled kernel runs ``dtype`` tiles on here: ``"brgemm"`` (oneDNN's
     micro-kernels through ATen, where libtorch has them for this CPU), else ``"blas"`` (float32:
     the BLAS torch links) or ``"onednn_matmul"`` (bfloat16: ``at::mm``); None without the kernel
-    or for other dtypes. On AMD CPUs, where MKL keeps to AVX2, float32 brgemm is about 2.4x
-    faster on tile shapes; bfloat16 brgemm (AVX512-BF16) about twice that."""
+    or for other dtypes. On AVX-512 AMD CPUs, where MKL keeps to AVX2, brgemm is the faster of
+    the two on tile shapes (``attnkit bench sparse`` prints both throughputs)."""
     kernel = native.load("blocksparse_cpu")
     if kernel is None or dtype not in KERNEL_DTYPES:
         return None

@@ -7,8 +7,9 @@ Model for Generating Optimized Attention Kernels" (Dong et al., 2024). attnkit f
 - a ``BlockMask`` made from ``mask.blocks(Tq, Tk, 128, 128)`` (``build_block_mask``): partial
   tiles go to ``kv_indices`` (``mask_mod`` applied), full tiles to ``full_kv_indices``
   (``mask_mod`` skipped), empty tiles are never visited. FlexAttention's own
-  ``create_block_mask`` evaluates all ``Tq × Tk`` pairs and at T=16k costs 22x the attention;
-  the analytic structure costs O(tiles). The BlockMask is cached on the mask per sizes/device.
+  ``create_block_mask`` evaluates all ``Tq × Tk`` pairs, which at long lengths costs more than
+  the attention itself; the analytic structure costs O(tiles). The BlockMask is cached on the
+  mask per sizes/device.
 - a ``score_mod`` that is ``AttentionCall.log_weights`` written per pair:
   ``s (already scaled) + bias -> softcap -> log w(s)`` (DESIGN.md fact 2), or ``None`` for
   plain softmax.
@@ -33,21 +34,17 @@ take float32/float16/bfloat16 (not float64; ``eager()`` mode runs float64); any 
 below 24 are zero-padded to 24 for the compiled CPU kernel (``_widen_small_heads``: its
 ``q @ k^T`` micro-GEMM is wrong there on 256-bit vectors).
 
-Compile costs measured on the project's 2-core CPU (torch 2.13; shared machine, ±50%): with
-a cold inductor cache the first compiled call takes 11-21 s and each further mask/score/head
-dim variant 4-9 s; with inductor's on-disk cache warm, 0.3-3.5 s. Dynamo guards score_mod and
+Compiling costs seconds per variant (each mask, score, head dim and sequence length), less
+with inductor's on-disk cache warm (timings: docs/kernels.md). Dynamo guards score_mod and
 mask_mod by their code, not their identity, so a fresh ``causal()``, ``alibi(H)`` or
 ``documents(ids)`` per call does not recompile; shapes are static (each new sequence length
 compiles once: the dynamic-shape recompile generated C++ that failed to build for some
-score_mods in torch 2.13). Compiled functions are
-created once, one per grad mode (switching grad mode between calls made dynamo recompile
-until it hit its limit and *silently* fall back to a 10-40x slower path; on the CPU every call
-runs under ``no_grad``), the recompile limit is raised to ``RECOMPILE_LIMIT`` for this
-function only, and hitting it raises instead of falling back. ``with eager(): ...`` runs
+score_mods in torch 2.13). Compiled functions are created once, one per grad mode
+(switching grad mode between calls made dynamo recompile until it hit its limit and
+*silently* fall back to a far slower path; on the CPU every call runs under ``no_grad``),
+the recompile limit is raised to ``RECOMPILE_LIMIT`` for this function only, and hitting it
+raises instead of falling back. ``with eager(): ...`` runs
 FlexAttention uncompiled (dense math, no compile cost) for cheap correctness tests.
-
-Mask building (sliding_window(255), T=4096): ``build_block_mask`` 2-18 ms, FlexAttention's
-``create_block_mask`` 1.1-1.3 s, the compiled attention itself 60-100 ms.
 """
 
 from __future__ import annotations
@@ -147,8 +144,7 @@ def build_block_mask(
         mask_mod=_mask_mod(predicate, Tk, anchor_key),
         seq_lengths=(Tq, Tk + int(anchor_key)),
         # The transposed (query-block) indices serve only the backward pass, which
-        # FlexAttention lacks on the CPU; skipping them makes the build 4x cheaper
-        # (0.35 vs 1.55 ms for sinks + window at T=8192).
+        # FlexAttention lacks on the CPU; skipping them makes the build several times cheaper.
         compute_q_blocks=device.type != "cpu",
     )
 

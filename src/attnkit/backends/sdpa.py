@@ -44,7 +44,8 @@ def dense_attn_mask(call: AttentionCall) -> Tensor | None:
         return allowed
     if call.bias.parameters() or call.mask is None:
         return _biased_mask(call, allowed)
-    # A fixed bias combined with this mask is reused across calls (~1 s to build at T=8192);
+    # A fixed bias combined with this mask is reused across calls (building T x T costs more
+    # than the attention at long lengths);
     # the key holds the bias object itself, so a new bias can never hit a stale entry.
     return call.mask.cached(
         ("sdpa_bias", call.bias, call.Tq, call.Tk, str(call.device), call.dtype),

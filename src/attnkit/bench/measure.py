@@ -45,7 +45,7 @@ def current_rss_bytes() -> int:
 def release_memory() -> None:
     """Collect garbage and hand freed heap pages back to the OS (glibc ``malloc_trim``)."""
     # Young generations only: tensors die by reference counting, and a full collection
-    # walks every object torch ever created (~0.2 s per call).
+    # walks every object torch ever created (far longer than the calls it would sit between).
     gc.collect(1)
     if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
         _LIBC.malloc_trim(0)

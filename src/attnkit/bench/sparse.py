@@ -21,15 +21,15 @@ tile computed at dense SDPA's throughput).
 What the machine allows: the run also measures its matmul throughput per dtype (a square
 ``MATMUL_PROBE`` GEMM, the most favourable shape, through the fastest GEMM this process has:
 torch's matmul, and in float32 also the compiled kernel's own, ``probes.kernel_matmul``,
-which runs about 2.3x faster than torch's MKL on AMD CPUs) and gives each cell a *floor*, the
-time of the mask's kept pairs alone at that throughput (two GEMMs, ``4 · B · H · D`` flops per
-kept pair; no softmax, no wasted pairs in partial tiles). An implementation that computes exact
-attention with GEMMs cannot be meaningfully faster (tile-shaped GEMMs that stay in cache have
-measured up to ~3% above the probe), so ``flex / floor`` is about the largest speed-up over Flex
-this machine permits: where it is well below a goal, the goal is out of reach here, whatever
-the kernel. (Until the probe included the kernel's own GEMM it measured MKL alone, which on AMD
-CPUs runs AVX2 code at half the core's AVX-512 throughput, and called goals unreachable that
-brgemm then met.)
+which on AVX-512 AMD CPUs outruns torch's MKL) and gives each cell a *floor*, the time of the
+mask's kept pairs alone at that throughput (two GEMMs, ``4 · B · H · D`` flops per kept pair;
+no softmax, no wasted pairs in partial tiles). An implementation that computes exact attention
+with GEMMs cannot be meaningfully faster (tile-shaped GEMMs that stay in cache run at most a
+few percent above the probe), so ``flex / floor`` is about the largest speed-up over Flex this
+machine permits: where it is well below a goal, the goal is out of reach here, whatever the
+kernel. The probe includes the kernel's own GEMM because MKL alone runs AVX2 code on AMD CPUs,
+at half the core's AVX-512 throughput: a floor from MKL would call goals unreachable that
+brgemm meets.
 
 What our tiles allow: ``kernel_gemms`` times the compiled kernel's GEMMs on the same plan with
 the per-row softmax steps skipped (``probes.gemms_alone``): the same tiles, partial ones

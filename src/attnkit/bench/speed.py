@@ -143,7 +143,7 @@ class SpeedConfig:
 
 def quick_config(**overrides: Any) -> SpeedConfig:
     """A tiny grid (T=128, 256; fp32): seconds of attention, plus one FlexAttention
-    compilation per mechanism and length (~1-3 s each from a warm inductor cache)."""
+    compilation per mechanism and length (seconds each, less from a warm inductor cache)."""
     options: dict[str, Any] = dict(
         lengths=(128, 256),
         dtypes=("float32",),

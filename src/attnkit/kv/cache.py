@@ -24,12 +24,10 @@ A call, in two halves (what a ``Cache.update`` + attention pair becomes):
    asks for the per-key attention sums the policy needs (``Aux(key_sums=...)``), lets the policy
    choose the keys to keep and packs them (no copy if nothing is evicted).
 
-Why a loop over rows rather than padding to the longest row and masking: measured on this
-2-core CPU (one decode step of one layer, SmolLM2 shapes Hq=9, Hkv=3, D=64, fp32, medians),
-append + per-row calls took 0.32 ms for rows of [1000, 200, 1000] keys and 0.32 ms for
-[2000, 64, 64], against 0.58 ms and 2.0 ms for building the padded tensors and one masked call;
-with B=4, 1.2 ms against 4.3 and 9.5 ms. Equal rows ([300] * 3, B=4): 0.62 ms padded in one
-call, 0.75 ms looped, so equal rows run as one call.
+Why a loop over rows rather than padding to the longest row and masking: with uneven rows,
+building the padded tensors (a copy of every row) and one masked call costs more than the
+per-row calls on views, while equal rows need no padding and run as one call, which beats the
+loop (timings of one decode step: docs/kernels.md).
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ A problem built with ``feature_map=name`` holds the raw queries and keys; the fo
 ``phi(q)``, ``phi(k)``. The reason is cost, not convenience: the compiled chunked and
 recurrent kernels (``attnkit/backends/csrc/linear_cpu.cpp``) apply the map to a block of
 tokens in cache instead of reading features from memory. BASED's Taylor map turns 16 dims
-into 273; ``elu + 1`` applied to the whole input first cost 3.8 ms of a 10 ms call at T=8192
-(two fresh 8 MB tensors).
+into 273; even ``elu + 1`` applied to the whole input first writes two fresh tensors the size
+of ``q`` and ``k``, a large part of a call's time (docs/kernels.md).
 """
 
 from __future__ import annotations

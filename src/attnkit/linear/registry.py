@@ -184,12 +184,12 @@ class LinearMechanism:
         """The form to run ``fn(**inputs)`` in for speed: ``recurrent`` where the compiled
         recurrent kernel runs it, else ``chunked``.
 
-        The recurrent kernel takes 4·Dk·Dv flops per token, half the chunked form's, and on a
-        CPU it wins at every length (``attnkit bench linear``: 3.6-4.3 vs 8.3-11.7 ms at
-        T=8192). It runs where the recurrent form is the problem's recurrence alone (the state is
-        a plain ``LinearState``), on CPU float32/bfloat16 without gradients, with at most 8
-        query heads per key/value head and Dv <= 128; elsewhere (training, GPUs) the chunked
-        form is the fast one.
+        The recurrent kernel takes 4·Dk·Dv flops per token, half the chunked form's, with the
+        state kept in cache, so on a CPU it wins at every length (``attnkit bench linear``
+        prints both). It runs where the recurrent form is the problem's recurrence alone (the
+        state is a plain ``LinearState``), on CPU float32/bfloat16 without gradients, with at
+        most ``recurrent_kernel_max_groups()`` query heads per key/value head (any Dv);
+        elsewhere (training, GPUs) the chunked form is the fast one.
         """
         if self.problem is None or self.state is not LinearState:
             return "chunked"

@@ -38,8 +38,9 @@ class Bias:
         """Bias matrix ``[H, Tq, Tk]`` for a call with ``Tq`` queries and ``Tk`` keys.
 
         A fixed bias (no learnable parameters) is built once per size and device and cached on
-        the object (ALiBi at T=8192 costs ~1 s to build); after changing its tensors in place,
-        make a new bias object. Learnable biases are rebuilt every call so gradients flow.
+        the object (building ``H x Tq x Tk`` values costs more than an attention call at long
+        lengths); after changing its tensors in place, make a new bias object. Learnable
+        biases are rebuilt every call so gradients flow.
         """
         if self.parameters():
             return self._build_dense(Tq, Tk, device)
