@@ -28,6 +28,7 @@ from attnkit.positional.grid_bias import (
     grid_relative_positions,
     locality_init,
 )
+from attnkit.primitives import expand_kv_heads
 
 
 def _check_gpsa(q: Tensor, gate: Tensor, position_bias: GridPositionBias) -> None:
@@ -96,8 +97,7 @@ def gated_positional_attention_reference(
     Same shapes as ``gated_positional_attention``."""
     Hq, Hkv = q.shape[2], k.shape[2]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    k = k.repeat_interleave(Hq // Hkv, dim=2)
-    v = v.repeat_interleave(Hq // Hkv, dim=2)
+    k, v = expand_kv_heads(k, Hq // Hkv, dim=2), expand_kv_heads(v, Hq // Hkv, dim=2)
     content = torch.softmax(torch.einsum("bihd,bjhd->bhij", q, k) * scale, dim=-1)
     r = grid_relative_positions(grid, q.device).to(weight.dtype)
     positional = torch.softmax(torch.einsum("ijc,hc->hij", r, weight), dim=-1).to(q.dtype)
