@@ -30,7 +30,8 @@ def naive_attention(
     normalized: bool = True,
     scale: float | None = None,
 ) -> Tensor:
-    """The operator of DESIGN.md §1 written out in float64, independent of attnkit:
+    """The attention operator (``attnkit.attention``) written out in float64, independent of
+    attnkit:
 
         out[b, i, h] = sum_j w(scale q_i.k_j + bias[h, i, j]) allowed[b, h, i, j] v_j / Z_i
 

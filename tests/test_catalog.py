@@ -518,7 +518,7 @@ def test_entries_are_documented(name: str) -> None:
     assert mechanism.summary
 
 
-def test_issue_entries_are_present() -> None:
+def test_core_entries_are_present() -> None:
     expected = {
         "softmax", "causal", "sliding_window", "sinks_window", "prefix_lm", "documents",
         "key_padding", "sigmoid", "softplus_l1", "softcap", "alibi", "relative_bias",

@@ -2,8 +2,9 @@
 
 Each entry pairs a mask with a score function, a bias, an input case and a dtype. The list is
 not a Cartesian product: it covers every mask with every score once, each bias, each of
-``CASES`` and the four ``CAB_PATTERNS`` (``test_the_matrix_covers_the_design_list`` checks
-that), plus a bfloat16 subset and float64. Backends are read from ``attnkit.backends.BACKENDS``,
+``CASES`` and the four ``CAB_PATTERNS``
+(``test_the_matrix_covers_every_mask_score_bias_and_case`` checks that), plus a bfloat16
+subset and float64. Backends are read from ``attnkit.backends.BACKENDS``,
 so a new backend is tested as soon as it is registered.
 
 For each backend and entry: if ``supports(call)`` accepts the call (with gradients when the
@@ -217,7 +218,7 @@ def test_reference_sanity(backend_context) -> None:
     check_backend("reference", entry, backend_context)
 
 
-def test_the_matrix_covers_the_design_list() -> None:
+def test_the_matrix_covers_every_mask_score_bias_and_case() -> None:
     pairs = {(e.mask, e.score) for e in ENTRIES}
     assert pairs >= {(m, s) for m in MASKS for s in SCORES}
     assert {e.bias for e in ENTRIES} == set(BIASES)

@@ -210,7 +210,7 @@ def test_cases_are_seeded_asymmetric_and_shaped() -> None:
     assert abs(plain.mean()) < 0.05
 
 
-def test_cases_cover_the_design_list() -> None:
+def test_cases_cover_cross_decode_mqa_gqa_odd_dims_batches_and_cab() -> None:
     cases = list(CASES.values())
     assert any(c.Tq != c.Tk for c in cases) and any(c.Tq == 1 for c in cases)
     assert any(c.Hkv == 1 and c.Hq > 1 for c in cases), "MQA"

@@ -50,8 +50,8 @@ def _refusal(backend: Backend, call: AttentionCall) -> str | None:
 def _run(backend: Backend, call: AttentionCall) -> tuple[Tensor, Tensor | None]:
     """Run ``call`` on ``backend``. A signed score (Cog) runs as its two positive-weight
     halves, merged with the negative half's sign flipped:
-    ``out = (Z+ o+ - Z- o-) / (Z+ + Z-)``, ``lse = log(Z+ + Z-)`` (the LSE merge of
-    DESIGN.md fact 1 applied to ``o+`` and ``-o-``)."""
+    ``out = (Z+ o+ - Z- o-) / (Z+ + Z-)``, ``lse = log(Z+ + Z-)`` (the LSE merge,
+    ``attnkit.merge``, applied to ``o+`` and ``-o-``)."""
     if not call.score.signed:
         return backend.run(call)
     (pos, lse_pos), (neg, lse_neg) = (backend.run(part) for part in call.passes())

@@ -314,7 +314,8 @@ class AttentionCall:
 
     def finalize(self, out: Tensor, lse: Tensor | None) -> Tensor:
         """Turn a backend's normalised output ``[B, Tq, Hq, Dv]`` into the final one:
-        unnormalised score functions are rescaled by ``exp(lse)`` (DESIGN.md fact 2)."""
+        unnormalised score functions are rescaled by ``exp(lse)``, since their output is
+        ``sum_j w_ij v_j = exp(lse_i) * (normalised out_i)`` (``attnkit.scores``)."""
         if self.score.normalized:
             return out
         assert lse is not None, "unnormalised scores need the backend's lse"

@@ -1,5 +1,4 @@
-"""The LSE merge (DESIGN.md fact 1): partial attention results over disjoint key sets combine
-exactly.
+"""The LSE merge: partial attention results over disjoint key sets combine exactly.
 
 A partial result over a key set ``S`` is ``(out_S, lse_S)`` with ``out_S`` the *normalised*
 output over ``S`` (``[..., Dv]``) and ``lse_S = log sum_{j in S} w_j`` (``[...]``). Then

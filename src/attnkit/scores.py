@@ -6,9 +6,9 @@ the weights are divided by their row sum ``Z = sum_j w(s_j)``:
     normalised:    out_i = sum_j exp(log w(s_ij) - lse_i) v_j          (softmax, softplus-l1)
     unnormalised:  out_i = sum_j exp(log w(s_ij)) v_j = exp(lse_i) * (normalised out_i)
 
-with ``lse_i = log sum_j w(s_ij)``. This is DESIGN.md fact 2: any positive weight runs on a
-softmax kernel by feeding it ``log w(s)`` as the score, and the unnormalised forms rescale the
-result by ``exp(lse)``. Backends therefore need only ``log_weight`` and ``normalized``.
+with ``lse_i = log sum_j w(s_ij)``. So any positive weight runs on a softmax kernel by feeding
+it ``log w(s)`` as the score, and the unnormalised forms rescale the result by ``exp(lse)``.
+Backends therefore need only ``log_weight`` and ``normalized``.
 
 Signed weights (Cog attention, ``signed = True``) multiply each weight by ``sign(s)``:
 

@@ -10,11 +10,11 @@ FlashAttention (Dao et al., 2022), written with batched matmuls:
             piece is PARTIAL), then (out_piece, lse_piece) = normalised rows
         merge the pieces with the LSE merge (attnkit.merge)
 
-Any score function works (DESIGN.md fact 2: pieces carry log-weights), GQA runs without expanding
-k/v (query heads of a group are stacked along the rows of one matmul), and empty tiles cost
-nothing. Memory is O(Tq · Tk_live / n_blocks) per block: with gradients, each query block is
-recomputed in the backward pass (activation checkpointing), so only the per-block outputs and
-log-normalisers are kept — O(T · block) in all, never O(T^2).
+Any score function works (pieces carry log-weights and their lse: ``attnkit.scores``), GQA runs
+without expanding k/v (query heads of a group are stacked along the rows of one matmul), and
+empty tiles cost nothing. Memory is O(Tq · Tk_live / n_blocks) per block: with gradients, each
+query block is recomputed in the backward pass (activation checkpointing), so only the
+per-block outputs and log-normalisers are kept — O(T · block) in all, never O(T^2).
 """
 
 from __future__ import annotations

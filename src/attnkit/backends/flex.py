@@ -11,8 +11,8 @@ Model for Generating Optimized Attention Kernels" (Dong et al., 2024). attnkit f
   the attention itself; the analytic structure costs O(tiles). The BlockMask is cached on the
   mask per sizes/device.
 - a ``score_mod`` that is ``AttentionCall.log_weights`` written per pair:
-  ``s (already scaled) + bias -> softcap -> log w(s)`` (DESIGN.md fact 2), or ``None`` for
-  plain softmax.
+  ``s (already scaled) + bias -> softcap -> log w(s)`` (any positive weight runs on a softmax
+  kernel as its log-weight: ``attnkit.scores``), or ``None`` for plain softmax.
 
 The log-normaliser on the CPU. Compiled FlexAttention on the CPU returns no log-sum-exp
 (torch 2.13: "torch.compile on CPU only supports inference and `return_lse` is not supported

@@ -1,4 +1,4 @@
-"""The linear/recurrent benchmark (issue 5): chunked forms against SDPA causal, from 1k to 64k.
+"""The linear/recurrent benchmark: chunked forms against SDPA causal, from 1k to 64k.
 
 For every (mechanism, T, dtype) cell, on the same ``q, k, v [B, T, H, D]``:
 

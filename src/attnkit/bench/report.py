@@ -1,5 +1,5 @@
-"""Showing speed results: a terminal table, the targets of the core issue, JSON, a PNG plot
-and a Markdown report (DESIGN.md §6)."""
+"""Showing speed results: a terminal table, the speed targets, JSON, a PNG plot and a
+Markdown report that states the machine, the method and each backend's verification."""
 
 from __future__ import annotations
 
@@ -108,7 +108,7 @@ def rich_table(results: SpeedResults) -> Table:
 
 @dataclass
 class Target:
-    """One goal of the core issue, evaluated on the results (``passed`` None: not measurable
+    """One speed goal of the package, evaluated on the results (``passed`` None: not measurable
     in this grid)."""
 
     name: str
@@ -227,8 +227,8 @@ def _mask_building(results: SpeedResults) -> Target:
 
 
 def targets(results: SpeedResults) -> list[Target]:
-    """The benchmark goals of the core issue, computed from ``results`` (reported, not
-    asserted: this machine is noisy and some goals belong to later work). A goal whose cells
+    """The speed goals of the package, computed from ``results`` (reported, not asserted:
+    timings are noisy and some goals are not met on every machine). A goal whose cells
     are not in the grid is "n/a"."""
     return [
         _auto_vs_sdpa_dense(results),

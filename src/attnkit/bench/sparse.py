@@ -323,7 +323,7 @@ class SparseTarget:
 
 
 def sparse_targets(cells: list[SparseCell]) -> list[SparseTarget]:
-    """The issue's goals, computed from ``cells`` (worst cell for each)."""
+    """The sparse benchmark's goals, computed from ``cells`` (worst cell for each)."""
 
     Row = tuple[float, str, float | None, float | None]
 

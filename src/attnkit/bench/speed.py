@@ -1,5 +1,5 @@
 """The speed benchmark: every backend that runs a mechanism, ``auto`` and the SDPA baseline,
-side by side on the same inputs in the same run (DESIGN.md §6).
+side by side on the same inputs in the same run, each verified against the float64 reference.
 
 For each cell (mechanism × length T × dtype):
 

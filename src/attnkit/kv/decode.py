@@ -2,8 +2,8 @@
 
 Flash-decoding ("Flash-Decoding for long-context inference", Dao, Haziza, Massa, Sizov, 2023)
 splits the keys of a decoding step into pieces that run in parallel, each returning its output
-and log-sum-exp, and merges them exactly with the LSE merge (``attnkit.merge``, DESIGN.md fact
-1). LeanAttention ("Lean Attention: Hardware-Aware Scalable Attention Mechanism for the
+and log-sum-exp, and merges them exactly with the LSE merge (``attnkit.merge``).
+LeanAttention ("Lean Attention: Hardware-Aware Scalable Attention Mechanism for the
 Decode-Phase of Transformers", Sanovar et al., 2024) gives every compute unit an equal share of
 the key work (stream-K); ``split_kv_attention`` cuts the keys into ``num_splits`` pieces of equal
 size, the same partition. The pieces are independent (each can run on its own unit); here they

@@ -8,7 +8,7 @@ head) attend, at every step ``t``, to the keys seen so far:
 and the output mixes the ``M`` prefixes with per-token weights, ``y_t = sum_m rho_(t,m) z_(t,m)``
 (Aaren: ``M = 1``, ``rho = 1``). A prefix is the pair ``(z, lse)`` — the normalised output and
 the log-sum-exp of its weights — and two prefixes over disjoint keys combine exactly with the
-LSE merge (``attnkit.merge``, DESIGN.md fact 1), an associative operator. So:
+LSE merge (``attnkit.merge``), an associative operator. So:
 
 - ``reference``: the dense masked softmax over ``j <= t`` for every ``t``;
 - ``chunked``: each chunk's total ``(z, lse)`` in parallel, a parallel prefix scan of those
