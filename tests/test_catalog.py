@@ -94,6 +94,11 @@ def _softcap(cap: float) -> Weights:
     return lambda s, allowed: _softmax(cap * torch.tanh(s / cap), allowed)
 
 
+def _relu(s: Tensor, allowed: Tensor) -> Tensor:
+    """Unnormalised ``relu(s) / L``, ``L`` the number of keys (Wortsman et al.)."""
+    return torch.relu(s) / s.shape[-1] * allowed
+
+
 def _cog(s: Tensor, allowed: Tensor) -> Tensor:
     """``sign(s) e^|s| / sum e^|s|`` (Lv et al., SignExp)."""
     magnitude = s.abs().masked_fill(~allowed, float("-inf"))
@@ -271,6 +276,7 @@ SCRATCH: dict[str, Callable[[Index, dict], tuple[Tensor, Tensor | None, Weights]
     "softplus_l1": lambda ix, kw: (ix.causal, None, _softplus_l1),
     "softcap": lambda ix, kw: (ix.causal, None, _softcap(50.0)),
     "cog": lambda ix, kw: (ix.causal, None, _cog),
+    "relu": lambda ix, kw: (ix.k >= 0, None, _relu),
     "alibi": lambda ix, kw: (
         ix.causal,
         -(2.0 ** (-8.0 * (ix.h + 1).double() / ix.spec.Hq)) * (ix.p - ix.k).abs(),  # Hq = 2^n

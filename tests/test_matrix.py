@@ -69,6 +69,7 @@ SCORES = {
     "sigmoid": scores.sigmoid(),
     "softplus_l1": scores.softplus_l1(),
     "softcap": scores.softcap(5.0),
+    "relu": scores.relu(),
 }
 
 BIASES: dict[str, Callable[[int], Bias | None]] = {
@@ -136,11 +137,21 @@ ENTRIES = [
     Entry(CASES["value_dim_48"], "padding_left", "sigmoid", "none"),
     Entry(CASES["decode_1x70"], "padding_left", "softplus_l1", "alibi"),
     Entry(CASES["self_odd_63"], "padding_left", "softcap", "relative"),
+    Entry(CASES["value_dim_48"], "none", "relu", "alibi"),
+    Entry(CASES["decode_1x70"], "causal", "relu", "relative"),
+    Entry(CASES["self_odd_63"], "window_7", "relu", "none"),
+    Entry(CASES["cross_17x65_b2"], "window_5_3", "relu", "alibi"),
+    Entry(CASES["gqa_8_2"], "sinks_window", "relu", "relative"),
+    Entry(CASES["mqa_b2"], "prefix_lm", "relu", "none"),
+    Entry(CASES["odd_head_dim_33"], "documents", "relu", "alibi"),
+    Entry(CASES["value_dim_48"], "padding_right", "relu", "relative"),
+    Entry(CASES["decode_1x70"], "padding_left", "relu", "none"),
     # fully masked rows
     Entry(CASES["cross_17x65_b2"], "empty_row", "softmax", "alibi"),
     Entry(CASES["mqa_b2"], "empty_row", "sigmoid", "none"),
     Entry(CASES["decode_1x70"], "empty_row", "softplus_l1", "relative"),
     Entry(CAB["noncausal_self"], "empty_row", "softcap", "alibi"),
+    Entry(CASES["gqa_8_2"], "empty_row", "relu", "none"),
     # CAB's four patterns
     Entry(CAB["causal_self"], "causal", "softmax", "none"),
     Entry(CAB["noncausal_self"], "window_5_3", "softplus_l1", "alibi"),

@@ -156,7 +156,8 @@ def test_softplus_l1_with_very_negative_scores_is_finite() -> None:
 
 
 @pytest.mark.parametrize(
-    "score", [scores.softmax(), scores.sigmoid(), scores.softplus_l1(), scores.softcap(5.0)]
+    "score",
+    [scores.softmax(), scores.sigmoid(), scores.softplus_l1(), scores.softcap(5.0), scores.relu()],
 )
 def test_fully_masked_rows_give_zero_for_every_score(score) -> None:
     q, k, v = inputs()
@@ -173,6 +174,79 @@ def test_describe_names_the_parameters() -> None:
     assert scores.sigmoid(bias=-2.0, softcap=5.0).describe() == "sigmoid(bias=-2, softcap=5)"
     assert scores.softplus_l1().describe() == "softplus_l1"
     assert scores.softplus_l1(length_scale=False).describe() == "softplus_l1(length_scale=False)"
+
+
+# -- ReLU attention (Wortsman et al., 2023) ------------------------------------------------
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+def test_relu_output_is_relu_over_the_number_of_keys(causal: bool, formula) -> None:
+    """Wortsman et al. (2023): out_i = sum_j relu(s_ij) / L v_j, L = Tk, not normalised."""
+    q, k, v = inputs()
+    Tq, Tk = q.shape[1], k.shape[1]
+    expected = formula(
+        q,
+        k,
+        v,
+        allowed=causal_allowed(Tq, Tk) if causal else None,
+        weight=lambda s: torch.relu(s) / Tk,
+        normalized=False,
+    )
+    mask = masks.causal() if causal else None
+    torch.testing.assert_close(reference(q, k, v, mask=mask, score=scores.relu()), expected)
+    assert not scores.relu().normalized
+
+
+@pytest.mark.parametrize(
+    ("case", "mask", "dtype"),
+    [
+        ("cross_17x65_b2", None, torch.float32),
+        ("gqa_8_2", masks.causal(), torch.float32),
+        ("value_dim_48", masks.sinks(3) | masks.sliding_window(6), torch.float32),
+        ("decode_1x70", masks.causal(), torch.bfloat16),
+        ("gqa_8_2", None, torch.bfloat16),
+    ],
+)
+def test_relu_forward_and_backward_under_the_2x_rule(case, mask, dtype, backend_context) -> None:
+    """Every backend that accepts the call: forward and backward (forward only where the
+    backend refuses gradients, as Flex does on the CPU); the others say why.
+
+    bfloat16 checks the forward only: relu's derivative jumps from 0 to 1/L at s = 0, so a
+    score within bfloat16's rounding of 0 lands on either side depending on how an
+    implementation rounds (the chunked backend scales q before its matmul, the reference
+    after), and that pair's gradient differs by a whole jump, not by a rounding error."""
+    q, k, v = CASES[case].make(dtype)
+    options = {"mask": mask, "score": scores.relu()}
+    check = partial(attnkit.testing.check_against_reference, q=q, k=k, v=v, **options)
+    grads = dtype != torch.bfloat16
+    for name, backend in BACKENDS.items():
+        fn = partial(attnkit.attention, backend=name)
+        with backend_context(name):
+            if backend.supports(AttentionCall(q, k, v, **options)) is None:
+                check(fn, grads=grads).assert_ok()
+                continue
+            with torch.no_grad():
+                reason = backend.supports(AttentionCall(q, k, v, **options))
+            if reason is None:
+                check(fn, grads=False).assert_ok()
+            else:
+                assert "relu" in reason or "softmax" in reason, reason
+
+
+def test_relu_query_with_no_positive_score_gives_zero_and_finite_gradients() -> None:
+    """A zero query scores 0 on every key: every weight is relu(0) = 0."""
+    _, k, v = CASES["cross_17x65_b2"].make(torch.float32)
+    q = torch.zeros(2, 17, 4, 32, requires_grad=True)
+    for backend in ("reference", "chunked"):
+        out = attnkit.attention(q, k, v, score=scores.relu(), backend=backend)
+        assert torch.equal(out, torch.zeros_like(out))
+        out.sum().backward()
+        assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+def test_relu_describe() -> None:
+    assert scores.relu().describe() == "relu"
+    assert scores.relu(softcap=5.0).describe() == "relu(softcap=5)"
 
 
 # -- Cog attention (signed weights) -------------------------------------------------------

@@ -119,8 +119,9 @@ def attention(
             the fast backends); ``Dv`` may differ from ``D``; ``Tq`` may differ from ``Tk``.
         mask: an ``attnkit.masks`` pattern (``causal()``, ``sliding_window(255) | sinks(4)``, ...).
             Positions are bottom-right aligned: with ``Tq < Tk`` the last query sees the last key.
-        score: an ``attnkit.scores`` function (softmax by default; sigmoid, softplus_l1, softcap,
-            cog). Signed scores (cog) run as two positive-weight passes on the chosen backend.
+        score: an ``attnkit.scores`` function (softmax by default; sigmoid, softplus_l1, relu,
+            softcap, cog). Signed scores (cog) run as two positive-weight passes on the chosen
+            backend.
         bias: an additive ``attnkit.positional`` bias (ALiBi, learned relative bias).
         scale: score scale, ``1 / sqrt(D)`` by default.
         backend: ``"auto"`` or one of ``reference``, ``sdpa``, ``flex``, ``chunked``; a forced

@@ -145,6 +145,33 @@ class SoftplusL1(ScoreFunction):
         return f"softplus_l1({', '.join(args)})" if args else "softplus_l1"
 
 
+@dataclass(frozen=True)
+class ReLU(ScoreFunction):
+    """ReLU attention: ``w = relu(s) / L``, not normalised, ``L`` the number of keys (``Tk``).
+
+    "Replacing softmax with ReLU in Vision Transformers" (Wortsman, Lee, Gilmer, Kornblith,
+    2023): softmax's row sum is replaced by a division by the sequence length, which keeps the
+    output's scale as the sequence grows:
+
+        out_i = sum_j relu(s_ij) / L * v_j       q [B, Tq, Hq, D], k [B, Tk, Hkv, D],
+                                                 v [B, Tk, Hkv, Dv] -> out [B, Tq, Hq, Dv]
+
+    As a log-weight, ``log w = log(s) - log(L)`` where ``s > 0`` and ``-inf`` elsewhere: a key
+    with ``s <= 0`` weighs nothing, as if masked, and a query whose scores are all ``<= 0`` gets
+    a zero output. ``L`` is every key of the call (the paper's sequence length), also under a
+    mask, as sigmoid's ``-log n``.
+    """
+
+    name = "relu"
+    normalized = False
+
+    def log_weight(self, s, Tk, log_counts):
+        # log(s) only where s > 0: the clamp keeps log's gradient finite on the other branch.
+        tiny = torch.finfo(s.dtype).tiny
+        log_s = torch.where(s > 0, torch.log(s.clamp_min(tiny)), float("-inf"))
+        return log_s - math.log(max(Tk, 1))
+
+
 _LOG2 = math.log(2.0)
 
 
@@ -215,6 +242,11 @@ def sigmoid(bias: float | None = None, softcap: float | None = None) -> ScoreFun
 def softplus_l1(length_scale: bool = True, softcap: float | None = None) -> ScoreFunction:
     """Softplus + l1 attention with log-length scaling (LSSA). See ``SoftplusL1``."""
     return SoftplusL1(softcap=softcap, length_scale=length_scale)
+
+
+def relu(softcap: float | None = None) -> ScoreFunction:
+    """ReLU attention ``relu(s) / Tk``, not normalised (Wortsman et al., 2023). See ``ReLU``."""
+    return ReLU(softcap=softcap)
 
 
 def cog(softcap: float | None = None) -> ScoreFunction:

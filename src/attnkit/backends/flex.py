@@ -23,10 +23,11 @@ then returns ``out = [sum_j w_j v_j, Z, 1] / (Z + 1)`` with ``Z = sum_j w_j``, s
 ``out_norm = out[:Dv] / out[Dv]`` and ``lse = log(out[Dv]) - log(out[Dv + 1])``, both without
 cancellation. This is exact while every row's largest log-weight lies within ~80 of the anchor:
 always true for sigmoid (``log w <= 0``; a row whose weights are all below ``e^-87`` reports
-``lse = -inf`` and out 0, off by at most ``Tk e^-87 max|v|``) and for softmax capped at
-``|s| <= 80``; half-precision inputs take this path in float32 so the division stays exact;
-other scores that need the lse (aux outputs) are refused on the CPU. On other devices the
-kernel's own lse (``AuxRequest(lse=True)``, natural log) is used.
+``lse = -inf`` and out 0, off by at most ``Tk e^-87 max|v|``), for ReLU attention
+(``w = relu(s) / Tk``: the same below, and above only for scores beyond ``e^80 Tk``) and for
+softmax capped at ``|s| <= 80``; half-precision inputs take this path in float32 so the
+division stays exact; other scores that need the lse (aux outputs) are refused on the CPU.
+On other devices the kernel's own lse (``AuxRequest(lse=True)``, natural log) is used.
 
 Limits (torch 2.13, CPU): forward only (no backward pass, compiled or not); compiled kernels
 take float32/float16/bfloat16 (not float64; ``eager()`` mode runs float64); any head dim
@@ -319,7 +320,9 @@ def _lse_by_anchor(call: AttentionCall) -> bool:
 
 
 def _anchor_is_exact(call: AttentionCall) -> bool:
-    if not call.score.normalized:  # sigmoid: log w <= 0 = the anchor's log-weight
+    # unnormalised scores: sigmoid's log w <= 0 = the anchor's log-weight; relu's log(s / Tk)
+    # passes 80 only for scores beyond e^80 Tk
+    if not call.score.normalized:
         return True
     cap = call.score.softcap
     return type(call.score) is Softmax and cap is not None and cap <= _MAX_ANCHORED_SOFTCAP

@@ -203,6 +203,14 @@ for _mechanism in (
         build=lambda spec: {"mask": masks.causal(), "score": scores.cog()},
     ),
     Mechanism(
+        "relu",
+        "score",
+        "Replacing softmax with ReLU in Vision Transformers — Wortsman, Lee, Gilmer, Kornblith "
+        "(2023)",
+        "bidirectional ReLU attention as in ViT: weights relu(s) / Tk, no row normalisation",
+        build=lambda spec: {"score": scores.relu()},
+    ),
+    Mechanism(
         "kerple_log",
         "positional",
         KERPLE,
