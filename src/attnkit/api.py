@@ -124,8 +124,9 @@ def attention(
             backend.
         bias: an additive ``attnkit.positional`` bias (ALiBi, learned relative bias).
         scale: score scale, ``1 / sqrt(D)`` by default.
-        backend: ``"auto"`` or one of ``reference``, ``sdpa``, ``flex``, ``chunked``; a forced
-            backend that cannot run the call raises and says which can.
+        backend: ``"auto"`` or a name of ``attnkit.backends.BACKENDS`` (``reference``,
+            ``sdpa``, ``flex``, ``chunked``, ``blocksparse``); a forced backend that cannot run
+            the call raises and says which can.
         aux: ``attnkit.Aux(lse=..., weights=..., key_sums=...)`` for extra outputs.
 
     Returns:

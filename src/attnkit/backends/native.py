@@ -1,7 +1,7 @@
 """attnkit's compiled CPU kernels, built on first use with ``torch.utils.cpp_extension``.
 
 The kernels are C++ sources shipped in ``attnkit/backends/csrc``; the first call compiles them
-for this machine's vector unit (about a minute, cached by PyTorch under
+for this machine's vector unit (once per machine and source, cached by PyTorch under
 ``~/.cache/torch_extensions`` or ``$TORCH_EXTENSIONS_DIR``). Where no compiler is available, or
 ``ATTNKIT_NATIVE=0`` is set, :func:`load` returns ``None`` and :func:`unavailable` says why;
 callers then use their pure-PyTorch path, which computes the same result.
