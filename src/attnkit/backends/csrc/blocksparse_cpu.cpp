@@ -171,8 +171,7 @@ inline void probabilities_and_grads(float* s, float* ds, const float* keep, int6
 // Run `work(item, thread)` for items [0, n), each thread pulling the next item, then releasing
 // its GEMM state. Items are (head, query block) in order, so the threads work on neighbouring
 // query blocks of one head at a time and share its keys and values in cache (largest-first
-// ordering interleaved heads and ran causal T=32k 25% slower); the dynamic pull keeps the
-// threads balanced.
+// ordering interleaved heads and ran slower); the dynamic pull keeps the threads balanced.
 template <typename Gemms, typename F>
 void run_items(int64_t n, std::vector<Gemms>& gemms, F&& work) {
   std::atomic<int64_t> next{0};
@@ -238,8 +237,8 @@ Operand<scalar_t> in_place(const at::Tensor& x) {
 }
 
 // Storage for packed operands, one buffer per slot, reused across the calls of one calling
-// thread: a fresh buffer of a few MB costs its page faults on first touch (8 MB: 1.6 ms, against
-// 0.06 ms to rewrite it), as much as the packing itself. Buffers up to kReuseMax bytes are kept
+// thread: a fresh buffer of a few MB costs its page faults on first touch, many times the cost
+// of rewriting it and as much as the packing itself. Buffers up to kReuseMax bytes are kept
 // (at most three per calling thread, freed when it exits); larger ones are allocated per call.
 enum Slot { kKeysT, kValuesT, kRows, kSlots };
 
@@ -256,11 +255,11 @@ inline at::Tensor scratch(Slot slot, at::IntArrayRef sizes, at::ScalarType dtype
 
 // Packed Kᵀ holds keys in blocks of kKeyBlock, and each product covers one block (or the
 // sequence's last, shorter one): oneDNN compiles a kernel for each new GEMM shape, leading
-// dimensions included (~0.1-0.2 ms each), and ATen keeps them all, so a Kᵀ whose row stride
-// followed Tk, and products as wide as each run, gave every new sequence length (every decoding
-// step) new kernels. The shapes now come from a bounded set: M up to the query tile, N a block
-// or less, K and the strides fixed by the call's head sizes; accumulate's inner size is a run's
-// width, at most the kernel's MAX_KEYS.
+// dimensions included, and ATen keeps them all, so the shapes must come from a bounded set (a
+// Kᵀ whose row stride followed Tk, with products as wide as each run, would compile new kernels
+// for every sequence length, every decoding step): M up to the query tile, N a block or less,
+// K and the strides fixed by the call's head sizes; accumulate's inner size is a run's width,
+// at most the kernel's MAX_KEYS.
 constexpr int64_t kKeyBlock = 64;
 
 // x [B, Tk, H, D] of 4-byte elements -> [B, H, blocks, D, kKeyBlock]: dst[b, h, j / 64, c,
@@ -701,9 +700,8 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)
 }
 
 // Packing Kᵀ is a pass over all of k (and v). In float32 it is repaid when at least 64 query
-// rows per key head share each key (causal, Tk=8192: 64 rows 2.78 ms packed vs 2.75 in place,
-// 128 rows 4.21 vs 4.79, one row 1.11 vs 0.47); bfloat16's brgemm beats oneDNN's matmul
-// primitive even for one row (1.29 vs 1.64 ms), so bfloat16 always packs.
+// rows per key head share each key; bfloat16's brgemm beats oneDNN's matmul primitive even for
+// one row, so bfloat16 always packs (timings: docs/kernels.md).
 constexpr int64_t kPackMinQueries = 64;
 
 bool worth_packing(const at::Tensor& q, const at::Tensor& k) {

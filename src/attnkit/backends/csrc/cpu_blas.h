@@ -6,11 +6,11 @@
 //
 // `matmul` (no transposes) goes to oneDNN's brgemm micro-kernels instead where libtorch offers
 // them for float32 (ATen's cpublas::brgemm). MKL chooses its code path by CPU vendor: on AMD
-// Zen it runs AVX2 kernels even where the core executes AVX-512 at twice the width. Measured on
-// a Zen 5 core: brgemm 226-258 GFLOP/s on attention tile shapes (64-256 rows, 64-512 columns,
-// inner 64-512), MKL's sgemm 97-108, the core's AVX-512 FMA peak 254. `matmul_vnni` is the
-// bfloat16 brgemm, whose B must be in VNNI layout (row pairs interleaved): 435-505 GFLOP/s on
-// the same shapes with AVX512-BF16 (in plain layout it runs at 88-107).
+// Zen it runs AVX2 kernels even where the core executes AVX-512 at twice the width, so on
+// attention tile shapes brgemm reaches about the core's AVX-512 FMA peak and MKL's sgemm about
+// half of it. `matmul_vnni` is the bfloat16 brgemm, whose B must be in VNNI layout (row pairs
+// interleaved): with AVX512-BF16 about twice float32 brgemm's throughput, while in plain layout
+// it is slower than float32 (throughputs: docs/kernels.md).
 #pragma once
 
 #include <ATen/native/CPUBlas.h>

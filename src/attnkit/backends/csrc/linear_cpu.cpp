@@ -314,8 +314,9 @@ constexpr int kMaxGroups = 8;
 // Vector registers of the ISA this file is built for: 32 with AVX-512, 16 with AVX2 (and the
 // scalar/default build). A slab's accumulators and values must fit in them.
 constexpr int kRegisters = Vec::size() * sizeof(float) >= 64 ? 32 : 16;
-// Tokens per pass over the state with one query head per KV head (measured at T=8192: 1: 5.3,
-// 2: 3.8, 4: 3.9 ms); with G > 1 each pass already serves G readers per token.
+// Tokens per pass over the state with one query head per KV head: 2 halves the passes over the
+// state, and more gained nothing (timings: docs/kernels.md); with G > 1 each pass already
+// serves G readers per token.
 constexpr int kTokens = 2;
 
 constexpr int tokens_per_pass(int G) { return G == 1 ? kTokens : 1; }
@@ -370,7 +371,7 @@ void stage_block(const Recurrence& r, const scalar_t* qp, const scalar_t* kp,
 
 // The state's columns [j0, j0 + NS) vectors for TB staged tokens and their G query heads:
 // sums [TB, G, Dp] receive each reader's q . state over those columns. Inlined: as a call the
-// token loop ran 1.3x slower.
+// token loop ran markedly slower.
 template <int TB, int G, int NS>
 C10_ALWAYS_INLINE void recurrent_slab(const Recurrence& r, const float* qs, const float* ks,
                                       const float* vs, const float* decay, float* S, int64_t j0,
