@@ -10,6 +10,7 @@ import torch
 
 import attnkit
 from attnkit import calibration, masks
+from attnkit.backends import chunked
 from attnkit.costs import MEASURED_ENTRIES, CostTable
 from attnkit.machine import capabilities
 
@@ -92,3 +93,9 @@ def test_auto_measures_on_first_use_and_off_means_conservative(tiny, monkeypatch
     given = CostTable(capabilities("cpu"), "given")
     with calibration.using(given):
         assert calibration.table_for("cpu") is given
+
+
+def test_the_calibration_length_covers_the_longest_chunked_piece() -> None:
+    """Chunked's cost per pair depends on its piece length up to ``MAX_KEYS``: calibrating at a
+    shorter length would measure shorter pieces than long calls run, and rank them too cheap."""
+    assert calibration.SHAPE.T >= chunked.MAX_KEYS

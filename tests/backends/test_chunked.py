@@ -43,3 +43,16 @@ def test_emulated_bfloat16_gives_the_float32_result_rounded_once(monkeypatch):
         mask=masks.causal(),
     )  # fmt: skip
     assert report.ok, report
+
+
+def test_runs_longer_than_max_keys_are_cut_into_pieces_and_merged(monkeypatch):
+    """A row of live tiles longer than ``MAX_KEYS`` runs as several pieces merged by their
+    log-sum-exp: the result is the reference's, forward and backward."""
+    monkeypatch.setattr(chunked, "MAX_KEYS", 2 * chunked.BLOCK_K)
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 5 * chunked.BLOCK_K + 7, 2, 8, generator=g) for _ in range(3))
+    for mask in (None, masks.causal(), masks.sliding_window(700)):
+        report = check_against_reference(
+            lambda *a, **o: attnkit.attention(*a, **o, backend="chunked"), q, k, v, mask=mask
+        )
+        assert report.ok, report

@@ -37,13 +37,17 @@ from attnkit.scores import Softmax
 #: Query rows per block and key columns per tile. 256 × 256 tiles keep the per-piece score
 #: matrix in cache-friendly sizes; measured with ``attnkit bench``. Each backend measured its
 #: own sizes: a piece here is a dozen PyTorch ops over every batch entry and head (the score
-#: pipeline included), each with a fixed cost per call, so pieces are long; blocksparse's
-#: GEMMs work in cache on tiles of one head, where narrower tiles that skip more of a sparse
-#: mask pay off (256 × 128, runs of 512 keys).
+#: pipeline included), each with a fixed cost per call, so pieces are long (up to
+#: ``MAX_KEYS``); blocksparse's GEMMs work in cache on tiles of one head, where narrower tiles
+#: that skip more of a sparse mask pay off (256 × 128, runs of 512 keys).
 BLOCK_Q = 256
 BLOCK_K = 256
-#: Longest run of keys computed in one matmul (bounds the score buffer per query block).
-MAX_KEYS = 4096
+#: Longest run of keys computed in one matmul. It bounds the score buffer of a query block
+#: (256 × 1024 per head) so that the score pipeline's passes over it stay in cache: longer
+#: runs cost more per pair, so a chunked call's cost per pair would grow with its length. At
+#: most the calibration's length (``attnkit.calibration.SHAPE.T``), so that the cost per pair
+#: measured there holds at every length.
+MAX_KEYS = 1024
 
 
 def _query_block(
