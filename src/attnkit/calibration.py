@@ -7,13 +7,13 @@ count, and cached as JSON under the user cache dir (``$ATTNKIT_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/attnkit``, else ``~/.cache/attnkit``). ``attnkit calibrate`` runs it and prints
 the table; the first ``auto`` call that needs a table runs it otherwise.
 
-What is measured, at ``B=1, H=4, T=1024, D=64`` (``SHAPE``), for float32 and bfloat16 (CUDA:
+What is measured, at ``B=1, H=4, T=2048, D=64`` (``SHAPE``), for float32 and bfloat16 (CUDA:
 float16 too), without and with gradients: dense SDPA (the unit), SDPA ``is_causal``, SDPA
 with a dense boolean mask and with a float mask (how a bias reaches it), chunked and
 blocksparse without a mask and causal, FlexAttention with a causal mask (forward only on the
 CPU; it compiles once per dtype, score and bias), and chunked and Flex causal with the sigmoid
 score and with an ALiBi bias against plain softmax (what a score function or a bias adds);
-then chunked and Flex causal again at T/4, which separates their fixed cost per call from
+then chunked and Flex causal again at T/2, which separates their fixed cost per call from
 their cost per pair. Each ratio is the median over rounds of the candidate's time over dense
 SDPA's in the same round. Paths that are no candidate here (a bfloat16 kernel on a CPU that
 emulates bfloat16 matmuls) are not measured.
@@ -63,13 +63,13 @@ class Shape:
     fixed costs from costs per pair."""
 
     B: int = 1
-    T: int = 1024
+    T: int = 2048
     H: int = 4
     D: int = 64
 
     @property
     def short_T(self) -> int:
-        return max(self.T // 4, 1)
+        return max(self.T // 2, 1)
 
 
 SHAPE = Shape()
@@ -234,8 +234,11 @@ def _measure(
     if flex.BACKEND.supports(biased) is None:
         steps["flex.alibi"] = _step(flex.BACKEND, biased, grad_out)
     ratios = _paired_ratios(steps, device, rounds)
-    # Chunked and Flex again at a quarter of the length, where their fixed costs per call
-    # (Python loops, guards, kernel launch) weigh most: apart from their cost per pair.
+    # Chunked and Flex again at half the length: their fixed costs per call (Python loops,
+    # guards, kernel launch) apart from their cost per pair. (A quarter of the length would
+    # separate them better, but per-pair costs are not yet constant there: Flex's tiles and
+    # chunked's pieces run less efficiently at short lengths, and the fit would charge that
+    # to a fixed cost and extrapolate long calls too cheap.)
     short_T = shape.short_T
     sq, sk, sv, short_grad = _inputs(shape, short_T, dtype, device, grad)
     short_causal = AttentionCall(sq, sk, sv, mask=causal())
@@ -245,7 +248,7 @@ def _measure(
     }
     if "flex.causal" in ratios:
         short_steps["flex.causal"] = _step(flex.BACKEND, short_causal, short_grad)
-    # The fixed cost is a difference of two measurements: the short runs, 16x cheaper, take
+    # The fixed cost is a difference of two measurements: the short runs, 4x cheaper, take
     # more rounds so that its noise stays small.
     short = _paired_ratios(short_steps, device, 3 * rounds)
 
