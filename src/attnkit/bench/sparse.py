@@ -13,7 +13,10 @@ For each pattern, length and dtype, on the same ``q, k, v`` (``B=1, Hq=Hkv=4, D=
   materialises the scores, so it is timed up to ``natten_max_T``) on the 2-D neighborhood.
 
 Candidates are timed in interleaved rounds; one whose first call takes over ``slow_call_s`` is
-timed once. Derived per cell: the live fraction of the block-sparse tiles, the GNA-style upper
+timed once. Per cell also the time to build the mask's tile structures once (``tiles``: a
+``from_mask_mod`` pattern classifies its tiles by evaluating its predicate; ``window_256`` and
+``window_256_mask_mod`` are the same window, built in and as a mask_mod). Derived per cell:
+the live fraction of the block-sparse tiles, the GNA-style upper
 bound on the speed-up over dense (1 / live fraction), the achieved speed-up
 (``sdpa_dense / blocksparse``) and the efficiency per live tile (their ratio: 1.0 = every live
 tile computed at dense SDPA's throughput).
@@ -43,6 +46,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -61,7 +65,7 @@ from attnkit.bench.measure import median, release_memory, timed
 from attnkit.bench.speed import DTYPES, allowed_pairs
 from attnkit.call import AttentionCall
 from attnkit.grid import balanced_grid
-from attnkit.masks.base import Mask
+from attnkit.masks.base import Mask, private_caches
 
 
 def _documents(T: int) -> Mask:
@@ -77,11 +81,18 @@ def _neighborhood(T: int) -> Mask:
     return masks.neighborhood(tuple(min(NA_KERNEL, s) for s in grid), grid)
 
 
+def _window_256_mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+    """``sliding_window(255)`` written as a FlexAttention mask_mod (the 256 latest keys)."""
+    return (q_idx >= kv_idx) & (q_idx - kv_idx < 256)
+
+
 #: Pattern name -> mask factory for length T (None = dense).
 PATTERNS: dict[str, Callable[[int], Mask | None]] = {
     "dense": lambda T: None,
     "causal": lambda T: masks.causal(),
     "window_256": lambda T: masks.sliding_window(255),
+    # the same window as a mask_mod: the same tiles, once its predicate has classified them
+    "window_256_mask_mod": lambda T: masks.from_mask_mod(_window_256_mask_mod),
     "blocks_512": lambda T: masks.chunked(512),
     "block_causal_512": lambda T: masks.block_causal(512),
     "documents": _documents,
@@ -126,6 +137,8 @@ class SparseCell:
     #: the measured matmul throughput, and the kept pairs' GEMMs at it (module docstring)
     matmul_gflops: float | None = None
     floor_ms: float | None = None
+    #: building the mask's tile structures at this length, once (a mask_mod's classification)
+    tiles_ms: float | None = None
 
     def ms(self, name: str) -> float | None:
         return self.times_ms.get(name)
@@ -296,12 +309,17 @@ def run_sparse_bench(
                 for pattern in config.patterns:
                     if progress is not None:
                         progress(len(cells), total, f"{pattern} T={T} {dtype}")
-                    mask = PATTERNS[pattern](T)
-                    tiles = blocksparse.tile_shape(AttentionCall(q, k, v, mask=mask))
-                    live = 1.0 if mask is None else mask.blocks(T, T, *tiles).live_fraction()
+                    with private_caches():
+                        mask = PATTERNS[pattern](T)
+                        start = time.perf_counter()  # the kernel's choice of tiles builds them
+                        tiles = blocksparse.tile_shape(AttentionCall(q, k, v, mask=mask))
+                        structure = None if mask is None else mask.blocks(T, T, *tiles)
+                        tiles_ms = (time.perf_counter() - start) * 1e3
+                    live = 1.0 if structure is None else structure.live_fraction()
                     spec = catalog.InputSpec(config.B, T, T, config.H, D=config.D)
                     pairs = allowed_pairs(mask, spec)
                     cell = SparseCell(pattern, T, dtype, live, matmul_gflops=gflops)
+                    cell.tiles_ms = tiles_ms
                     cell.floor_ms = pairs * 4 * config.D / (gflops * 1e6)
                     calls, cell.skipped = _candidates(pattern, mask, q, k, v, config)
                     cell.times_ms = dense_ms | _time(calls, config, cell.skipped)
@@ -393,7 +411,7 @@ def sparse_table(cells: list[SparseCell]) -> Table:
     names = list(dict.fromkeys(n for c in cells for n in c.times_ms))
     gemms = ", ".join(f"{name} {gemm}" for name, gemm in _kernel_gemms().items())
     table = Table(title=f"block-sparse attention, ms (forward; the kernel's GEMMs: {gemms})")
-    columns = ("pattern", "T", "dtype", "live", *names, "floor", "vs flex", "reachable",
+    columns = ("pattern", "T", "dtype", "live", "tiles", *names, "floor", "vs flex", "reachable",
                "ceiling", "bound", "achieved", "eff")  # fmt: skip
     for column in columns:
         table.add_column(column, justify="left" if column in ("pattern", "dtype") else "right")
@@ -407,6 +425,7 @@ def sparse_table(cells: list[SparseCell]) -> Table:
             str(c.T),
             c.dtype,
             f"{c.live_fraction:.3f}",
+            fmt(c.tiles_ms, ".2f"),
             *(fmt(c.ms(n)) for n in names),
             fmt(c.floor_ms),
             fmt(c.speedup("flex"), ".2f"),

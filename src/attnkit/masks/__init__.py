@@ -14,6 +14,7 @@ from attnkit.masks.blockwise import (
     shifted_chunks,
 )
 from attnkit.masks.heads import duo, per_head, windows_per_head
+from attnkit.masks.mask_mod import from_mask_mod
 from attnkit.masks.neighborhood import halo, neighborhood
 from attnkit.masks.patterns import (
     causal,
@@ -41,6 +42,7 @@ __all__ = [
     "documents",
     "duo",
     "from_dense",
+    "from_mask_mod",
     "full",
     "global_tokens",
     "halo",
