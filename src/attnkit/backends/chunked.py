@@ -28,7 +28,6 @@ from torch.utils.checkpoint import checkpoint
 from attnkit.backends.base import Backend
 from attnkit.call import AttentionCall
 from attnkit.costs import CostTable
-from attnkit.machine import Capabilities, capabilities
 from attnkit.masks.base import FULL
 from attnkit.merge import merge
 from attnkit.primitives import TileRun, finite_or_zero, live_tile_runs
@@ -95,29 +94,19 @@ def _query_block(
     return out, lse
 
 
-def matmul_dtype(call: AttentionCall, caps: Capabilities) -> torch.dtype:
-    """The dtype the tiles' matmuls run in on a device with ``caps``: the call's own, except
-    bfloat16 where its matmuls are emulated (a CPU without AVX512-BF16 or AMX), which run in
-    float32: the same inputs, rounded less, many times faster there."""
-    if call.dtype == torch.bfloat16 and not caps.native_bfloat16:
-        return call.accumulation_dtype
-    return call.dtype
-
-
 def chunked_forward(call: AttentionCall) -> tuple[Tensor, Tensor]:
     """Run ``call`` block by block. Returns ``out [B, Tq, Hq, Dv]`` (input dtype) and
     ``lse [B, Tq, Hq]`` (float32; float64 for float64 inputs)."""
     B, Hkv, G, Tq, Tk = call.B, call.Hkv, call.groups, call.Tq, call.Tk
-    dtype = matmul_dtype(call, capabilities(call.device))
     if call.mask is None:
         n_q, n_k = -(-Tq // BLOCK_Q), -(-Tk // BLOCK_K)
         kinds = torch.full((n_q, n_k), FULL, dtype=torch.int8)
     else:
         kinds = call.mask.blocks(Tq, Tk, BLOCK_Q, BLOCK_K, call.device).union_over_batch_heads()
     kinds = kinds.cpu()
-    q = (call.q.to(dtype) * call.scale).transpose(1, 2).reshape(B, Hkv, G, Tq, call.D)
-    k = call.k.to(dtype).transpose(1, 2).contiguous()
-    v = call.v.to(dtype).transpose(1, 2).contiguous()
+    q = (call.q * call.scale).transpose(1, 2).reshape(B, Hkv, G, Tq, call.D)
+    k = call.k.transpose(1, 2).contiguous()
+    v = call.v.transpose(1, 2).contiguous()
     log_counts = call.log_counts()
     recompute = call.needs_grad
     if recompute and call.bias is not None and call.bias.parameters():
