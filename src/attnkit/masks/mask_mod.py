@@ -19,9 +19,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from attnkit.masks.base import EMPTY, FULL, PARTIAL, Mask
+from attnkit.masks.base import Mask
+from attnkit.masks.patterns import _kinds
 
 #: ``mask_mod(b, h, q_idx, kv_idx) -> bool tensor``, broadcasting over its arguments.
 MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
@@ -57,14 +59,14 @@ class FromMaskMod(Mask):
     def tile_kinds(self, q_lo, q_hi, k_lo, k_hi, Tq, Tk):
         device = q_lo.device
         block_k = int(k_hi.flatten()[0] - k_lo.flatten()[0]) + 1
-        n_k = k_lo.numel()
+        widths = (k_hi - k_lo + 1).flatten()
         b = torch.arange(self._batch_size, device=device).view(-1, 1, 1, 1)
         h = torch.arange(self._num_heads, device=device).view(1, -1, 1, 1)
         keys_per_slice = max(block_k, KEY_SLICE // block_k * block_k)
         rows = []
         for lo, hi in zip(q_lo.flatten().tolist(), q_hi.flatten().tolist(), strict=True):
             q = torch.arange(lo, hi + 1, device=device).view(1, 1, -1, 1)
-            any_allowed, all_allowed = [], []
+            counts = []  # allowed pairs per tile, slice by slice
             for start in range(0, Tk, keys_per_slice):
                 stop = min(start + keys_per_slice, Tk)
                 k = torch.arange(start, stop, device=device).view(1, 1, 1, -1)
@@ -72,17 +74,11 @@ class FromMaskMod(Mask):
                     self._batch_size, self._num_heads, hi + 1 - lo, stop - start
                 )
                 tiles = -(-(stop - start) // block_k)
-                padding = tiles * block_k - (stop - start)
-                # a ragged last tile: padding that counts as allowed for "all", not for "any"
-                padded_all = torch.nn.functional.pad(allowed, (0, padding), value=True)
-                padded_any = torch.nn.functional.pad(allowed, (0, padding), value=False)
-                shape = (*allowed.shape[:3], tiles, block_k)
-                all_allowed.append(padded_all.reshape(shape).all(dim=4).all(dim=2))
-                any_allowed.append(padded_any.reshape(shape).any(dim=4).any(dim=2))
-            full = torch.cat(all_allowed, dim=-1)[..., :n_k]
-            some = torch.cat(any_allowed, dim=-1)[..., :n_k]
-            rows.append(torch.where(full, FULL, torch.where(some, PARTIAL, EMPTY)))
-        return torch.stack(rows, dim=2).to(torch.int8)
+                padded = F.pad(allowed, (0, tiles * block_k - (stop - start)), value=False)
+                counts.append(padded.reshape(*allowed.shape[:3], tiles, block_k).sum(dim=(2, 4)))
+            count = torch.cat(counts, dim=-1)
+            rows.append(_kinds(count == (hi + 1 - lo) * widths, count == 0))
+        return torch.stack(rows, dim=2)
 
 
 def from_mask_mod(
