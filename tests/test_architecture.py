@@ -34,6 +34,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "attnkit.merge",
             "attnkit.grid",
             "attnkit.primitives",
+            "attnkit.opspec",
+            "attnkit.opaque",
         ),
     ),
     ("backends", ("attnkit.backends",)),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from attnkit.aux import compute_aux
@@ -13,7 +14,10 @@ from attnkit.call import AttentionCall, Aux, AuxOutput
 from attnkit.dispatch import auto_preferences
 from attnkit.masks.base import Mask
 from attnkit.merge import merge
+from attnkit.opaque import call as opaque_call
+from attnkit.opaque import opaque
 from attnkit.positional import Bias
+from attnkit.primitives import accumulation_dtype
 from attnkit.scores import ScoreFunction, Softmax
 
 _warned: set[str] = set()
@@ -132,7 +136,30 @@ def attention(
     Returns:
         ``out [B, Tq, Hq, Dv]`` in the input dtype; with ``aux``, ``(out, AuxOutput)``.
         A query that sees no key gets a zero output (never NaN).
+
+    Inside ``torch.compile`` and ``torch.export`` the call is one custom op
+    (``torch.ops.attnkit.eager``, ``attnkit.opaque``) whose inputs are ``q``, ``k``, ``v`` and
+    the tensors the mask, bias and ``aux`` carry: ``fullgraph=True`` traces through it, forward
+    and backward, and it runs exactly as here (the backward recomputes the forward).
     """
+    options = dict(mask=mask, score=score, bias=bias, scale=scale, backend=backend, aux=aux)
+    if torch.compiler.is_compiling():
+        return _traced_attention(q, k, v, options)
+    return _attention(q, k, v, **options)
+
+
+def _attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    mask: Mask | None,
+    score: ScoreFunction | None,
+    bias: Bias | None,
+    scale: float | None,
+    backend: str,
+    aux: Aux | None,
+) -> Tensor | tuple[Tensor, AuxOutput]:
     call = AttentionCall(q, k, v, mask, score or Softmax(), bias, scale, aux or Aux())
     chosen, explanation = _select(call, backend)
     if backend == "auto":
@@ -142,6 +169,57 @@ def attention(
     if aux is None:
         return out
     return out, compute_aux(call, lse)
+
+
+# -- inside torch.compile and torch.export: one opaque op (attnkit.opaque) -------------------
+
+
+def _aux_shapes(q: Tensor, k: Tensor, v: Tensor, aux: Aux | None) -> dict[str, tuple]:
+    """Shape and dtype of each of ``_attention_outputs``'s outputs."""
+    B, Tq, Hq, _ = q.shape
+    Tk = k.shape[1]
+    aux = aux or Aux()
+    return {
+        "out": ((B, Tq, Hq, v.shape[3]), q.dtype),
+        "lse": ((B, Tq, Hq) if aux.lse else (0,), accumulation_dtype(q.dtype)),
+        "weights": ((B, Hq, Tq, Tk) if aux.weights else (0,), q.dtype),
+        "key_sums": ((B, Hq, Tk) if aux.key_sums is not None else (0,), torch.float32),
+    }
+
+
+def _attention_fake(q: Tensor, k: Tensor, v: Tensor, options: dict) -> list[Tensor]:
+    # Validating here raises bad input's errors while tracing, not at the first run.
+    score = options["score"] or Softmax()
+    AttentionCall(q, k, v, options["mask"], score, options["bias"], options["scale"])
+    shapes = _aux_shapes(q, k, v, options["aux"]).values()
+    return [q.new_empty(shape, dtype=dtype) for shape, dtype in shapes]
+
+
+@opaque(_attention_fake)
+def _attention_outputs(q: Tensor, k: Tensor, v: Tensor, options: dict) -> list[Tensor]:
+    """``_attention`` as four tensors: out, lse, weights, key_sums (empty where not asked)."""
+    aux = options["aux"]
+    result = _attention(q, k, v, **options)
+    out, extra = (result, AuxOutput()) if aux is None else result
+    outputs = []
+    for name, (shape, dtype) in _aux_shapes(q, k, v, aux).items():
+        value = out if name == "out" else getattr(extra, name)
+        outputs.append(q.new_empty(shape, dtype=dtype) if value is None else value.to(dtype))
+    return outputs
+
+
+def _traced_attention(
+    q: Tensor, k: Tensor, v: Tensor, options: dict
+) -> Tensor | tuple[Tensor, AuxOutput]:
+    out, lse, weights, key_sums = opaque_call(_attention_outputs, q, k, v, options)
+    aux = options["aux"]
+    if aux is None:
+        return out
+    return out, AuxOutput(
+        lse=lse if aux.lse else None,
+        weights=weights if aux.weights else None,
+        key_sums=key_sums if aux.key_sums is not None else None,
+    )
 
 
 def explain(

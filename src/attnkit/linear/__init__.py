@@ -37,7 +37,7 @@ from attnkit.linear.gla import gla
 from attnkit.linear.linear_attention import FEATURE_MAPS, linear_attention
 from attnkit.linear.prefix import PrefixState, prefix_attention, prefix_scan
 from attnkit.linear.rat import RATState, rat
-from attnkit.linear.registry import MECHANISMS, LinearMechanism, chunk_states, get
+from attnkit.linear.registry import MECHANISMS, LinearMechanism, chunk_states, get, run_form
 from attnkit.linear.state import ChunkStates, LinearState, combine_states
 
 __all__ = [
@@ -66,6 +66,7 @@ __all__ = [
     "prefix_scan",
     "rat",
     "retention",
+    "run_form",
     "solve",
     "taylor_feature_map",
 ]

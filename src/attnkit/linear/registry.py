@@ -10,6 +10,7 @@ plain ``q, k, v`` — ``MECHANISMS[name].run(q, k, v)``. State-based mechanisms 
 from __future__ import annotations
 
 import functools
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +36,8 @@ from attnkit.linear.prefix import PrefixState
 from attnkit.linear.rat import PAPER as RAT_PAPER
 from attnkit.linear.rat import RATState, rat
 from attnkit.linear.state import ChunkStates, LinearState
+from attnkit.opaque import call as opaque_call
+from attnkit.opaque import opaque
 
 Extras = Callable[[Tensor, Tensor, Tensor], dict[str, Any]]
 
@@ -42,9 +45,26 @@ Extras = Callable[[Tensor, Tensor, Tensor], dict[str, Any]]
 _RUN_OPTIONS = frozenset({"chunk_size", "initial_state", "return_state"})
 
 
+_DRAWS: dict[tuple[tuple[int, ...], int], Tensor] = {}
+
+
+@torch.compiler.assume_constant_result
+def _standard_normal(shape: tuple[int, ...], seed: int) -> Tensor:
+    """Seeded float64 draws, drawn once per shape and seed; inside ``torch.compile`` a constant
+    of the graph (a generator cannot be created in one)."""
+    key = (shape, seed)
+    if key not in _DRAWS:
+        if len(_DRAWS) >= 16:
+            _DRAWS.clear()
+        g = torch.Generator().manual_seed(seed)
+        _DRAWS[key] = torch.randn(*shape, generator=g, dtype=torch.float64)
+    return _DRAWS[key]
+
+
 def _draw(like: Tensor, *shape: int, seed: int) -> Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g, dtype=torch.float64).to(like.dtype).to(like.device)
+    # operator.index keeps a compiled graph's sizes constants (the draws are per shape).
+    drawn = _standard_normal(tuple(operator.index(n) for n in shape), seed)
+    return drawn.to(device=like.device, dtype=like.dtype, copy=True)
 
 
 def _no_extras(q: Tensor, k: Tensor, v: Tensor) -> dict[str, Any]:
@@ -200,9 +220,26 @@ class LinearMechanism:
         """Run on plain ``q [B, T, Hq, D]``, ``k``, ``v`` with the example extras; ``form`` is
         one of ``forms`` or ``"auto"`` (``fastest_form``)."""
         inputs = self.inputs(q, k, v, **options)
-        if form == "auto":
-            form = self.fastest_form(inputs)
-        return self.form(form)(**inputs)
+        if "initial_state" in inputs or inputs.get("return_state"):
+            return self.form(self.fastest_form(inputs) if form == "auto" else form)(**inputs)
+        (out,) = opaque_call(run_form, self.name, form, inputs)
+        return out
+
+
+def _run_form_fake(name: str, form: str, inputs: dict[str, Any]) -> list[Tensor]:
+    q, v = inputs["q"], inputs["v"]  # q may be the mechanism's own learned queries
+    return [v.new_empty(*v.shape[:2], q.shape[2], v.shape[3])]
+
+
+@opaque(_run_form_fake)
+def run_form(name: str, form: str, inputs: dict[str, Any]) -> list[Tensor]:
+    """``[out [B, T, Hq, Dv]]``: mechanism ``name`` on its keyword ``inputs`` (no states in or
+    out) in ``form``, ``"auto"`` for ``fastest_form``. Inside a compiled graph this runs as one
+    op (``attnkit.opaque``): the form is chosen and the compiled kernels run at run time."""
+    mechanism = get(name)
+    if form == "auto":
+        form = mechanism.fastest_form(inputs)
+    return [mechanism.form(form)(**inputs)]
 
 
 MECHANISMS: dict[str, LinearMechanism] = {

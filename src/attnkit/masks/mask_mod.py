@@ -37,21 +37,19 @@ class FromMaskMod(Mask):
     every batch entry / head, evaluated at ``b = 0`` / ``h = 0``)."""
 
     def __init__(self, fn: MaskMod, batch_size: int, num_heads: int, name: str):
-        self.fn = fn
-        self._batch_size, self._num_heads = batch_size, num_heads
-        self.name = name
+        self.fn, self.batch, self.heads, self.name = fn, batch_size, num_heads, name
 
     @property
     def identity(self) -> tuple:
-        return ("mask_mod", self.fn, self._batch_size, self._num_heads)
+        return ("mask_mod", self.fn, self.batch, self.heads)
 
     @property
     def batch_size(self) -> int:
-        return self._batch_size
+        return self.batch
 
     @property
     def num_heads(self) -> int:
-        return self._num_heads
+        return self.heads
 
     def predicate(self, b, h, q, k, Tq, Tk):
         return self.fn(b, h, q, k)
@@ -60,8 +58,8 @@ class FromMaskMod(Mask):
         device = q_lo.device
         block_k = int(k_hi.flatten()[0] - k_lo.flatten()[0]) + 1
         widths = (k_hi - k_lo + 1).flatten()
-        b = torch.arange(self._batch_size, device=device).view(-1, 1, 1, 1)
-        h = torch.arange(self._num_heads, device=device).view(1, -1, 1, 1)
+        b = torch.arange(self.batch, device=device).view(-1, 1, 1, 1)
+        h = torch.arange(self.heads, device=device).view(1, -1, 1, 1)
         keys_per_slice = max(block_k, KEY_SLICE // block_k * block_k)
         rows = []
         for lo, hi in zip(q_lo.flatten().tolist(), q_hi.flatten().tolist(), strict=True):
@@ -71,7 +69,7 @@ class FromMaskMod(Mask):
                 stop = min(start + keys_per_slice, Tk)
                 k = torch.arange(start, stop, device=device).view(1, 1, 1, -1)
                 allowed = self.fn(b, h, q, k).expand(
-                    self._batch_size, self._num_heads, hi + 1 - lo, stop - start
+                    self.batch, self.heads, hi + 1 - lo, stop - start
                 )
                 tiles = -(-(stop - start) // block_k)
                 padded = F.pad(allowed, (0, tiles * block_k - (stop - start)), value=False)

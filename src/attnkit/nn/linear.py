@@ -16,6 +16,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from attnkit import linear
+from attnkit.opaque import call as opaque_call
 
 
 class LinearAttend(nn.Module):
@@ -50,8 +51,8 @@ class LinearAttend(nn.Module):
         return {"q": q, "k": k, "v": v} | self.mechanism.options | learned | options
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        inputs = self._inputs(q, k, v)
-        return self.mechanism.form(self.mechanism.fastest_form(inputs))(**inputs)
+        (out,) = opaque_call(linear.run_form, self.mechanism.name, "auto", self._inputs(q, k, v))
+        return out
 
     def step(self, q: Tensor, k: Tensor, v: Tensor, state: Any) -> tuple[Tensor, Any]:
         if not self.decodes:

@@ -301,22 +301,36 @@ class Rotary:
         """Rotate ``x [B, T, H, D]`` at ``positions`` (``[T]`` or ``[B, T]`` ints; default
         ``0..T-1``). Returns ``[B, T, H, D]`` in ``x``'s dtype."""
         positions, top = self._positions(x, positions)
-        seq_len = top if self._length_dependent else None
-        # Tables grow in powers of two so that decoding step by step reuses one table.
-        length = top if self._length_dependent else 1 << max(top - 1, 1).bit_length()
-        cos, sin = self.cos_sin(length, x.device, x.dtype, seq_len)
-        cos, sin = cos[positions].unsqueeze(2), sin[positions].unsqueeze(2)  # [B|1, T, 1, d/2]
+        if top is None:
+            cos, sin = self._cos_sin_at(positions, x.device, x.dtype)
+        else:
+            seq_len = top if self._length_dependent else None
+            # Tables grow in powers of two so that decoding step by step reuses one table.
+            length = top if self._length_dependent else 1 << max(top - 1, 1).bit_length()
+            cos, sin = self.cos_sin(length, x.device, x.dtype, seq_len)
+            cos, sin = cos[positions], sin[positions]
+        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # [B|1, T, 1, d/2]
         layout = LAYOUTS[self.layout]
         x1, x2 = layout.split(x[..., : self.rotary_dim])
         rotated = layout.join(x1 * cos - x2 * sin, x2 * cos + x1 * sin)
         return torch.cat([rotated, x[..., self.rotary_dim :]], dim=-1)
 
+    def _cos_sin_at(
+        self, positions: Tensor, device: torch.device, dtype: torch.dtype
+    ) -> tuple[Tensor, Tensor]:
+        """``cos_sin``'s rows at ``positions [B|1, T]``, computed from the angles of those
+        positions alone (the same float64 math as the tables)."""
+        theta, magnitude = self.frequencies()
+        angles = positions.to(torch.float64).unsqueeze(-1) * theta.to(device)
+        return tuple((magnitude * f(angles)).to(dtype) for f in (torch.cos, torch.sin))
+
     @property
     def _length_dependent(self) -> bool:
         return self.scaling is not None and self.scaling.length_dependent
 
-    def _positions(self, x: Tensor, positions: Tensor | None) -> tuple[Tensor, int]:
-        """Positions as ``[B|1, T]`` int64 on ``x``'s device and the largest one plus one."""
+    def _positions(self, x: Tensor, positions: Tensor | None) -> tuple[Tensor, int | None]:
+        """Positions as ``[B|1, T]`` int64 on ``x``'s device and the largest one plus one
+        (None inside a compiled graph, where it is data)."""
         if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[-1] != self.head_dim:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(
@@ -334,6 +348,16 @@ class Rotary:
             )
         if positions.numel() == 0:
             return positions.view(1, 0).long().to(x.device), 1
+        if torch.compiler.is_compiling():
+            # A graph cannot read the largest position (data); ``__call__`` computes the
+            # angles of these positions instead of indexing a table.
+            if self._length_dependent:
+                raise ValueError(
+                    f"{type(self.scaling).__name__} rescales by the largest position, which a "
+                    "compiled graph cannot read from the positions tensor; compile without "
+                    "positions (0..T-1) or run this rotary eagerly"
+                )
+            return positions.long().to(x.device).view(-1, T), None
         lo, hi = (int(t) for t in torch.aminmax(positions))
         if lo < 0:
             raise ValueError(f"positions must be >= 0, got a minimum of {lo}")
