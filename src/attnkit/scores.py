@@ -26,6 +26,7 @@ The score ``s`` a score function sees is ``scale * q.k + bias``, then soft-cappe
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -258,3 +259,81 @@ def cog(softcap: float | None = None) -> ScoreFunction:
 def softcap(cap: float) -> ScoreFunction:
     """Softmax attention with logit soft-capping ``cap * tanh(s / cap)`` (Gemma 2, Grok)."""
     return Softmax(softcap=cap)
+
+
+#: FlexAttention's ``score_mod(score, b, h, q_idx, kv_idx) -> score``, broadcasting.
+ScoreMod = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
+
+#: Positions below which ``from_score_mod`` samples a score_mod (table-based score_mods, such
+#: as attention-gym's Sandwich, index tables sized for their maximum length).
+PROBE_POSITIONS = 64
+_PROBE_POINTS = 512
+
+
+def probe_points(num_heads: int = 1) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Sampled ``(score, b, h, q_idx, kv_idx)``, each ``[_PROBE_POINTS]``, at which the score_mod
+    converters check what a score_mod depends on (fixed seed: the same points every run)."""
+    if torch.compiler.is_compiling():
+        raise RuntimeError(
+            "converting a score_mod checks it by evaluating it, which a compiled graph cannot "
+            "do: convert it once outside the compiled function (e.g. in a module's __init__)"
+        )
+    g = torch.Generator().manual_seed(0)
+    score = torch.randn(_PROBE_POINTS, generator=g) * 8
+    b = torch.randint(0, 4, (_PROBE_POINTS,), generator=g)
+    h = torch.randint(0, num_heads, (_PROBE_POINTS,), generator=g)
+    q_idx, kv_idx = torch.randint(0, PROBE_POSITIONS, (2, _PROBE_POINTS), generator=g)
+    return score, b, h, q_idx, kv_idx
+
+
+def evaluate_score_mod(fn: ScoreMod, *args: Tensor) -> Tensor:
+    """``fn(*args)``, checked to be a float tensor of the arguments' broadcast shape."""
+    out = fn(*args)
+    shape = torch.broadcast_shapes(*(a.shape for a in args))
+    if not isinstance(out, Tensor) or out.shape != shape or not out.is_floating_point():
+        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise TypeError(
+            f"a score_mod must return a float tensor of its arguments' broadcast shape "
+            f"{tuple(shape)} (elementwise), got {got}"
+        )
+    return out
+
+
+@dataclass(frozen=True)
+class FromScoreMod(ScoreFunction):
+    """Softmax over ``fn(s)``: a FlexAttention ``score_mod`` that depends on the score alone
+    (``scores.from_score_mod``). ``log w(s) = fn(s, 0, 0, 0, 0)``, normalised."""
+
+    fn: ScoreMod | None = None
+    name = "score_mod"
+
+    def log_weight(self, s, Tk, log_counts):
+        zero = torch.zeros((), dtype=torch.long, device=s.device)
+        return self.fn(s, zero, zero, zero, zero).to(s.dtype)
+
+    def describe(self) -> str:
+        return f"score_mod({getattr(self.fn, '__name__', 'fn')})"
+
+
+def from_score_mod(fn: ScoreMod) -> ScoreFunction:
+    """A score function from a FlexAttention ``score_mod(score, b, h, q_idx, kv_idx)`` that
+    depends on the score alone (a logit transform such as attention-gym's tanh soft-capping or
+    activation score_mods): weights ``softmax_j(fn(s_ij))``, as FlexAttention computes them.
+
+    A score_mod that adds a term of the positions, ``score + f(h, q_idx, kv_idx)``, is a bias:
+    ``attnkit.positional.from_score_mod``. What it depends on is checked by evaluating it at
+    sampled points (positions below ``PROBE_POSITIONS``); ``fn`` must be elementwise and pure.
+    """
+    score, b, h, q_idx, kv_idx = probe_points(num_heads=8)
+    zero = torch.zeros_like(b)
+    at_points = evaluate_score_mod(fn, score, b, h, q_idx, kv_idx)
+    at_origin = evaluate_score_mod(fn, score, zero, zero, zero, zero)
+    if not torch.equal(at_points, at_origin):
+        raise ValueError(
+            "this score_mod depends on b, h, q_idx or kv_idx, not on the score alone; one that "
+            "adds a term of positions (score + f(h, q_idx, kv_idx)) is a bias: use "
+            "attnkit.positional.from_score_mod(fn, num_heads=H). One that does more (a "
+            "transform of score + bias) is not one score function: pass its position term as "
+            "bias= and its transform as score="
+        )
+    return FromScoreMod(fn=fn)

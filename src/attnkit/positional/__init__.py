@@ -8,6 +8,7 @@ backend):
 - ``t5_bias`` — T5's bucketed relative bias (Raffel et al., 2020)
 - ``kerple`` — KERPLE power / log kernels (Chi et al., 2022)
 - ``grid_position_bias`` — ConViT's positional scores on a patch grid (d'Ascoli et al., 2021)
+- ``from_score_mod`` — a FlexAttention ``score_mod`` that adds a term of the positions
 
 Applied to q/k:
 
@@ -51,6 +52,7 @@ from attnkit.positional.rotary import (
     YaRNScaling,
     rotary_reference,
 )
+from attnkit.positional.score_mod import ScoreModBias, from_score_mod
 
 __all__ = [
     "HF_ROPE_TYPES",
@@ -66,10 +68,12 @@ __all__ = [
     "NTKScaling",
     "RelativePositionBias",
     "Rotary",
+    "ScoreModBias",
     "T5RelativeBias",
     "YaRNScaling",
     "alibi",
     "alibi_slopes",
+    "from_score_mod",
     "grid_position_bias",
     "grid_relative_positions",
     "kerple",
