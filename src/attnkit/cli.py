@@ -2,7 +2,7 @@
 
 attnkit list [--family "static sparse"]
 attnkit bench [--quick] [--lengths 1024,2048] [--dtypes float32] [--backward] [--out DIR]
-attnkit bench variants [--lengths 1024,4096] [--mechanisms rope,mla] [--backward]
+attnkit bench variants [--lengths 1024,4096] [--mechanisms rope,mla] [--backward] [--compiled]
 attnkit bench sparse [--lengths 4096,8192] [--dtypes float32] [--patterns causal,window_256]
 attnkit bench linear [--lengths 1024,8192] [--mechanisms gla,retention] [--no-decode] [--kv-heads 1]
 attnkit bench kv [--policies snapkv,streaming_llm] [--budgets 0.2,128]
@@ -219,9 +219,13 @@ def bench_variants(
     ] = None,
     repeats: Annotated[int, typer.Option(help="timed rounds per cell")] = 5,
     backward: Annotated[bool, typer.Option(help="time forward+backward")] = False,
+    compiled: Annotated[
+        bool, typer.Option(help="time each under torch.compile(fullgraph=True) against eager")
+    ] = False,
 ) -> None:
     """Time the function and layer mechanisms (RoPE, head layouts, gates, ...) against plain
-    causal attention / a plain GQA layer on the same inputs."""
+    causal attention / a plain GQA layer on the same inputs; with --compiled, compiled against
+    the same mechanism in eager mode."""
     overrides: dict = {}
     if mechanisms is not None:
         overrides["mechanisms"] = tuple(_split(mechanisms) or [])
@@ -231,6 +235,7 @@ def bench_variants(
             dtype=dtype,
             repeats=repeats,
             backward=backward,
+            compiled=compiled,
             **overrides,
         )
     except (KeyError, ValueError) as error:
@@ -238,7 +243,7 @@ def bench_variants(
     console = _console()
     start = time.perf_counter()
     records = run_variants_bench(config)
-    console.print(variants_table(records))
+    console.print(variants_table(records, compiled))
     path = write_variants(records, config, out)
     console.print(f"wrote {path} in {time.perf_counter() - start:.0f} s")
 

@@ -9,6 +9,10 @@
 
 Both are timed in interleaved rounds on the same inputs (median), forward or
 forward+backward; ``ratio = baseline ms / ms`` (> 1 is faster than the baseline).
+
+With ``compiled``, each mechanism runs under ``torch.compile(fullgraph=True)`` and its baseline
+is the same mechanism in eager mode: the cost or gain of compiling a model that uses it (the
+compile itself happens in the warm-up call, untimed).
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ class VariantsConfig:
     D: int = 64
     repeats: int = 5
     backward: bool = False
+    compiled: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -82,36 +87,33 @@ def _plain_layer(spec: catalog.InputSpec) -> Any:
 
 
 def _steps(
-    mechanism: catalog.Mechanism, spec: catalog.InputSpec, backward: bool, seed: int
+    mechanism: catalog.Mechanism,
+    spec: catalog.InputSpec,
+    backward: bool,
+    seed: int,
+    compiled: bool = False,
 ) -> tuple[Callable[[], object], Callable[[], object]]:
     """``(candidate, baseline)`` zero-argument calls on shared inputs."""
     g = torch.Generator().manual_seed(seed)
     if mechanism.kind == "function":
         q, k, v = spec.make_inputs(seed=seed, requires_grad=backward)
         fn = mechanism.run(spec)
-
-        def candidate() -> Any:
-            return fn(q, k, v)
-
-        def baseline() -> Any:
-            return attention(q, k, v, mask=causal())
-
         tensors = (q, k, v)
+        plain = fn if compiled else lambda q, k, v: attention(q, k, v, mask=causal())
     else:
         torch.manual_seed(seed)
-        layer, plain = mechanism.layer(spec), _plain_layer(spec)
-        layer.to(spec.dtype)
-        plain.to(spec.dtype)
+        fn = mechanism.layer(spec).to(spec.dtype)
+        plain = fn if compiled else _plain_layer(spec).to(spec.dtype)
         x = torch.randn(spec.B, spec.Tq, spec.Hq * spec.D, generator=g).to(spec.dtype)
-        x.requires_grad_(backward)
+        tensors = (x.requires_grad_(backward),)
+    if compiled:
+        fn = torch.compile(fn, fullgraph=True)
 
-        def candidate() -> Any:
-            return layer(x)
+    def candidate() -> Any:
+        return fn(*tensors)
 
-        def baseline() -> Any:
-            return plain(x)
-
-        tensors = (x,)
+    def baseline() -> Any:
+        return plain(*tensors)
 
     def with_grad(fn: Callable[[], Any]) -> Callable[[], object]:
         if not backward:
@@ -144,7 +146,9 @@ def run_variants_bench(config: VariantsConfig) -> list[VariantRecord]:
                 dtype=DTYPES[config.dtype],
             )  # fmt: skip
             try:
-                candidate, baseline = _steps(mechanism, spec, config.backward, config.seed)
+                candidate, baseline = _steps(
+                    mechanism, spec, config.backward, config.seed, config.compiled
+                )
                 candidate()
                 baseline()
                 ours, theirs = [], []
@@ -162,8 +166,12 @@ def run_variants_bench(config: VariantsConfig) -> list[VariantRecord]:
     return records
 
 
-def variants_table(records: list[VariantRecord]) -> Table:
-    table = Table(title="function and layer mechanisms (ratio = baseline ms / ms, > 1 is faster)")
+def variants_table(records: list[VariantRecord], compiled: bool = False) -> Table:
+    baseline = "the same mechanism eager" if compiled else "the plain counterpart"
+    table = Table(
+        title=f"function and layer mechanisms{' compiled' if compiled else ''} "
+        f"(baseline: {baseline}; ratio = baseline ms / ms, > 1 is faster)"
+    )
     for column in ("mechanism", "kind", "T", "ms", "baseline ms", "ratio", "note"):
         table.add_column(column, overflow="fold")
     for r in records:
