@@ -240,6 +240,46 @@ MUTATIONS: tuple[Mutation, ...] = (
         "the bench's ratio is candidate time / baseline time",
         ("tests/test_cli.py::test_bench_quick_writes_report",),
     ),
+    Mutation(
+        "compiled_backward_drops_lse_gradient",
+        "src/attnkit/opaque.py",
+        "            if grad.numel() and out.requires_grad",
+        "            if grad.numel() and out.requires_grad and out.dim() == 4",
+        "the compiled backward ignores the gradient of a differentiated lse output",
+        ("tests/test_compile.py",),
+    ),
+    Mutation(
+        "compiled_forward_without_grad_mode",
+        "src/attnkit/opaque.py",
+        "    with _as_in_eager(grad=any(t.requires_grad for t in inputs)):",
+        "    with _as_in_eager(grad=False):",
+        "the op's forward runs without autograd, so forms chosen for inference run in training",
+        ("tests/test_compile.py",),
+    ),
+    Mutation(
+        "spec_numbers_become_symbols",
+        "src/attnkit/opspec.py",
+        '        return ("value", _static(obj))',
+        '        return ("value", obj)',
+        "numbers read from a compiled function's arguments are no longer made constants",
+        ("tests/test_compile.py::test_changed_options_compile_anew",),
+    ),
+    Mutation(
+        "spec_carries_caches",
+        "src/attnkit/opspec.py",
+        '        if not name.startswith("_")',
+        "        if True",
+        "a mask's cached tile structures are flattened into the spec",
+        ("tests/test_opspec.py",),
+    ),
+    Mutation(
+        "score_mod_bias_not_checked_additive",
+        "src/attnkit/positional/score_mod.py",
+        "    if not torch.allclose(added, term,",
+        "    if False and not torch.allclose(added, term,",
+        "positional.from_score_mod accepts a score_mod that transforms the score",
+        ("tests/positional/test_score_mod.py",),
+    ),
 )
 
 
