@@ -251,10 +251,18 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "compiled_forward_without_grad_mode",
         "src/attnkit/opaque.py",
-        "    with _as_in_eager(grad=any(t.requires_grad for t in inputs)):",
-        "    with _as_in_eager(grad=False):",
+        "    grad = any(t.requires_grad for t in inputs)",
+        "    grad = False",
         "the op's forward runs without autograd, so forms chosen for inference run in training",
         ("tests/test_compile.py",),
+    ),
+    Mutation(
+        "compiled_backward_forgets_the_graph",
+        "src/attnkit/opaque.py",
+        "    graph = _GRAPHS.pop(int(handle), None)",
+        "    graph = _GRAPHS.pop(int(handle), None) and None",
+        "the compiled backward recomputes the forward instead of using the graph it recorded",
+        ("tests/test_opaque.py",),
     ),
     Mutation(
         "spec_numbers_become_symbols",

@@ -140,7 +140,7 @@ def attention(
     Inside ``torch.compile`` and ``torch.export`` the call is one custom op
     (``torch.ops.attnkit.eager``, ``attnkit.opaque``) whose inputs are ``q``, ``k``, ``v`` and
     the tensors the mask, bias and ``aux`` carry: ``fullgraph=True`` traces through it, forward
-    and backward, and it runs exactly as here (the backward recomputes the forward).
+    and backward, and it runs exactly as here.
     """
     options = dict(mask=mask, score=score, bias=bias, scale=scale, backend=backend, aux=aux)
     if torch.compiler.is_compiling():

@@ -9,15 +9,18 @@ argument (``attnkit.opspec``), and its kernel runs the function exactly as an ea
 
 A function is registered with ``@opaque(fake)``: it returns a list of tensors, and ``fake``
 returns tensors of the same shapes, dtypes and strides from the arguments' shapes (it runs while
-tracing, on fake tensors). The backward recomputes the function with autograd recording and
-differentiates it (about one extra forward); the inputs that need no gradient get none.
+tracing, on fake tensors). A forward that autograd records keeps its graph, and the backward
+differentiates through it, as eager autograd would (it recomputes the function only where that
+graph is gone); the inputs that need no gradient get none.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import operator
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -70,15 +73,16 @@ def call(fn: Callable[..., list[Tensor]], *args: Any) -> list[Tensor]:
     grad = torch.is_grad_enabled()
     requires_grad = tuple(grad and t.requires_grad for t in tensors_of(args))
     spec, tensors = flatten((fn, args, requires_grad))
-    return _eager_op(tensors, spec)
+    *outputs, _handle = _eager_op(tensors, spec)
+    return outputs
 
 
 @contextlib.contextmanager
 def _as_in_eager(grad: bool) -> Iterator[None]:
     """Run an op's kernel as an eager call: PyTorch runs custom op kernels below autograd
-    (autograd dispatch keys excluded), where the backward could not record the recomputed
-    forward, and where compiled FlexAttention's guards, which include tensors' dispatch keys,
-    would compile it once more than for eager calls."""
+    (autograd dispatch keys excluded), where a forward could not record the graph its backward
+    differentiates, and where compiled FlexAttention's guards, which include tensors' dispatch
+    keys, would compile it once more than for eager calls."""
     include = torch._C._dispatch_tls_local_include_set()
     exclude = torch._C._dispatch_tls_local_exclude_set() - _BELOW_AUTOGRAD_KEYS
     with torch._C._ForceDispatchKeyGuard(include, exclude), torch.set_grad_enabled(grad):
@@ -96,12 +100,32 @@ def _inputs(spec: str, tensors: list[Tensor]) -> tuple[Callable, tuple, list[Ten
     return fn, args, inputs
 
 
+#: Autograd graphs of forwards run with grad, by handle, for their backward: ``(inputs,
+#: outputs)``, the inputs the leaves. An entry leaves when its backward takes it or when its
+#: handle tensor is freed (the compiled graph that saved it for the backward is gone).
+_GRAPHS: dict[int, tuple[list[Tensor], list[Tensor]]] = {}
+_handles = itertools.count()
+
+
+def _keep_graph(inputs: list[Tensor], outputs: list[Tensor]) -> Tensor:
+    """A handle (an int64 scalar) to the autograd graph from ``inputs`` to ``outputs``."""
+    key = next(_handles)
+    handle = torch.tensor(key)
+    _GRAPHS[key] = (inputs, outputs)
+    weakref.finalize(handle, _GRAPHS.pop, key, None)
+    return handle
+
+
 @torch.library.custom_op("attnkit::eager", mutates_args=())
 def _eager_op(tensors: list[Tensor], spec: str) -> list[Tensor]:
+    """The function's outputs and a handle to the graph recorded for their backward (-1: none
+    recorded)."""
     fn, args, inputs = _inputs(spec, tensors)
-    with _as_in_eager(grad=any(t.requires_grad for t in inputs)):
+    grad = any(t.requires_grad for t in inputs)
+    with _as_in_eager(grad):
         outputs = fn(*args)
-    return _fresh(outputs, inputs)
+    handle = _keep_graph(inputs, outputs) if grad else torch.tensor(-1)
+    return [*_fresh(outputs, inputs), handle]
 
 
 def _fresh(outputs: list[Tensor], inputs: list[Tensor]) -> list[Tensor]:
@@ -123,18 +147,24 @@ def _fresh(outputs: list[Tensor], inputs: list[Tensor]) -> list[Tensor]:
 @_eager_op.register_fake
 def _eager_op_fake(tensors: list[Tensor], spec: str) -> list[Tensor]:
     fn, args, _ = unflatten(spec, tensors)
-    return _FAKES[fn](*args)
+    return [*_FAKES[fn](*args), torch.empty((), dtype=torch.int64, device="cpu")]
 
 
 @torch.library.custom_op("attnkit::eager_backward", mutates_args=())
-def _eager_backward_op(grads: list[Tensor], tensors: list[Tensor], spec: str) -> list[Tensor]:
+def _eager_backward_op(
+    grads: list[Tensor], tensors: list[Tensor], spec: str, handle: Tensor
+) -> list[Tensor]:
     """Gradients of the function's outputs (weighted by ``grads``; an empty one stands for an
-    output not differentiated) with respect to ``tensors``, by recomputing the function with
-    autograd; an empty tensor for an input autograd does not differentiate."""
-    fn, args, inputs = _inputs(spec, tensors)
-    wanted = [t for t in inputs if t.requires_grad]
+    output not differentiated) with respect to ``tensors``, through the forward's graph
+    (``handle``), or by recomputing the function with autograd where that graph is gone (a
+    second backward); an empty tensor for an input autograd does not differentiate."""
+    graph = _GRAPHS.pop(int(handle), None)
     with _as_in_eager(grad=True):
-        outputs = fn(*args)
+        if graph is None:
+            fn, args, inputs = _inputs(spec, tensors)
+            graph = inputs, fn(*args)
+        inputs, outputs = graph
+        wanted = [t for t in inputs if t.requires_grad]
         pairs = [
             (out, grad)
             for out, grad in zip(outputs, grads, strict=True)
@@ -153,7 +183,7 @@ def _eager_backward_op(grads: list[Tensor], tensors: list[Tensor], spec: str) ->
 
 
 @_eager_backward_op.register_fake
-def _eager_backward_op_fake(grads, tensors, spec):
+def _eager_backward_op_fake(grads, tensors, spec, handle):
     _, _, requires_grad = unflatten(spec, tensors)
     return [
         torch.empty_like(t, memory_format=torch.contiguous_format) if need else t.new_empty(0)
@@ -163,15 +193,15 @@ def _eager_backward_op_fake(grads, tensors, spec):
 
 def _save_for_backward(ctx, inputs, output) -> None:
     tensors, spec = inputs
-    ctx.save_for_backward(*tensors)
+    ctx.save_for_backward(*tensors, output[-1])
     ctx.spec = spec
 
 
 def _backward(ctx, grads):
-    tensors = list(ctx.saved_tensors)
+    *tensors, handle = ctx.saved_tensors
     _, _, requires_grad = unflatten(ctx.spec, tensors)
-    grads = [g if g is not None else tensors[0].new_empty(0) for g in grads]
-    result = _eager_backward_op(grads, tensors, ctx.spec)
+    grads = [g if g is not None else tensors[0].new_empty(0) for g in grads[:-1]]
+    result = _eager_backward_op(grads, tensors, ctx.spec, handle)
     return [g if need else None for g, need in zip(result, requires_grad, strict=True)], None
 
 
