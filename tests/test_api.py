@@ -175,8 +175,9 @@ EXPLAIN_TABLES = {
 }
 
 #: options, {table: the backend auto must choose}, {backend: what its refusal must say}. Flex
-#: is no candidate at these sizes (it compiles per shape); sigmoid leaves chunked alone against
-#: the reference; an lse or soft cap leaves SDPA out, an lse Flex too.
+#: is no candidate at these sizes (it compiles per shape); sigmoid leaves SDPA out, ReLU weights
+#: leave chunked alone against the reference; an lse or soft cap leaves SDPA out, an lse Flex
+#: too.
 EXPLAIN_CASES = {
     "plain": (
         {},
@@ -190,8 +191,14 @@ EXPLAIN_CASES = {
     ),
     "window_sigmoid": (
         {"mask": masks.sliding_window(3), "score": scores.sigmoid()},
+        # both slow: chunked's score factor (2.0) outweighs blocksparse's (1.2)
+        {"chunked_fast": "chunked", "blocksparse_fast": "blocksparse", "both_slow": "blocksparse"},
+        {"sdpa": "only softmax"},
+    ),
+    "window_relu": (
+        {"mask": masks.sliding_window(3), "score": scores.relu()},
         dict.fromkeys(EXPLAIN_TABLES, "chunked"),
-        {"sdpa": "only softmax", "blocksparse": "softmax only"},
+        {"sdpa": "only softmax", "blocksparse": "softmax, sigmoid and softplus-l1 only"},
     ),
     "lse": (
         {"aux": attnkit.Aux(lse=True)},

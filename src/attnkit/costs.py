@@ -90,6 +90,10 @@ FACTORS: dict[Key, float] = {
     # the soft cap's tanh on every score, per tile
     ("blocksparse.softcap", "*", None): 1.75,
     ("blocksparse.softcap", "bfloat16", None): 2.2,
+    # sigmoid weights (a reciprocal per pair) and ALiBi's distance bias (a pass per row), per
+    # tile, in the compiled kernel
+    ("blocksparse.score", "*", None): 1.2,
+    ("blocksparse.bias", "*", None): 1.2,
     # fixed cost per call, as the (query x key) pairs dense SDPA computes in that time
     ("blocksparse.overhead_pairs", "*", None): 0.5e5,
 }

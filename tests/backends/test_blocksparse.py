@@ -175,8 +175,8 @@ def test_the_lse_carries_its_gradient(implementation: str, mask) -> None:
 def test_refusals_name_the_alternative() -> None:
     q, k, v = inputs(64)
     for options, expected in (
-        ({"score": scores.sigmoid()}, "softmax only"),
-        ({"bias": positional.alibi(4)}, "no additive bias"),
+        ({"score": scores.cog()}, "softmax, sigmoid and softplus-l1 only"),
+        ({"bias": positional.t5_bias(4)}, "adds ALiBi only"),
     ):
         reason = blocksparse.BACKEND.supports(AttentionCall(q, k, v, **options))
         assert reason is not None and expected in reason

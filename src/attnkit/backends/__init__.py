@@ -6,7 +6,7 @@
 | sdpa        | torch scaled_dot_product_attention, dense softmax                     |
 | flex        | compiled FlexAttention with analytic, cached BlockMasks (forward-only on CPU) |
 | chunked     | online softmax over live key blocks in plain PyTorch, any score, autograd |
-| blocksparse | softmax over live tiles as batched matmuls, explicit backward — CPU speed |
+| blocksparse | softmax/sigmoid (+ ALiBi) over live tiles in a compiled CPU kernel, backward too |
 """
 
 from __future__ import annotations

@@ -48,15 +48,25 @@ Two implementations of these steps share the plan of live tiles:
   docs/kernels.md). Gradients accumulate in float32.
 - float16, and everything where the kernel cannot be compiled, run the batched matmuls.
 
-Scores: softmax — the call pattern of every sparse pattern in the catalog — with Gemma 2's soft
-cap in the compiled kernel (a tanh pass over each tile's scores, and tanh's derivative in the
-backward); no additive bias. Other score functions run on ``chunked``.
+Scores, in the compiled kernel: softmax, sigmoid weights ``w = sigmoid(x + b)`` (Ramapuram et
+al., 2024) and LSSA's softplus weights ``w = softplus(c_i x)``, ``c_i`` the log of the keys row
+``i`` sees (Gao & Spratling, 2025), the last two final as computed, so that their rows need no
+running max and no rescaling. Gemma 2's soft cap composes with each (a tanh pass over each
+tile's scores, and tanh's derivative in the backward). ALiBi's bias ``-m_h |pos_i - j|`` is
+added per tile from the positions and the slopes, never as a ``T × T`` tensor, and its slopes
+get their gradient. The kernel returns ``out / Z`` and ``lse = log Z`` for every weight, so the
+backward is one formula, ``dS = (dP - Δ) ⊙ (dw/dx) / Z`` with ``(dw/dx) / Z`` = ``P`` for
+softmax, ``P (1 - w)`` for sigmoid and ``c_i sigmoid(c_i x) / Z`` for softplus. The batched
+matmuls compute plain softmax only; other score functions and biases run on ``chunked`` or
+``flex``.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from types import ModuleType
 
 import torch
@@ -67,8 +77,9 @@ from attnkit.backends.base import Backend
 from attnkit.call import AttentionCall
 from attnkit.costs import CostTable
 from attnkit.masks.base import FULL
+from attnkit.positional import ALiBi, Bias
 from attnkit.primitives import finite_or_zero, live_tile_runs
-from attnkit.scores import Softmax
+from attnkit.scores import Sigmoid, Softmax, SoftplusL1
 
 #: Tile sizes of the batched path's block structure; a query block's score buffer is at most
 #: ``B · Hq · BLOCK_Q · MAX_KEYS`` floats (one head's ``block_q · MAX_KEYS`` in the kernel).
@@ -365,26 +376,89 @@ class _BatchedAttention(torch.autograd.Function):
 
 class _KernelAttention(torch.autograd.Function):
     """The compiled kernel; q, k, v, out in the caller's ``[B, T, H, D]`` layout, lse
-    ``[B, Tq, Hq]``."""
+    ``[B, Tq, Hq]``; ``slopes`` ALiBi's ``[Hq]`` float32 slopes (empty: no bias), whose
+    gradient is computed when they require one."""
 
     @staticmethod
-    def forward(ctx, q, k, v, plan, kernel, shifted, score):  # type: ignore[override]
+    def forward(ctx, q, k, v, slopes, plan, kernel, shifted, score):  # type: ignore[override]
         tiles = plan.kernel_tiles
-        out, lse = kernel.forward(q, k, v, *tiles, shifted, *score, True)
-        ctx.save_for_backward(q, k, v, out, lse)
+        out, lse = kernel.forward(q, k, v, *tiles, shifted, *score.arguments(slopes), True)
+        ctx.save_for_backward(q, k, v, slopes, out, lse)
         ctx.tiles, ctx.kernel, ctx.score = tiles, kernel, score
         return out, lse
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):  # type: ignore[override]
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, slopes, out, lse = ctx.saved_tensors
         grad_out = grad_out.contiguous()
         delta = _delta(grad_out, out, lse, grad_lse).contiguous()
         finite_lse = finite_or_zero(lse)
-        dq, dk, dv = ctx.kernel.backward(
-            q, k, v, grad_out, finite_lse, delta, *ctx.tiles, *ctx.score
+        slope_grad = ctx.needs_input_grad[3]
+        dq, dk, dv, dslopes = ctx.kernel.backward(
+            q,
+            k,
+            v,
+            grad_out,
+            finite_lse,
+            delta,
+            *ctx.tiles,
+            *ctx.score.arguments(slopes),
+            slope_grad,
         )  # float32 gradients
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+        dslopes = dslopes.to(slopes.dtype) if slope_grad else None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dslopes, None, None, None, None
+
+
+@dataclass(frozen=True)
+class _KernelScore:
+    """What the compiled kernel computes of a call's scores: ``scale``, the soft cap (0: none),
+    the weight (``KERNEL_WEIGHTS``), sigmoid's bias, ALiBi's query alignment ``offset = Tk -
+    Tq`` and softplus's per-row factors ``[1|B, 1|Hq, Tq]`` (empty: 1)."""
+
+    scale: float
+    softcap: float
+    weight: int
+    sigmoid_bias: float
+    offset: int
+    row_factors: Tensor
+
+    def arguments(self, slopes: Tensor) -> tuple:
+        return (
+            self.scale,
+            self.softcap,
+            self.weight,
+            self.sigmoid_bias,
+            slopes,
+            self.offset,
+            self.row_factors,
+        )
+
+
+#: The kernel's weights (``Weight`` in csrc/blocksparse_cpu.cpp), by score class.
+KERNEL_WEIGHTS: dict[type, int] = {Softmax: 0, Sigmoid: 1, SoftplusL1: 2}
+#: The kernel's analytic biases: ALiBi, as its per-head slopes.
+KERNEL_BIASES: dict[type, Callable[[Bias], Tensor]] = {ALiBi: lambda bias: bias.slopes}
+
+
+def _kernel_score(call: AttentionCall) -> _KernelScore:
+    sigmoid_bias = call.score.resolved_bias(call.Tk) if isinstance(call.score, Sigmoid) else 0.0
+    log_counts = call.log_counts()  # softplus's length scale: log of the keys each row sees
+    return _KernelScore(
+        float(call.scale),
+        _softcap(call),
+        KERNEL_WEIGHTS[type(call.score)],
+        sigmoid_bias,
+        call.Tk - call.Tq,
+        torch.empty(0) if log_counts is None else log_counts.float().contiguous(),
+    )
+
+
+def _kernel_slopes(call: AttentionCall) -> Tensor:
+    """The bias's slopes as the kernel reads them (float32, contiguous; differentiable), or an
+    empty tensor without a bias."""
+    if call.bias is None:
+        return torch.empty(0, device=call.device)
+    return KERNEL_BIASES[type(call.bias)](call.bias).float().contiguous()
 
 
 def _kernel_inputs(call: AttentionCall) -> tuple[Tensor, Tensor, Tensor]:
@@ -416,8 +490,12 @@ def kernel_gemm(dtype: torch.dtype) -> str | None:
 def needs_shift(call: AttentionCall) -> bool:
     """True unless every score is provably within ``±BOUND`` (then exp needs no shift) and the
     input dtype has float32's exponent range (float16 would overflow at e^11). A soft cap of
-    at most ``BOUND`` bounds every score by itself."""
-    if call.dtype == torch.float16:
+    at most ``BOUND`` bounds every score by itself. Sigmoid and softplus weights (at most 1, or
+    growing linearly) need none; a bias may push a row's every score far below the others, so
+    softmax with one is shifted."""
+    if type(call.score) is not Softmax:
+        return False
+    if call.dtype == torch.float16 or call.bias is not None:
         return True
     if 0 < _softcap(call) <= BOUND:
         return False
@@ -431,9 +509,14 @@ def blocksparse_forward(call: AttentionCall) -> tuple[Tensor, Tensor]:
     """Run ``call``. Returns ``out [B, Tq, Hq, Dv]`` and ``lse [B, Tq, Hq]``."""
     kernel = _kernel(call)
     if kernel is not None:
-        shifted = needs_shift(call)
-        score = (float(call.scale), _softcap(call))
-        return _KernelAttention.apply(*_kernel_inputs(call), _plan(call), kernel, shifted, score)
+        return _KernelAttention.apply(
+            *_kernel_inputs(call),
+            _kernel_slopes(call),
+            _plan(call),
+            kernel,
+            needs_shift(call),
+            _kernel_score(call),
+        )
     B, Hkv, G, Tq = call.B, call.Hkv, call.groups, call.Tq
     acc = call.accumulation_dtype
     q = (call.q * call.scale).transpose(1, 2).reshape(B, Hkv, G, Tq, call.D)
@@ -451,17 +534,30 @@ def _softcap(call: AttentionCall) -> float:
 
 
 def _supports(call: AttentionCall) -> str | None:
-    if type(call.score) is not Softmax:
-        return f"blocksparse computes softmax only (this call uses {call.score.describe()})"
-    if call.score.softcap is not None and _kernel(call) is None:
+    kernel = _kernel(call) is not None
+    if type(call.score) not in KERNEL_WEIGHTS:
         return (
-            "blocksparse soft-caps scores only in its compiled kernel (float32 or bfloat16 on "
-            "the CPU, with a C++ compiler); use chunked or flex"
+            f"blocksparse computes softmax, sigmoid and softplus-l1 only (this call uses "
+            f"{call.score.describe()}); use chunked or flex"
         )
-    if call.score.softcap is not None and not call.scale > 0:
-        return f"blocksparse soft-caps scores only with a positive scale (got {call.scale})"
-    if call.bias is not None:
-        return "blocksparse takes no additive bias (use chunked or flex)"
+    extras = [
+        what
+        for what, used in (
+            (f"computes {call.score.name} weights", type(call.score) is not Softmax),
+            ("soft-caps scores", call.score.softcap is not None),
+            ("adds a bias", call.bias is not None),
+        )
+        if used
+    ]
+    if extras and not kernel:
+        return (
+            f"blocksparse {' and '.join(extras)} only in its compiled kernel (float32 or "
+            "bfloat16 on the CPU, with a C++ compiler); use chunked or flex"
+        )
+    if call.bias is not None and type(call.bias) not in KERNEL_BIASES:
+        return f"blocksparse's kernel adds ALiBi only, not {call.bias!r} (use chunked or flex)"
+    if extras and not call.scale > 0:
+        return f"blocksparse {' and '.join(extras)} only with a positive scale (got {call.scale})"
     return None
 
 
@@ -484,6 +580,12 @@ def _cost(call: AttentionCall, table: CostTable) -> tuple[float, str]:
     if call.score.softcap is not None:
         per_live *= table.value("blocksparse.softcap", dtype, grad)
         how += " with the soft cap"
+    if type(call.score) is not Softmax:
+        per_live *= table.value("blocksparse.score", dtype, grad)
+        how += f" with {call.score.name} weights"
+    if call.bias is not None:
+        per_live *= table.value("blocksparse.bias", dtype, grad)
+        how += f" with the {call.bias.name} bias"
     overhead = table.value("blocksparse.overhead_pairs", dtype, grad)
     overhead /= call.B * call.Hq * call.Tq * call.Tk
     cost = per_live * live + table.value("blocksparse.partial", dtype, grad) * partial + overhead
@@ -492,7 +594,10 @@ def _cost(call: AttentionCall, table: CostTable) -> tuple[float, str]:
 
 BACKEND = Backend(
     name="blocksparse",
-    summary="softmax over live tiles: a compiled CPU kernel (fp32, bf16) or batched matmuls",
+    summary=(
+        "softmax or sigmoid (+ ALiBi) over live tiles: a compiled CPU kernel (fp32, bf16), or "
+        "softmax as batched matmuls"
+    ),
     supports=_supports,
     run=blocksparse_forward,
     cost=_cost,

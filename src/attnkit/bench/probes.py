@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import Tensor
 
 from attnkit.backends import blocksparse, native
@@ -22,7 +23,10 @@ def gemms_alone(call: AttentionCall) -> Callable[[], object] | None:
     if launch is None:
         return None
     kernel, (q, k, v), tiles = launch
-    return lambda: kernel.forward(q, k, v, *tiles, False, float(call.scale), 0.0, False)
+    empty = torch.empty(0)
+    return lambda: kernel.forward(
+        q, k, v, *tiles, False, float(call.scale), 0.0, 0, 0.0, empty, 0, empty, False
+    )
 
 
 def kernel_matmul(a: Tensor, b: Tensor, out: Tensor) -> bool:

@@ -128,11 +128,62 @@ inline float scale_mask_max(float* s, const float* keep, int64_t n, float scale)
   return largest;
 }
 
-// The scores' map before the softmax: scale · s, or Gemma 2's soft cap cap · tanh(scale · s /
-// cap) when softcap > 0.
+// How a pair's score becomes its weight. kSoftmax: exp(x). kSigmoid: sigmoid(x + sigmoid_bias)
+// ("Theory, Analysis, and Best Practices for Sigmoid Self-Attention", Ramapuram et al., 2024).
+// kSoftplus: softplus(c_i x), c_i a per-row factor (LSSA's log of the keys query i sees: "Softplus
+// Attention with Re-weighting Boosts Length Extrapolation", Gao & Spratling, 2025). Sigmoid and
+// softplus weights are final as computed (at most 1, or growing linearly), so their rows need
+// no running max and no rescaling. Every weight returns out / Z and lse = log Z (Z a row's
+// sum of weights); the caller rescales an unnormalised score's output by exp(lse).
+enum class Weight : int64_t { kSoftmax = 0, kSigmoid = 1, kSoftplus = 2 };
+
+// The scores' map: x = scale · s + bias, soft-capped (Gemma 2: cap · tanh(x / cap)) when
+// softcap > 0, then weighted. The bias is ALiBi's -slope_h |pos_i - j| (Press et al., 2022)
+// when `slopes` is set ([Hq] floats), with pos_i = i + offset (queries aligned bottom-right).
+// `row_factors` [Fb, Fh, Tq] (Fb in {1, B}, Fh in {1, Hq}) are softplus's c_i; nullptr: 1.
 struct Score {
   float scale, softcap;
+  Weight weight;
+  float sigmoid_bias;
+  const float* slopes;
+  int64_t offset;
+  const float* row_factors;
+  int64_t factor_batches, factor_heads, Tq;
+
+  float row_factor(int64_t b, int64_t h, int64_t i) const {
+    if (!row_factors) return 1.0f;
+    const int64_t fb = factor_batches > 1 ? b : 0, fh = factor_heads > 1 ? h : 0;
+    return row_factors[(fb * factor_heads + fh) * Tq + i];
+  }
 };
+
+// s += -(slope / scale) |position - (key0 + c)| for c < n, in place: scale · s is then the
+// biased score. Applied before the soft cap, as the bias is added before capping.
+inline void add_distance_bias(float* s, int64_t n, float slope, int64_t position,
+                              int64_t key0, const Score& score) {
+  const float step = -slope / score.scale;
+  const Vec vstep(step), lanes = Vec::arange(0.0f, 1.0f);
+  int64_t c = 0;
+  for (; c + Vec::size() <= n; c += Vec::size()) {
+    const Vec distance = (Vec(static_cast<float>(position - key0 - c)) - lanes).abs();
+    at::vec::fmadd(distance, vstep, Vec::loadu(s + c)).store(s + c);
+  }
+  for (; c < n; ++c) s[c] += step * std::abs(static_cast<float>(position - key0 - c));
+}
+
+// sum over c < n of ds[c] |position - (key0 + c)|: a row's share of its head's slope gradient.
+inline float distance_weighted_sum(const float* ds, int64_t n, int64_t position, int64_t key0) {
+  const Vec lanes = Vec::arange(0.0f, 1.0f);
+  Vec total(0.0f);
+  int64_t c = 0;
+  for (; c + Vec::size() <= n; c += Vec::size()) {
+    const Vec distance = (Vec(static_cast<float>(position - key0 - c)) - lanes).abs();
+    total = at::vec::fmadd(Vec::loadu(ds + c), distance, total);
+  }
+  float sum = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, total);
+  for (; c < n; ++c) sum += ds[c] * std::abs(static_cast<float>(position - key0 - c));
+  return sum;
+}
 
 // s -> (cap / scale) tanh(scale · s / cap) over n values in place: the row steps' scale · s is
 // then the capped score, so they run unchanged. A no-op without a cap.
@@ -142,29 +193,116 @@ inline void soft_cap(float* s, int64_t n, const Score& score) {
   at::vec::map([inner, outer](Vec x) { return (x * Vec(inner)).tanh() * Vec(outer); }, s, s, n);
 }
 
-// The backward's per-pair step over n values in place, on scores x = scale · s (s soft-capped
-// by soft_cap first when there is a cap): p = exp(x - lse) · keep (keep = nullptr: a full tile)
-// into s, and the gradient with respect to the raw product, scale · p (dP - Δ) (1 - (x /
-// cap)^2), into ds (the last factor is tanh's derivative; 1 without a cap). Kept pairs have
-// x - lse <= 0; masked ones may be larger, hence the upper clamp before their factor zeroes
-// them.
+// The per-pair map before the weights, in place over a row's run of n keys (columns key0...):
+// the distance bias, then the soft cap.
+inline void biased_and_capped(float* s, int64_t n, int64_t head, int64_t row, int64_t key0,
+                              const Score& score) {
+  if (score.slopes) add_distance_bias(s, n, score.slopes[head], row + score.offset, key0, score);
+  soft_cap(s, n, score);
+}
+
+// sigmoid(x) for a vector, its argument clamped where exp(-x) would overflow (the weight is
+// then below 1e-34, added to sums of kept weights).
+inline Vec sigmoid(const Vec& x) {
+  const Vec one(1.0f);
+  return one / (one + at::vec::minimum(Vec(0.0f) - x, Vec(-kExpFloor)).exp_u20());
+}
+
+inline float sigmoid(float x) { return 1.0f / (1.0f + std::exp(std::min(-x, -kExpFloor))); }
+
+// softplus(y) = max(y, 0) + log1p(exp(-|y|)), exact for every y.
+inline Vec softplus(const Vec& y) {
+  return at::vec::maximum(y, Vec(0.0f)) + (Vec(0.0f) - y.abs()).exp_u20().log1p();
+}
+
+inline float softplus(float y) { return std::max(y, 0.0f) + std::log1p(std::exp(-std::abs(y))); }
+
+// The final weights w(x) of one row, x = scale · s (sigmoid or softplus; `factor` is the row's
+// softplus c_i), times keep, over n values in place (keep = nullptr: a full tile), added to
+// `sum`.
+inline void final_weights_keep_sum(float* s, const float* keep, int64_t n, const Score& score,
+                                   float factor, RowSum& sum) {
+  const bool sigmoid_weights = score.weight == Weight::kSigmoid;
+  const float add = sigmoid_weights ? score.sigmoid_bias : 0.0f;
+  const float mul = sigmoid_weights ? score.scale : score.scale * factor;
+  const Vec vmul(mul), vadd(add);
+  int64_t c = 0;
+  for (; c + Vec::size() <= n; c += Vec::size()) {
+    const Vec y = at::vec::fmadd(Vec::loadu(s + c), vmul, vadd);
+    Vec p = sigmoid_weights ? sigmoid(y) : softplus(y);
+    if (keep) p = p * Vec::loadu(keep + c);
+    p.store(s + c);
+    sum.partial = sum.partial + p;
+  }
+  for (; c < n; ++c) {
+    const float y = s[c] * mul + add;
+    s[c] = (sigmoid_weights ? sigmoid(y) : softplus(y)) * (keep ? keep[c] : 1.0f);
+    sum.tail += s[c];
+  }
+}
+
+// The backward's per-pair step over n values in place, on scores x = scale · s (s biased and
+// capped first): the normalised weight P = w / Z into s, and the gradient with respect to the
+// raw product into ds: scale · (dP - Δ) · (dw/dx) / Z · (1 - (x / cap)^2), the last factor
+// tanh's derivative (1 without a cap). Softmax: w = exp(x), P = exp(x - lse), (dw/dx) / Z = P.
+// Sigmoid: w = sigmoid(x + b), P = w exp(-lse), (dw/dx) / Z = P (1 - w). Softplus: w =
+// softplus(c x), P = w exp(-lse), (dw/dx) / Z = c sigmoid(c x) exp(-lse). Kept softmax pairs
+// have x - lse <= 0; masked ones may be larger, hence the upper clamp before their factor
+// zeroes them.
 inline void probabilities_and_grads(float* s, float* ds, const float* keep, int64_t n,
-                                    float lse, float delta, const Score& score) {
+                                    float lse, float delta, const Score& score, float factor) {
   const float inv_cap = score.softcap > 0.0f ? 1.0f / score.softcap : 0.0f;
   const Vec vlse(lse), lo(kExpFloor), hi(-kExpFloor), vdelta(delta), vscale(score.scale);
   const Vec vinv_cap(inv_cap), one(1.0f);
+  const float inv_z = std::exp(-lse);
+  const Vec vinv_z(inv_z), vbias(score.sigmoid_bias), vfactor(factor);
   int64_t c = 0;
   for (; c + Vec::size() <= n; c += Vec::size()) {
     const Vec x = Vec::loadu(s + c) * vscale, capped = x * vinv_cap;
-    Vec p = at::vec::clamp(x - vlse, lo, hi).exp_u20();
-    if (keep) p = p * Vec::loadu(keep + c);
+    const Vec kept = keep ? Vec::loadu(keep + c) : one;
+    Vec p, dw;  // dw: (dw/dx) / Z
+    switch (score.weight) {
+      case Weight::kSigmoid: {
+        const Vec w = sigmoid(x + vbias) * kept;
+        p = w * vinv_z;
+        dw = p * (one - w);
+        break;
+      }
+      case Weight::kSoftplus: {
+        const Vec y = x * vfactor;
+        p = softplus(y) * kept * vinv_z;
+        dw = sigmoid(y) * vfactor * kept * vinv_z;
+        break;
+      }
+      default:
+        p = at::vec::clamp(x - vlse, lo, hi).exp_u20() * kept;
+        dw = p;
+    }
     p.store(s + c);
-    ((Vec::loadu(ds + c) - vdelta) * (p * vscale) * (one - capped * capped)).store(ds + c);
+    ((Vec::loadu(ds + c) - vdelta) * (dw * vscale) * (one - capped * capped)).store(ds + c);
   }
   for (; c < n; ++c) {
     const float x = s[c] * score.scale, capped = x * inv_cap;
-    s[c] = std::exp(std::clamp(x - lse, kExpFloor, -kExpFloor)) * (keep ? keep[c] : 1.0f);
-    ds[c] = (ds[c] - delta) * (s[c] * score.scale) * (1.0f - capped * capped);
+    const float kept = keep ? keep[c] : 1.0f;
+    float dw;
+    switch (score.weight) {
+      case Weight::kSigmoid: {
+        const float w = sigmoid(x + score.sigmoid_bias) * kept;
+        s[c] = w * inv_z;
+        dw = s[c] * (1.0f - w);
+        break;
+      }
+      case Weight::kSoftplus: {
+        const float y = x * factor;
+        s[c] = softplus(y) * kept * inv_z;
+        dw = sigmoid(y) * factor * kept * inv_z;
+        break;
+      }
+      default:
+        s[c] = std::exp(std::clamp(x - lse, kExpFloor, -kExpFloor)) * kept;
+        dw = s[c];
+    }
+    ds[c] = (ds[c] - delta) * (dw * score.scale) * (1.0f - capped * capped);
   }
 }
 
@@ -540,11 +678,12 @@ struct BFloat16Brgemm {
 };
 #endif
 
-// With `softmax` false the per-row steps between the GEMMs are skipped and the output is not
+// With `weights` false the per-row steps between the GEMMs are skipped and the output is not
 // attention: the time of the plan's GEMMs alone, which benchmarks report as the kernel's bound.
+// Sigmoid and softplus weights run unshifted (they are final as computed).
 template <typename Gemms>
 void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                    const Tiles& t, bool shifted, const Score& score, bool softmax, bool pack,
+                    const Tiles& t, bool shifted, const Score& score, bool weights, bool pack,
                     at::Tensor& out, at::Tensor& lse) {
   using scalar_t = typename Gemms::scalar_t;
   const Dims d = dims_of(q, k, v, t);
@@ -575,9 +714,19 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
       const int64_t n = std::min(t.tiles[stop - 1] * t.BK + t.BK, d.Tk) - c0;
       // S[bq, n] = Q Kᵀ (the row steps apply the scale)
       gemms[thread].products(S.data(), qi, d.ldq, keys_t, w.b, w.hkv, c0, w.bq, n, d.D);
-      for (int64_t r = 0; softmax && r < w.bq; ++r) {
+      for (int64_t r = 0; weights && r < w.bq; ++r) {
         float* s = S.data() + r * d.max_keys;
-        soft_cap(s, n, score);
+        biased_and_capped(s, n, w.h, w.r0 + r, c0, score);
+        if (score.weight != Weight::kSoftmax) {  // final weights: no max, no rescaling
+          const float factor = score.row_factor(w.b, w.h, w.r0 + r);
+          RowSum sum;
+          t.for_each_tile(first, stop, n, w.b, w.h, r,
+                          [&](int64_t lo, int64_t width, const float* keep) {
+                            final_weights_keep_sum(s + lo, keep, width, score, factor, sum);
+                          });
+          L[r] += sum.value();
+          continue;
+        }
         const float scale = score.scale;
         float shift = 0.0f, exp_scale = scale;
         if (shifted) {
@@ -627,7 +776,8 @@ template <typename Gemms>
 void backward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      const at::Tensor& grad_out, const at::Tensor& lse,
                      const at::Tensor& delta, const Tiles& t, const Score& score, bool pack,
-                     at::Tensor& dq, at::Tensor& dk_parts, at::Tensor& dv_parts) {
+                     at::Tensor& dq, at::Tensor& dk_parts, at::Tensor& dv_parts,
+                     float* dslope_parts) {
   using scalar_t = typename Gemms::scalar_t;
   const Dims d = dims_of(q, k, v, t);
   const scalar_t* qp = q.data_ptr<scalar_t>();
@@ -673,12 +823,17 @@ void backward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
         float* s = S.data() + r * d.max_keys;
         float* ds = dS.data() + r * d.max_keys;
         const float lse_r = lp[row0 + r * d.Hq], delta_r = deltap[row0 + r * d.Hq];
-        soft_cap(s, n, score);
+        const float factor = score.row_factor(w.b, w.h, w.r0 + r);
+        biased_and_capped(s, n, w.h, w.r0 + r, c0, score);
         t.for_each_tile(first, stop, n, w.b, w.h, r,
                         [&](int64_t lo, int64_t width, const float* keep) {
                           probabilities_and_grads(s + lo, ds + lo, keep, width, lse_r, delta_r,
-                                                  score);
+                                                  score, factor);
                         });
+        if (dslope_parts) {  // d bias / d slope = -|pos - j|; d bias = ds / scale
+          const float share = distance_weighted_sum(ds, n, w.r0 + r + score.offset, c0);
+          dslope_parts[thread * d.Hq + w.h] -= share / score.scale;
+        }
       }
       // dV[n, Dv] += Pᵀ dO;  dQ[bq, D] += (scale dS) K;  dK[n, D] += (scale dS)ᵀ Q
       g.accumulate_t(dvb + c0 * d.ldv, d.ldv, S.data(), doi, d.ldo, w.bq, n, d.Dv);
@@ -713,33 +868,65 @@ bool bfloat16_brgemm_runs(const at::Tensor& q, const at::Tensor& v) {
   return attnkit::brgemm_enabled().bfloat16 && q.size(3) % 2 == 0 && v.size(3) % 2 == 0;
 }
 
-// softcap 0: none. A cap is applied as (cap / scale) tanh(scale · s / cap) (soft_cap).
-Score score_of(double scale, double softcap) {
+// softcap 0: none. A cap is applied as (cap / scale) tanh(scale · s / cap) (soft_cap). weight:
+// Weight's values. slopes: ALiBi's [Hq] float32 slopes, or an empty tensor for no bias.
+// row_factors: softplus's [Fb, Fh, Tq] float32 factors, or an empty tensor for 1.
+Score score_of(const at::Tensor& q, double scale, double softcap, int64_t weight,
+               double sigmoid_bias, const at::Tensor& slopes, int64_t offset,
+               const at::Tensor& row_factors) {
   TORCH_CHECK(softcap >= 0.0, "blocksparse_cpu: softcap must be > 0 (0: none), got ", softcap);
   TORCH_CHECK(softcap == 0.0 || scale > 0.0,
               "blocksparse_cpu: a soft cap needs a positive scale, got ", scale);
-  return {static_cast<float>(scale), static_cast<float>(softcap)};
+  TORCH_CHECK(weight >= 0 && weight <= 2, "blocksparse_cpu: weight must be 0 (softmax), 1 "
+              "(sigmoid) or 2 (softplus), got ", weight);
+  const bool biased = slopes.numel() > 0;
+  TORCH_CHECK(!biased || (slopes.scalar_type() == at::kFloat && slopes.is_contiguous() &&
+                          slopes.dim() == 1 && slopes.size(0) == q.size(2)),
+              "blocksparse_cpu: slopes must be contiguous float32 [Hq]");
+  TORCH_CHECK(!biased || scale > 0.0, "blocksparse_cpu: a bias needs a positive scale, got ",
+              scale);
+  const bool factored = row_factors.numel() > 0;
+  TORCH_CHECK(!factored || (row_factors.scalar_type() == at::kFloat &&
+                            row_factors.is_contiguous() && row_factors.dim() == 3 &&
+                            (row_factors.size(0) == 1 || row_factors.size(0) == q.size(0)) &&
+                            (row_factors.size(1) == 1 || row_factors.size(1) == q.size(2)) &&
+                            row_factors.size(2) == q.size(1)),
+              "blocksparse_cpu: row_factors must be contiguous float32 [1|B, 1|Hq, Tq]");
+  return {static_cast<float>(scale),
+          static_cast<float>(softcap),
+          static_cast<Weight>(weight),
+          static_cast<float>(sigmoid_bias),
+          biased ? slopes.data_ptr<float>() : nullptr,
+          offset,
+          factored ? row_factors.data_ptr<float>() : nullptr,
+          factored ? row_factors.size(0) : 1,
+          factored ? row_factors.size(1) : 1,
+          q.size(1)};
 }
 
 std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                 const at::Tensor& row_ptr, const at::Tensor& tiles,
                                 const at::Tensor& partial, const at::Tensor& keep,
                                 int64_t block_q, int64_t block_k, int64_t max_run,
-                                bool shifted, double scale, double softcap, bool softmax) {
+                                bool shifted, double scale, double softcap, int64_t weight,
+                                double sigmoid_bias, const at::Tensor& slopes, int64_t offset,
+                                const at::Tensor& row_factors, bool weights) {
   check_inputs(q, k, v);
   const Tiles t = tiles_of(row_ptr, tiles, partial, keep, block_q, block_k, max_run);
   auto out = at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, v.options());
   auto lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   const bool pack = worth_packing(q, k);
-  const Score s = score_of(scale, softcap);
+  const Score s = score_of(q, scale, softcap, weight, sigmoid_bias, slopes, offset, row_factors);
+  TORCH_CHECK(!(shifted && s.weight != Weight::kSoftmax),
+              "blocksparse_cpu: sigmoid and softplus weights run unshifted");
   if (q.scalar_type() == at::kFloat) {
-    forward_kernel<Float32Gemms>(q, k, v, t, shifted, s, softmax, pack, out, lse);
+    forward_kernel<Float32Gemms>(q, k, v, t, shifted, s, weights, pack, out, lse);
 #ifdef CPUBLAS_BRGEMM_BF16BF16F32
   } else if (pack && bfloat16_brgemm_runs(q, v)) {
-    forward_kernel<BFloat16Brgemm>(q, k, v, t, shifted, s, softmax, pack, out, lse);
+    forward_kernel<BFloat16Brgemm>(q, k, v, t, shifted, s, weights, pack, out, lse);
 #endif
   } else {
-    forward_kernel<BFloat16Gemms>(q, k, v, t, shifted, s, softmax, pack, out, lse);
+    forward_kernel<BFloat16Gemms>(q, k, v, t, shifted, s, weights, pack, out, lse);
   }
   return {out, lse};
 }
@@ -749,7 +936,9 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
                                  const at::Tensor& delta, const at::Tensor& row_ptr,
                                  const at::Tensor& tiles, const at::Tensor& partial,
                                  const at::Tensor& keep, int64_t block_q, int64_t block_k,
-                                 int64_t max_run, double scale, double softcap) {
+                                 int64_t max_run, double scale, double softcap, int64_t weight,
+                                 double sigmoid_bias, const at::Tensor& slopes, int64_t offset,
+                                 const at::Tensor& row_factors, bool slope_grad) {
   check_inputs(q, k, v);
   TORCH_CHECK(grad_out.scalar_type() == q.scalar_type() && grad_out.is_contiguous(),
               "blocksparse_cpu's backward needs a contiguous grad_out of q's dtype");
@@ -760,17 +949,21 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
   auto dk = at::zeros({threads, k.size(0), k.size(1), k.size(2), k.size(3)}, f32);
   auto dv = at::zeros({threads, v.size(0), v.size(1), v.size(2), v.size(3)}, f32);
   const bool pack = worth_packing(q, k);
-  const Score s = score_of(scale, softcap);
+  const Score s = score_of(q, scale, softcap, weight, sigmoid_bias, slopes, offset, row_factors);
+  TORCH_CHECK(!slope_grad || s.slopes, "blocksparse_cpu: a slope gradient needs slopes");
+  auto dslopes = at::zeros({slope_grad ? threads : 0, q.size(2)}, f32);
+  float* dsp = slope_grad ? dslopes.data_ptr<float>() : nullptr;
   if (q.scalar_type() == at::kFloat) {
-    backward_kernel<Float32Gemms>(q, k, v, grad_out, lse, delta, t, s, pack, dq, dk, dv);
+    backward_kernel<Float32Gemms>(q, k, v, grad_out, lse, delta, t, s, pack, dq, dk, dv, dsp);
 #ifdef CPUBLAS_BRGEMM_BF16BF16F32
   } else if (pack && bfloat16_brgemm_runs(q, v)) {
-    backward_kernel<BFloat16Brgemm>(q, k, v, grad_out, lse, delta, t, s, pack, dq, dk, dv);
+    backward_kernel<BFloat16Brgemm>(q, k, v, grad_out, lse, delta, t, s, pack, dq, dk, dv,
+                                    dsp);
 #endif
   } else {
-    backward_kernel<BFloat16Gemms>(q, k, v, grad_out, lse, delta, t, s, pack, dq, dk, dv);
+    backward_kernel<BFloat16Gemms>(q, k, v, grad_out, lse, delta, t, s, pack, dq, dk, dv, dsp);
   }
-  return {dq, dk.sum(0), dv.sum(0)};
+  return {dq, dk.sum(0), dv.sum(0), dslopes.sum(0)};
 }
 
 // out = a b for float32 matrices with unit column stride (any row strides) through the GEMM
