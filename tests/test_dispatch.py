@@ -148,13 +148,17 @@ def test_a_biased_call_weighs_sdpa_float_mask_against_flex() -> None:
     assert _choice(dear_mask, **options).chosen == "flex"
 
 
+def query_position_bias(score, b, h, q_idx, kv_idx):
+    return score + 0.01 * q_idx
+
+
 def test_flex_fixed_cost_per_call_keeps_short_calls_elsewhere() -> None:
     table = _table(
         AVX512_BF16, sdpa_bias__bfloat16__fwd=1.1, flex_per_live__bfloat16__fwd=1.5,
         flex_score__bfloat16__fwd=1.0,
     )  # fmt: skip
-    # a bias the block-sparse kernel does not add (it adds ALiBi)
-    bias = positional.kerple(4, requires_grad=False)
+    # a bias the block-sparse kernel does not add (not a function of the query-key offset)
+    bias = positional.from_score_mod(query_position_bias, num_heads=4)
     options = {"mask": masks.causal(), "bias": bias, "dtype": torch.bfloat16}
     assert _choice(table, T=1024, **options).chosen == "sdpa"
     assert _choice(table, T=4096, **options).chosen == "flex"

@@ -176,7 +176,7 @@ def test_refusals_name_the_alternative() -> None:
     q, k, v = inputs(64)
     for options, expected in (
         ({"score": scores.cog()}, "softmax, sigmoid and softplus-l1 only"),
-        ({"bias": positional.t5_bias(4)}, "adds ALiBi only"),
+        ({"bias": positional.grid_position_bias(4, (8, 8))}, "query-key offset only"),
     ):
         reason = blocksparse.BACKEND.supports(AttentionCall(q, k, v, **options))
         assert reason is not None and expected in reason

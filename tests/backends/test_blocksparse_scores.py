@@ -1,6 +1,7 @@
-"""Sigmoid and softplus-l1 weights and the ALiBi bias in the block-sparse kernel: every mask
+"""Sigmoid and softplus-l1 weights and offset biases (ALiBi, KERPLE, T5, relative tables) in the
+block-sparse kernel: every mask
 kind, float32 and bfloat16, MHA and GQA, forward and every gradient (q, k, v and learned
-slopes) under the 2× rule against the float64 reference; and what the kernel does not run
+bias parameters) under the 2× rule against the float64 reference; and what the kernel does not run
 goes elsewhere, with the reason shown by ``explain``."""
 
 from __future__ import annotations
@@ -48,6 +49,13 @@ OPTIONS = {
     "alibi_learned": lambda H: {"bias": learned_alibi(H)},
     "sigmoid_alibi": lambda H: {"score": scores.sigmoid(), "bias": learned_alibi(H)},
     "softplus_l1": lambda H: {"score": scores.softplus_l1()},
+    "kerple_power": lambda H: {"bias": positional.kerple(H, "power")},
+    "kerple_log_sigmoid": lambda H: {
+        "bias": positional.kerple(H, "log"),
+        "score": scores.sigmoid(),
+    },
+    "t5": lambda H: {"bias": positional.t5_bias(H)},
+    "relative_table": lambda H: {"bias": positional.relative_bias(H, 16)},
     "softplus_l1_softcap_alibi": lambda H: {
         "score": scores.softplus_l1(softcap=6.0),
         "bias": learned_alibi(H),
@@ -89,14 +97,14 @@ def test_sigmoid_runs_unshifted_and_a_bias_shifted() -> None:
     check_against_reference(run, large, k, v, score=scores.sigmoid()).assert_ok()
 
 
-def test_decoding_aligns_alibi_bottom_right() -> None:
+def test_decoding_aligns_biases_bottom_right() -> None:
     """Fewer queries than keys: query i sits at position i + Tk - Tq, as in the reference."""
     g = torch.Generator().manual_seed(3)
     q = torch.randn(1, 5, 4, 16, generator=g)
     k, v = (torch.randn(1, 300, 4, 16, generator=g) for _ in range(2))
-    for score in (None, scores.sigmoid()):
+    for score, bias in ((None, learned_alibi(4)), (scores.sigmoid(), positional.t5_bias(4))):
         check_against_reference(
-            run, q, k, v, mask=masks.causal(), bias=learned_alibi(4), score=score
+            run, q, k, v, mask=masks.causal(), bias=bias, score=score
         ).assert_ok()
 
 
@@ -110,13 +118,16 @@ def test_a_query_that_sees_no_key_gets_zeros_with_sigmoid() -> None:
     check_against_reference(run, q, k, v, mask=mask, score=scores.sigmoid()).assert_ok()
 
 
+def per_row_bias(score, b, h, q_idx, kv_idx):
+    return score + 0.01 * q_idx  # a term of the query's position, not of the offset
+
+
 def test_what_the_kernel_does_not_run_goes_elsewhere_and_explain_says_why() -> None:
     q, k, v = qkv(4, 4, torch.float32)
     for options, reason in (
         ({"score": scores.cog()}, "softmax, sigmoid and softplus-l1 only"),
         ({"score": scores.relu()}, "softmax, sigmoid and softplus-l1 only"),
-        ({"bias": positional.kerple(4)}, "adds ALiBi only"),
-        ({"bias": positional.t5_bias(4)}, "adds ALiBi only"),
+        ({"bias": positional.from_score_mod(per_row_bias, 4)}, "query-key offset only"),
     ):
         explanation = attnkit.explain(q, k, v, mask=masks.causal(), **options)
         assert explanation.chosen != "blocksparse"

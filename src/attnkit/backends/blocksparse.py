@@ -52,9 +52,12 @@ Scores, in the compiled kernel: softmax, sigmoid weights ``w = sigmoid(x + b)`` 
 al., 2024) and LSSA's softplus weights ``w = softplus(c_i x)``, ``c_i`` the log of the keys row
 ``i`` sees (Gao & Spratling, 2025), the last two final as computed, so that their rows need no
 running max and no rescaling. Gemma 2's soft cap composes with each (a tanh pass over each
-tile's scores, and tanh's derivative in the backward). ALiBi's bias ``-m_h |pos_i - j|`` is
-added per tile from the positions and the slopes, never as a ``T × T`` tensor, and its slopes
-get their gradient. The kernel returns ``out / Z`` and ``lse = log Z`` for every weight, so the
+tile's scores, and tanh's derivative in the backward). A bias of the head and the query-key
+offset alone (ALiBi, KERPLE, T5 buckets, learned relative tables: ``Bias.offset_only``) comes
+as one ``[Hq, Tq + Tk - 1]`` table per call, built from the bias's own ``value`` (so its
+parameters get their gradients through it), never as a ``T × T`` tensor: a row's consecutive
+keys read consecutive entries, and the backward sums each pair's gradient into its entry.
+The kernel returns ``out / Z`` and ``lse = log Z`` for every weight, so the
 backward is one formula, ``dS = (dP - Δ) ⊙ (dw/dx) / Z`` with ``(dw/dx) / Z`` = ``P`` for
 softmax, ``P (1 - w)`` for sigmoid and ``c_i sigmoid(c_i x) / Z`` for softplus. The batched
 matmuls compute plain softmax only; other score functions and biases run on ``chunked`` or
@@ -65,7 +68,6 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -77,7 +79,6 @@ from attnkit.backends.base import Backend
 from attnkit.call import AttentionCall
 from attnkit.costs import CostTable
 from attnkit.masks.base import FULL
-from attnkit.positional import ALiBi, Bias
 from attnkit.primitives import finite_or_zero, live_tile_runs
 from attnkit.scores import Sigmoid, Softmax, SoftplusL1
 
@@ -376,25 +377,25 @@ class _BatchedAttention(torch.autograd.Function):
 
 class _KernelAttention(torch.autograd.Function):
     """The compiled kernel; q, k, v, out in the caller's ``[B, T, H, D]`` layout, lse
-    ``[B, Tq, Hq]``; ``slopes`` ALiBi's ``[Hq]`` float32 slopes (empty: no bias), whose
-    gradient is computed when they require one."""
+    ``[B, Tq, Hq]``; ``offset_bias`` the bias by head and query-key offset ``[Hq, Tq + Tk - 1]``
+    float32 (empty: no bias), whose gradient is computed when it requires one."""
 
     @staticmethod
-    def forward(ctx, q, k, v, slopes, plan, kernel, shifted, score):  # type: ignore[override]
+    def forward(ctx, q, k, v, offset_bias, plan, kernel, shifted, score):  # type: ignore[override]
         tiles = plan.kernel_tiles
-        out, lse = kernel.forward(q, k, v, *tiles, shifted, *score.arguments(slopes), True)
-        ctx.save_for_backward(q, k, v, slopes, out, lse)
+        out, lse = kernel.forward(q, k, v, *tiles, shifted, *score.arguments(offset_bias), True)
+        ctx.save_for_backward(q, k, v, offset_bias, out, lse)
         ctx.tiles, ctx.kernel, ctx.score = tiles, kernel, score
         return out, lse
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):  # type: ignore[override]
-        q, k, v, slopes, out, lse = ctx.saved_tensors
+        q, k, v, offset_bias, out, lse = ctx.saved_tensors
         grad_out = grad_out.contiguous()
         delta = _delta(grad_out, out, lse, grad_lse).contiguous()
         finite_lse = finite_or_zero(lse)
-        slope_grad = ctx.needs_input_grad[3]
-        dq, dk, dv, dslopes = ctx.kernel.backward(
+        bias_grad = ctx.needs_input_grad[3]
+        dq, dk, dv, dbias = ctx.kernel.backward(
             q,
             k,
             v,
@@ -402,42 +403,38 @@ class _KernelAttention(torch.autograd.Function):
             finite_lse,
             delta,
             *ctx.tiles,
-            *ctx.score.arguments(slopes),
-            slope_grad,
+            *ctx.score.arguments(offset_bias),
+            bias_grad,
         )  # float32 gradients
-        dslopes = dslopes.to(slopes.dtype) if slope_grad else None
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dslopes, None, None, None, None
+        dbias = dbias if bias_grad else None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias, None, None, None, None
 
 
 @dataclass(frozen=True)
 class _KernelScore:
     """What the compiled kernel computes of a call's scores: ``scale``, the soft cap (0: none),
-    the weight (``KERNEL_WEIGHTS``), sigmoid's bias, ALiBi's query alignment ``offset = Tk -
-    Tq`` and softplus's per-row factors ``[1|B, 1|Hq, Tq]`` (empty: 1)."""
+    the weight (``KERNEL_WEIGHTS``), sigmoid's bias and softplus's per-row factors
+    ``[1|B, 1|Hq, Tq]`` (empty: 1)."""
 
     scale: float
     softcap: float
     weight: int
     sigmoid_bias: float
-    offset: int
     row_factors: Tensor
 
-    def arguments(self, slopes: Tensor) -> tuple:
+    def arguments(self, offset_bias: Tensor) -> tuple:
         return (
             self.scale,
             self.softcap,
             self.weight,
             self.sigmoid_bias,
-            slopes,
-            self.offset,
+            offset_bias,
             self.row_factors,
         )
 
 
 #: The kernel's weights (``Weight`` in csrc/blocksparse_cpu.cpp), by score class.
 KERNEL_WEIGHTS: dict[type, int] = {Softmax: 0, Sigmoid: 1, SoftplusL1: 2}
-#: The kernel's analytic biases: ALiBi, as its per-head slopes.
-KERNEL_BIASES: dict[type, Callable[[Bias], Tensor]] = {ALiBi: lambda bias: bias.slopes}
 
 
 def _kernel_score(call: AttentionCall) -> _KernelScore:
@@ -448,17 +445,20 @@ def _kernel_score(call: AttentionCall) -> _KernelScore:
         _softcap(call),
         KERNEL_WEIGHTS[type(call.score)],
         sigmoid_bias,
-        call.Tk - call.Tq,
         torch.empty(0) if log_counts is None else log_counts.float().contiguous(),
     )
 
 
-def _kernel_slopes(call: AttentionCall) -> Tensor:
-    """The bias's slopes as the kernel reads them (float32, contiguous; differentiable), or an
-    empty tensor without a bias."""
+def _offset_bias(call: AttentionCall) -> Tensor:
+    """The call's bias by head and query-key offset ``d = j - pos_i`` as the kernel reads it:
+    ``[Hq, Tq + Tk - 1]`` float32, entry ``d + Tk - 1`` (differentiable: gradients reach the
+    bias's parameters through it); an empty tensor without a bias."""
     if call.bias is None:
         return torch.empty(0, device=call.device)
-    return KERNEL_BIASES[type(call.bias)](call.bias).float().contiguous()
+    h = torch.arange(call.Hq, device=call.device).view(-1, 1)
+    offsets = torch.arange(1 - call.Tk, call.Tq, device=call.device).view(1, -1)
+    table = call.bias.value(h, torch.zeros_like(offsets), offsets)
+    return table.expand(call.Hq, offsets.shape[1]).float().contiguous()
 
 
 def _kernel_inputs(call: AttentionCall) -> tuple[Tensor, Tensor, Tensor]:
@@ -511,7 +511,7 @@ def blocksparse_forward(call: AttentionCall) -> tuple[Tensor, Tensor]:
     if kernel is not None:
         return _KernelAttention.apply(
             *_kernel_inputs(call),
-            _kernel_slopes(call),
+            _offset_bias(call),
             _plan(call),
             kernel,
             needs_shift(call),
@@ -554,8 +554,11 @@ def _supports(call: AttentionCall) -> str | None:
             f"blocksparse {' and '.join(extras)} only in its compiled kernel (float32 or "
             "bfloat16 on the CPU, with a C++ compiler); use chunked or flex"
         )
-    if call.bias is not None and type(call.bias) not in KERNEL_BIASES:
-        return f"blocksparse's kernel adds ALiBi only, not {call.bias!r} (use chunked or flex)"
+    if call.bias is not None and not call.bias.offset_only:
+        return (
+            f"blocksparse's kernel adds biases of the query-key offset only (ALiBi, KERPLE, "
+            f"T5, relative tables), not {call.bias!r}; use chunked or flex"
+        )
     if extras and not call.scale > 0:
         return f"blocksparse {' and '.join(extras)} only with a positive scale (got {call.scale})"
     return None
@@ -595,8 +598,8 @@ def _cost(call: AttentionCall, table: CostTable) -> tuple[float, str]:
 BACKEND = Backend(
     name="blocksparse",
     summary=(
-        "softmax or sigmoid (+ ALiBi) over live tiles: a compiled CPU kernel (fp32, bf16), or "
-        "softmax as batched matmuls"
+        "softmax, sigmoid or softplus (+ offset biases) over live tiles: a compiled CPU kernel "
+        "(fp32, bf16), or softmax as batched matmuls"
     ),
     supports=_supports,
     run=blocksparse_forward,

@@ -25,7 +25,7 @@ def gemms_alone(call: AttentionCall) -> Callable[[], object] | None:
     kernel, (q, k, v), tiles = launch
     empty = torch.empty(0)
     return lambda: kernel.forward(
-        q, k, v, *tiles, False, float(call.scale), 0.0, 0, 0.0, empty, 0, empty, False
+        q, k, v, *tiles, False, float(call.scale), 0.0, 0, 0.0, empty, empty, False
     )
 
 

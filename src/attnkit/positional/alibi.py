@@ -42,6 +42,7 @@ class ALiBi(Bias):
     """
 
     name = "alibi"
+    offset_only = True
 
     def __init__(self, num_heads: int, slopes: Tensor | None = None):
         self.slopes = alibi_slopes(num_heads) if slopes is None else slopes

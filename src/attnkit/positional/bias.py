@@ -20,6 +20,10 @@ class Bias:
     biases also ``parameters``, ``_tensors`` and ``to``."""
 
     name = "bias"
+    #: True if the bias is a function of the head and the offset ``k_pos - q_pos`` alone (ALiBi,
+    #: KERPLE, T5 buckets, relative tables): the block-sparse kernel then reads it as one
+    #: ``[H, Tq + Tk - 1]`` table, from ``value(h, 0, offset)``.
+    offset_only = False
 
     @property
     def num_heads(self) -> int:

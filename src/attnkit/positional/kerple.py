@@ -80,6 +80,8 @@ class Kerple(Bias):
     ``kerple(...)``.
     """
 
+    offset_only = True
+
     def __init__(self, kernel: str, r1_raw: Tensor, r2_raw: Tensor):
         _kernel(kernel)
         if r1_raw.dim() != 1 or r1_raw.shape != r2_raw.shape:

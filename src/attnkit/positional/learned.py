@@ -25,6 +25,7 @@ class RelativePositionBias(Bias):
     """
 
     name = "relative_bias"
+    offset_only = True
 
     def __init__(self, table: Tensor, max_distance: int):
         if table.dim() != 2 or table.shape[1] != 2 * max_distance + 1:
@@ -134,6 +135,7 @@ class T5RelativeBias(Bias):
     """
 
     name = "t5_bias"
+    offset_only = True
 
     def __init__(self, table: Tensor, max_distance: int = 128, bidirectional: bool = True):
         if table.dim() != 2:

@@ -138,15 +138,17 @@ inline float scale_mask_max(float* s, const float* keep, int64_t n, float scale)
 enum class Weight : int64_t { kSoftmax = 0, kSigmoid = 1, kSoftplus = 2 };
 
 // The scores' map: x = scale · s + bias, soft-capped (Gemma 2: cap · tanh(x / cap)) when
-// softcap > 0, then weighted. The bias is ALiBi's -slope_h |pos_i - j| (Press et al., 2022)
-// when `slopes` is set ([Hq] floats), with pos_i = i + offset (queries aligned bottom-right).
+// softcap > 0, then weighted. The bias is a function of the head and the offset d = j - pos_i
+// alone (ALiBi, KERPLE, T5 buckets, learned relative tables), given as `offset_bias` [Hq, L],
+// L = Tq + Tk - 1, entry d + Tk - 1 (pos_i = i + Tk - Tq: queries aligned bottom-right), so the
+// offsets of a row's consecutive keys are consecutive entries; nullptr: no bias.
 // `row_factors` [Fb, Fh, Tq] (Fb in {1, B}, Fh in {1, Hq}) are softplus's c_i; nullptr: 1.
 struct Score {
   float scale, softcap;
   Weight weight;
   float sigmoid_bias;
-  const float* slopes;
-  int64_t offset;
+  const float* offset_bias;
+  int64_t bias_len;
   const float* row_factors;
   int64_t factor_batches, factor_heads, Tq;
 
@@ -155,34 +157,24 @@ struct Score {
     const int64_t fb = factor_batches > 1 ? b : 0, fh = factor_heads > 1 ? h : 0;
     return row_factors[(fb * factor_heads + fh) * Tq + i];
   }
+
+  // The entry of query row i's offset to key `key0` in head h's row of a [Hq, L] table.
+  int64_t bias_entry(int64_t h, int64_t i, int64_t key0) const {
+    return h * bias_len + key0 - i + Tq - 1;
+  }
 };
 
-// s += -(slope / scale) |position - (key0 + c)| for c < n, in place: scale · s is then the
-// biased score. Applied before the soft cap, as the bias is added before capping.
-inline void add_distance_bias(float* s, int64_t n, float slope, int64_t position,
-                              int64_t key0, const Score& score) {
-  const float step = -slope / score.scale;
-  const Vec vstep(step), lanes = Vec::arange(0.0f, 1.0f);
-  int64_t c = 0;
-  for (; c + Vec::size() <= n; c += Vec::size()) {
-    const Vec distance = (Vec(static_cast<float>(position - key0 - c)) - lanes).abs();
-    at::vec::fmadd(distance, vstep, Vec::loadu(s + c)).store(s + c);
-  }
-  for (; c < n; ++c) s[c] += step * std::abs(static_cast<float>(position - key0 - c));
+// s += bias / scale over n values in place (bias: a row's slice of the offset table): scale · s
+// is then the biased score. Applied before the soft cap, as the bias is added before capping.
+inline void add_offset_bias(float* s, const float* bias, int64_t n, float inv_scale) {
+  at::vec::map2([inv_scale](Vec x, Vec b) { return at::vec::fmadd(b, Vec(inv_scale), x); }, s, s,
+                bias, n);
 }
 
-// sum over c < n of ds[c] |position - (key0 + c)|: a row's share of its head's slope gradient.
-inline float distance_weighted_sum(const float* ds, int64_t n, int64_t position, int64_t key0) {
-  const Vec lanes = Vec::arange(0.0f, 1.0f);
-  Vec total(0.0f);
-  int64_t c = 0;
-  for (; c + Vec::size() <= n; c += Vec::size()) {
-    const Vec distance = (Vec(static_cast<float>(position - key0 - c)) - lanes).abs();
-    total = at::vec::fmadd(Vec::loadu(ds + c), distance, total);
-  }
-  float sum = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, total);
-  for (; c < n; ++c) sum += ds[c] * std::abs(static_cast<float>(position - key0 - c));
-  return sum;
+// grad += ds / scale over n values (grad: a row's slice of the offset table's gradient).
+inline void add_offset_grad(float* grad, const float* ds, int64_t n, float inv_scale) {
+  at::vec::map2([inv_scale](Vec g, Vec d) { return at::vec::fmadd(d, Vec(inv_scale), g); }, grad,
+                grad, ds, n);
 }
 
 // s -> (cap / scale) tanh(scale · s / cap) over n values in place: the row steps' scale · s is
@@ -194,10 +186,13 @@ inline void soft_cap(float* s, int64_t n, const Score& score) {
 }
 
 // The per-pair map before the weights, in place over a row's run of n keys (columns key0...):
-// the distance bias, then the soft cap.
+// the offset bias, then the soft cap.
 inline void biased_and_capped(float* s, int64_t n, int64_t head, int64_t row, int64_t key0,
                               const Score& score) {
-  if (score.slopes) add_distance_bias(s, n, score.slopes[head], row + score.offset, key0, score);
+  if (score.offset_bias) {
+    add_offset_bias(s, score.offset_bias + score.bias_entry(head, row, key0), n,
+                    1.0f / score.scale);
+  }
   soft_cap(s, n, score);
 }
 
@@ -777,7 +772,7 @@ void backward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
                      const at::Tensor& grad_out, const at::Tensor& lse,
                      const at::Tensor& delta, const Tiles& t, const Score& score, bool pack,
                      at::Tensor& dq, at::Tensor& dk_parts, at::Tensor& dv_parts,
-                     float* dslope_parts) {
+                     float* dbias_parts) {
   using scalar_t = typename Gemms::scalar_t;
   const Dims d = dims_of(q, k, v, t);
   const scalar_t* qp = q.data_ptr<scalar_t>();
@@ -830,9 +825,9 @@ void backward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
                           probabilities_and_grads(s + lo, ds + lo, keep, width, lse_r, delta_r,
                                                   score, factor);
                         });
-        if (dslope_parts) {  // d bias / d slope = -|pos - j|; d bias = ds / scale
-          const float share = distance_weighted_sum(ds, n, w.r0 + r + score.offset, c0);
-          dslope_parts[thread * d.Hq + w.h] -= share / score.scale;
+        if (dbias_parts) {  // d bias = ds / scale, summed per (head, offset)
+          float* grad = dbias_parts + thread * d.Hq * score.bias_len;
+          add_offset_grad(grad + score.bias_entry(w.h, w.r0 + r, c0), ds, n, 1.0f / score.scale);
         }
       }
       // dV[n, Dv] += Pᵀ dO;  dQ[bq, D] += (scale dS) K;  dK[n, D] += (scale dS)ᵀ Q
@@ -869,20 +864,23 @@ bool bfloat16_brgemm_runs(const at::Tensor& q, const at::Tensor& v) {
 }
 
 // softcap 0: none. A cap is applied as (cap / scale) tanh(scale · s / cap) (soft_cap). weight:
-// Weight's values. slopes: ALiBi's [Hq] float32 slopes, or an empty tensor for no bias.
-// row_factors: softplus's [Fb, Fh, Tq] float32 factors, or an empty tensor for 1.
-Score score_of(const at::Tensor& q, double scale, double softcap, int64_t weight,
-               double sigmoid_bias, const at::Tensor& slopes, int64_t offset,
+// Weight's values. offset_bias: the [Hq, Tq + Tk - 1] float32 bias by head and offset (Score),
+// or an empty tensor for no bias. row_factors: softplus's [Fb, Fh, Tq] float32 factors, or an
+// empty tensor for 1.
+Score score_of(const at::Tensor& q, const at::Tensor& k, double scale, double softcap,
+               int64_t weight, double sigmoid_bias, const at::Tensor& offset_bias,
                const at::Tensor& row_factors) {
   TORCH_CHECK(softcap >= 0.0, "blocksparse_cpu: softcap must be > 0 (0: none), got ", softcap);
   TORCH_CHECK(softcap == 0.0 || scale > 0.0,
               "blocksparse_cpu: a soft cap needs a positive scale, got ", scale);
   TORCH_CHECK(weight >= 0 && weight <= 2, "blocksparse_cpu: weight must be 0 (softmax), 1 "
               "(sigmoid) or 2 (softplus), got ", weight);
-  const bool biased = slopes.numel() > 0;
-  TORCH_CHECK(!biased || (slopes.scalar_type() == at::kFloat && slopes.is_contiguous() &&
-                          slopes.dim() == 1 && slopes.size(0) == q.size(2)),
-              "blocksparse_cpu: slopes must be contiguous float32 [Hq]");
+  const int64_t Tq = q.size(1), bias_len = q.size(1) + k.size(1) - 1;
+  const bool biased = offset_bias.numel() > 0;
+  TORCH_CHECK(!biased || (offset_bias.scalar_type() == at::kFloat &&
+                          offset_bias.is_contiguous() && offset_bias.dim() == 2 &&
+                          offset_bias.size(0) == q.size(2) && offset_bias.size(1) == bias_len),
+              "blocksparse_cpu: offset_bias must be contiguous float32 [Hq, Tq + Tk - 1]");
   TORCH_CHECK(!biased || scale > 0.0, "blocksparse_cpu: a bias needs a positive scale, got ",
               scale);
   const bool factored = row_factors.numel() > 0;
@@ -890,18 +888,18 @@ Score score_of(const at::Tensor& q, double scale, double softcap, int64_t weight
                             row_factors.is_contiguous() && row_factors.dim() == 3 &&
                             (row_factors.size(0) == 1 || row_factors.size(0) == q.size(0)) &&
                             (row_factors.size(1) == 1 || row_factors.size(1) == q.size(2)) &&
-                            row_factors.size(2) == q.size(1)),
+                            row_factors.size(2) == Tq),
               "blocksparse_cpu: row_factors must be contiguous float32 [1|B, 1|Hq, Tq]");
   return {static_cast<float>(scale),
           static_cast<float>(softcap),
           static_cast<Weight>(weight),
           static_cast<float>(sigmoid_bias),
-          biased ? slopes.data_ptr<float>() : nullptr,
-          offset,
+          biased ? offset_bias.data_ptr<float>() : nullptr,
+          bias_len,
           factored ? row_factors.data_ptr<float>() : nullptr,
           factored ? row_factors.size(0) : 1,
           factored ? row_factors.size(1) : 1,
-          q.size(1)};
+          Tq};
 }
 
 std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -909,14 +907,14 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
                                 const at::Tensor& partial, const at::Tensor& keep,
                                 int64_t block_q, int64_t block_k, int64_t max_run,
                                 bool shifted, double scale, double softcap, int64_t weight,
-                                double sigmoid_bias, const at::Tensor& slopes, int64_t offset,
+                                double sigmoid_bias, const at::Tensor& offset_bias,
                                 const at::Tensor& row_factors, bool weights) {
   check_inputs(q, k, v);
   const Tiles t = tiles_of(row_ptr, tiles, partial, keep, block_q, block_k, max_run);
   auto out = at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, v.options());
   auto lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   const bool pack = worth_packing(q, k);
-  const Score s = score_of(q, scale, softcap, weight, sigmoid_bias, slopes, offset, row_factors);
+  const Score s = score_of(q, k, scale, softcap, weight, sigmoid_bias, offset_bias, row_factors);
   TORCH_CHECK(!(shifted && s.weight != Weight::kSoftmax),
               "blocksparse_cpu: sigmoid and softplus weights run unshifted");
   if (q.scalar_type() == at::kFloat) {
@@ -937,8 +935,8 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
                                  const at::Tensor& tiles, const at::Tensor& partial,
                                  const at::Tensor& keep, int64_t block_q, int64_t block_k,
                                  int64_t max_run, double scale, double softcap, int64_t weight,
-                                 double sigmoid_bias, const at::Tensor& slopes, int64_t offset,
-                                 const at::Tensor& row_factors, bool slope_grad) {
+                                 double sigmoid_bias, const at::Tensor& offset_bias,
+                                 const at::Tensor& row_factors, bool bias_grad) {
   check_inputs(q, k, v);
   TORCH_CHECK(grad_out.scalar_type() == q.scalar_type() && grad_out.is_contiguous(),
               "blocksparse_cpu's backward needs a contiguous grad_out of q's dtype");
@@ -949,10 +947,10 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
   auto dk = at::zeros({threads, k.size(0), k.size(1), k.size(2), k.size(3)}, f32);
   auto dv = at::zeros({threads, v.size(0), v.size(1), v.size(2), v.size(3)}, f32);
   const bool pack = worth_packing(q, k);
-  const Score s = score_of(q, scale, softcap, weight, sigmoid_bias, slopes, offset, row_factors);
-  TORCH_CHECK(!slope_grad || s.slopes, "blocksparse_cpu: a slope gradient needs slopes");
-  auto dslopes = at::zeros({slope_grad ? threads : 0, q.size(2)}, f32);
-  float* dsp = slope_grad ? dslopes.data_ptr<float>() : nullptr;
+  const Score s = score_of(q, k, scale, softcap, weight, sigmoid_bias, offset_bias, row_factors);
+  TORCH_CHECK(!bias_grad || s.offset_bias, "blocksparse_cpu: a bias gradient needs a bias");
+  auto dbias = at::zeros({bias_grad ? threads : 0, q.size(2), s.bias_len}, f32);
+  float* dsp = bias_grad ? dbias.data_ptr<float>() : nullptr;
   if (q.scalar_type() == at::kFloat) {
     backward_kernel<Float32Gemms>(q, k, v, grad_out, lse, delta, t, s, pack, dq, dk, dv, dsp);
 #ifdef CPUBLAS_BRGEMM_BF16BF16F32
@@ -963,7 +961,7 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
   } else {
     backward_kernel<BFloat16Gemms>(q, k, v, grad_out, lse, delta, t, s, pack, dq, dk, dv, dsp);
   }
-  return {dq, dk.sum(0), dv.sum(0), dslopes.sum(0)};
+  return {dq, dk.sum(0), dv.sum(0), dbias.sum(0)};
 }
 
 // out = a b for float32 matrices with unit column stride (any row strides) through the GEMM
