@@ -41,7 +41,9 @@ def test_it_measures_every_entry_per_dtype_and_grad_mode(tiny) -> None:
                          "chunked.overhead_pairs"):  # fmt: skip
                 assert (name, dtype, grad) in measured
             kernel_here = dtype == "float32" or native_bf16
-            assert (("blocksparse.per_live", dtype, grad) in measured) == kernel_here
+            for name in ("blocksparse.per_live", "blocksparse.score.sigmoid",
+                         "blocksparse.score.softplus_l1", "blocksparse.bias"):  # fmt: skip
+                assert ((name, dtype, grad) in measured) == kernel_here
             # a partial tile's extra pass is an algorithmic ratio (FACTORS), not measured
             assert ("blocksparse.partial", dtype, grad) not in measured
         # FlexAttention has no backward on the CPU: forward only

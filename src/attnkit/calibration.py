@@ -11,8 +11,9 @@ What is measured, at ``B=1, H=4, T=2048, D=64`` (``SHAPE``), for float32 and bfl
 float16 too), without and with gradients: dense SDPA (the unit), SDPA ``is_causal``, SDPA
 with a dense boolean mask and with a float mask (how a bias reaches it), chunked and
 blocksparse without a mask and causal, FlexAttention with a causal mask (forward only on the
-CPU; it compiles once per dtype, score and bias), and chunked and Flex causal with the sigmoid
-score and with an ALiBi bias against plain softmax (what a score function or a bias adds);
+CPU; it compiles once per dtype, score and bias), and chunked, Flex and blocksparse causal with
+the sigmoid score and with an ALiBi bias against plain softmax (what a score function or a bias
+adds; blocksparse also with softplus-l1, whose weights cost its kernel more than sigmoid's);
 then chunked and Flex causal again at T/2, which separates their fixed cost per call from
 their cost per pair. Each ratio is the median over rounds of the candidate's time over dense
 SDPA's in the same round. Paths that are no candidate here (a bfloat16 kernel on a CPU that
@@ -48,13 +49,13 @@ from attnkit.costs import CostTable, Key, conservative_table, dtype_name
 from attnkit.machine import Capabilities, capabilities
 from attnkit.masks.patterns import causal, sliding_window
 from attnkit.positional.alibi import alibi
-from attnkit.scores import sigmoid
+from attnkit.scores import sigmoid, softplus_l1
 from attnkit.version import __version__
 
 _log = logging.getLogger("attnkit")
 
 #: Bump when what is measured, or how, changes: cached tables of another format are remeasured.
-FORMAT = 10
+FORMAT = 11
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,6 +213,7 @@ def _measure(
     # a score function other than softmax, and an additive bias
     scored = AttentionCall(q, k, v, mask=causal(), score=sigmoid())
     biased = AttentionCall(q, k, v, mask=causal(), bias=alibi(shape.H))
+    softplus = AttentionCall(q, k, v, mask=causal(), score=softplus_l1())
     # the causal pattern as a window over every key: not `is_causal`, so SDPA takes a matrix
     as_matrix = AttentionCall(q, k, v, mask=sliding_window(shape.T))
     steps = {
@@ -227,6 +229,10 @@ def _measure(
     }
     if not math.isinf(blocksparse.BACKEND.cost(dense, table)[0]):  # a candidate here
         steps["blocksparse.dense"] = _step(blocksparse.BACKEND, dense, grad_out)
+        for step, call in (("causal", masked), ("sigmoid", scored), ("alibi", biased),
+                           ("softplus_l1", softplus)):  # fmt: skip
+            if blocksparse.BACKEND.supports(call) is None:
+                steps[f"blocksparse.{step}"] = _step(blocksparse.BACKEND, call, grad_out)
     if flex.BACKEND.supports(masked) is None:
         steps["flex.causal"] = _step(flex.BACKEND, masked, grad_out)
     if flex.BACKEND.supports(scored) is None:
@@ -286,6 +292,14 @@ def _measure(
         overhead = table.value("blocksparse.overhead_pairs", dtype, grad) / pairs
         per_live = max(ratios["blocksparse.dense"] - overhead, 1e-3)
         entries["blocksparse.per_live", name, grad] = per_live
+    for entry, step in (
+        ("blocksparse.score.sigmoid", "sigmoid"),
+        ("blocksparse.score.softplus_l1", "softplus_l1"),
+        ("blocksparse.bias", "alibi"),
+    ):
+        if "blocksparse.causal" in ratios and f"blocksparse.{step}" in ratios:
+            ratio = ratios[f"blocksparse.{step}"] / ratios["blocksparse.causal"]
+            entries[entry, name, grad] = ratio
     return entries
 
 

@@ -46,6 +46,9 @@ MEASURED_ENTRIES = {
     "chunked.overhead_pairs": "chunked's fixed cost per call, as pairs dense SDPA computes",
     "flex.overhead_pairs": "FlexAttention's fixed cost per call, as pairs dense SDPA computes",
     "blocksparse.per_live": "blocksparse per live tile (the implementation that runs here)",
+    "blocksparse.score.sigmoid": "the block-sparse kernel with sigmoid weights, over softmax",
+    "blocksparse.score.softplus_l1": "the block-sparse kernel with softplus-l1, over softmax",
+    "blocksparse.bias": "the block-sparse kernel with an offset bias (ALiBi), over softmax",
 }
 
 #: Algorithmic ratios, the same on every machine to the precision ``auto`` needs, and the
@@ -90,9 +93,11 @@ FACTORS: dict[Key, float] = {
     # the soft cap's tanh on every score, per tile
     ("blocksparse.softcap", "*", None): 1.75,
     ("blocksparse.softcap", "bfloat16", None): 2.2,
-    # sigmoid weights (a reciprocal per pair) and ALiBi's distance bias (a pass per row), per
-    # tile, in the compiled kernel
-    ("blocksparse.score", "*", None): 1.2,
+    # where not measured (ATTNKIT_CALIBRATION=off, a failed step): a score function's weights in
+    # the compiled kernel against softmax's (sigmoid: a reciprocal per pair; softplus-l1: an exp
+    # and a log1p), and an offset bias (one table read per pair)
+    ("blocksparse.score.sigmoid", "*", None): 1.2,
+    ("blocksparse.score.softplus_l1", "*", None): 2.0,
     ("blocksparse.bias", "*", None): 1.2,
     # fixed cost per call, as the (query x key) pairs dense SDPA computes in that time
     ("blocksparse.overhead_pairs", "*", None): 0.5e5,

@@ -584,7 +584,7 @@ def _cost(call: AttentionCall, table: CostTable) -> tuple[float, str]:
         per_live *= table.value("blocksparse.softcap", dtype, grad)
         how += " with the soft cap"
     if type(call.score) is not Softmax:
-        per_live *= table.value("blocksparse.score", dtype, grad)
+        per_live *= table.value(f"blocksparse.score.{call.score.name}", dtype, grad)
         how += f" with {call.score.name} weights"
     if call.bias is not None:
         per_live *= table.value("blocksparse.bias", dtype, grad)
