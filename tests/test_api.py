@@ -198,7 +198,7 @@ EXPLAIN_CASES = {
     "window_relu": (
         {"mask": masks.sliding_window(3), "score": scores.relu()},
         dict.fromkeys(EXPLAIN_TABLES, "chunked"),
-        {"sdpa": "only softmax", "blocksparse": "softmax, sigmoid and softplus-l1 only"},
+        {"sdpa": "only softmax", "blocksparse": "softmax, sigmoid, softplus-l1 and Cog only"},
     ),
     "lse": (
         {"aux": attnkit.Aux(lse=True)},

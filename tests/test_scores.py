@@ -388,7 +388,7 @@ def test_fast_backends_that_cannot_run_cog_say_why() -> None:
         with pytest.raises(ValueError, match=phrase) as error:
             attnkit.attention(q, k, v, score=scores.cog(), backend=backend)
         assert "two positive-weight passes" in str(error.value)
-    assert attnkit.explain(q, k, v, score=scores.cog()).chosen == "chunked"
+    assert attnkit.explain(q, k, v, score=scores.cog()).chosen not in ("sdpa", "flex")
     # asked directly (as the catalog and the backend matrix do), backends agree
     call = AttentionCall(q, k, v, score=scores.cog())
     able = [name for name, backend in BACKENDS.items() if backend.supports(call) is None]

@@ -98,6 +98,8 @@ FACTORS: dict[Key, float] = {
     # and a log1p), and an offset bias (one table read per pair)
     ("blocksparse.score.sigmoid", "*", None): 1.2,
     ("blocksparse.score.softplus_l1", "*", None): 2.0,
+    # per pass of Cog's two (the caller counts the passes): softmax over |s|, shifted
+    ("blocksparse.score.cog", "*", None): 1.1,
     ("blocksparse.bias", "*", None): 1.2,
     # fixed cost per call, as the (query x key) pairs dense SDPA computes in that time
     ("blocksparse.overhead_pairs", "*", None): 0.5e5,

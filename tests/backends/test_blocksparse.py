@@ -175,7 +175,7 @@ def test_the_lse_carries_its_gradient(implementation: str, mask) -> None:
 def test_refusals_name_the_alternative() -> None:
     q, k, v = inputs(64)
     for options, expected in (
-        ({"score": scores.cog()}, "softmax, sigmoid and softplus-l1 only"),
+        ({"score": scores.relu()}, "softmax, sigmoid, softplus-l1 and Cog only"),
         ({"bias": positional.grid_position_bias(4, (8, 8))}, "query-key offset only"),
     ):
         reason = blocksparse.BACKEND.supports(AttentionCall(q, k, v, **options))

@@ -1,8 +1,8 @@
-"""Sigmoid and softplus-l1 weights and offset biases (ALiBi, KERPLE, T5, relative tables) in the
-block-sparse kernel: every mask
-kind, float32 and bfloat16, MHA and GQA, forward and every gradient (q, k, v and learned
-bias parameters) under the 2× rule against the float64 reference; and what the kernel does not run
-goes elsewhere, with the reason shown by ``explain``."""
+"""Sigmoid, softplus-l1 and Cog weights and offset biases (ALiBi, KERPLE, T5, relative
+tables) in the block-sparse kernel: every mask kind, float32 and bfloat16, MHA and GQA, forward
+and every gradient (q, k, v and bias parameters) under the 2× rule against the float64
+reference; and what the kernel does not run goes elsewhere, with the reason shown by
+``explain``."""
 
 from __future__ import annotations
 
@@ -49,6 +49,8 @@ OPTIONS = {
     "alibi_learned": lambda H: {"bias": learned_alibi(H)},
     "sigmoid_alibi": lambda H: {"score": scores.sigmoid(), "bias": learned_alibi(H)},
     "softplus_l1": lambda H: {"score": scores.softplus_l1()},
+    "cog": lambda H: {"score": scores.cog()},
+    "cog_softcap_t5": lambda H: {"score": scores.cog(softcap=5.0), "bias": positional.t5_bias(H)},
     "kerple_power": lambda H: {"bias": positional.kerple(H, "power")},
     "kerple_log_sigmoid": lambda H: {
         "bias": positional.kerple(H, "log"),
@@ -83,7 +85,8 @@ def test_the_kernel_matches_the_reference(
     q, k, v = qkv(Hq, Hkv, dtype)
     options = OPTIONS[name](Hq) | {"mask": MASKS[mask](q.shape[0])}
     call = AttentionCall(q, k, v, **options)
-    assert blocksparse.BACKEND.supports(call) is None and blocksparse.uses_kernel(call)
+    for part in call.passes():  # a signed score's two halves
+        assert blocksparse.BACKEND.supports(part) is None and blocksparse.uses_kernel(part)
     check_against_reference(run, q, k, v, **options).assert_ok()
 
 
@@ -125,8 +128,7 @@ def per_row_bias(score, b, h, q_idx, kv_idx):
 def test_what_the_kernel_does_not_run_goes_elsewhere_and_explain_says_why() -> None:
     q, k, v = qkv(4, 4, torch.float32)
     for options, reason in (
-        ({"score": scores.cog()}, "softmax, sigmoid and softplus-l1 only"),
-        ({"score": scores.relu()}, "softmax, sigmoid and softplus-l1 only"),
+        ({"score": scores.relu()}, "softmax, sigmoid, softplus-l1 and Cog only"),
         ({"bias": positional.from_score_mod(per_row_bias, 4)}, "query-key offset only"),
     ):
         explanation = attnkit.explain(q, k, v, mask=masks.causal(), **options)

@@ -51,7 +51,9 @@ Two implementations of these steps share the plan of live tiles:
 Scores, in the compiled kernel: softmax, sigmoid weights ``w = sigmoid(x + b)`` (Ramapuram et
 al., 2024) and LSSA's softplus weights ``w = softplus(c_i x)``, ``c_i`` the log of the keys row
 ``i`` sees (Gao & Spratling, 2025), the last two final as computed, so that their rows need no
-running max and no rescaling. Gemma 2's soft cap composes with each (a tanh pass over each
+running max and no rescaling; and each half of Cog's signed weights (Lv et al.), softmax over
+``|x|`` on the keys of the half's sign, two passes that ``attnkit.attention`` merges. Gemma 2's
+soft cap composes with each (a tanh pass over each
 tile's scores, and tanh's derivative in the backward). A bias of the head and the query-key
 offset alone (ALiBi, KERPLE, T5 buckets, learned relative tables: ``Bias.offset_only``) comes
 as one ``[Hq, Tq + Tk - 1]`` table per call, built from the bias's own ``value`` (so its
@@ -68,6 +70,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -80,7 +83,7 @@ from attnkit.call import AttentionCall
 from attnkit.costs import CostTable
 from attnkit.masks.base import FULL
 from attnkit.primitives import finite_or_zero, live_tile_runs
-from attnkit.scores import Sigmoid, Softmax, SoftplusL1
+from attnkit.scores import CogPart, ScoreFunction, Sigmoid, Softmax, SoftplusL1
 
 #: Tile sizes of the batched path's block structure; a query block's score buffer is at most
 #: ``B · Hq · BLOCK_Q · MAX_KEYS`` floats (one head's ``block_q · MAX_KEYS`` in the kernel).
@@ -413,13 +416,13 @@ class _KernelAttention(torch.autograd.Function):
 @dataclass(frozen=True)
 class _KernelScore:
     """What the compiled kernel computes of a call's scores: ``scale``, the soft cap (0: none),
-    the weight (``KERNEL_WEIGHTS``), sigmoid's bias and softplus's per-row factors
-    ``[1|B, 1|Hq, Tq]`` (empty: 1)."""
+    the weight (``KERNEL_WEIGHTS``), its parameter (sigmoid's bias, a Cog half's sign) and
+    softplus's per-row factors ``[1|B, 1|Hq, Tq]`` (empty: 1)."""
 
     scale: float
     softcap: float
     weight: int
-    sigmoid_bias: float
+    parameter: float
     row_factors: Tensor
 
     def arguments(self, offset_bias: Tensor) -> tuple:
@@ -427,24 +430,29 @@ class _KernelScore:
             self.scale,
             self.softcap,
             self.weight,
-            self.sigmoid_bias,
+            self.parameter,
             offset_bias,
             self.row_factors,
         )
 
 
 #: The kernel's weights (``Weight`` in csrc/blocksparse_cpu.cpp), by score class.
-KERNEL_WEIGHTS: dict[type, int] = {Softmax: 0, Sigmoid: 1, SoftplusL1: 2}
+KERNEL_WEIGHTS: dict[type, int] = {Softmax: 0, Sigmoid: 1, SoftplusL1: 2, CogPart: 3}
+#: Each weight's parameter: sigmoid's bias ``b``, a Cog half's sign.
+_PARAMETERS: dict[type, Callable[[ScoreFunction, int], float]] = {
+    Sigmoid: lambda score, Tk: score.resolved_bias(Tk),
+    CogPart: lambda score, Tk: float(score.sign),
+}
 
 
 def _kernel_score(call: AttentionCall) -> _KernelScore:
-    sigmoid_bias = call.score.resolved_bias(call.Tk) if isinstance(call.score, Sigmoid) else 0.0
+    parameter = _PARAMETERS.get(type(call.score), lambda score, Tk: 0.0)(call.score, call.Tk)
     log_counts = call.log_counts()  # softplus's length scale: log of the keys each row sees
     return _KernelScore(
         float(call.scale),
         _softcap(call),
         KERNEL_WEIGHTS[type(call.score)],
-        sigmoid_bias,
+        parameter,
         torch.empty(0) if log_counts is None else log_counts.float().contiguous(),
     )
 
@@ -492,10 +500,10 @@ def needs_shift(call: AttentionCall) -> bool:
     input dtype has float32's exponent range (float16 would overflow at e^11). A soft cap of
     at most ``BOUND`` bounds every score by itself. Sigmoid and softplus weights (at most 1, or
     growing linearly) need none; a bias may push a row's every score far below the others, so
-    softmax with one is shifted."""
-    if type(call.score) is not Softmax:
+    softmax with one is shifted, and so is a Cog half (a row may have no key of its sign)."""
+    if type(call.score) in (Sigmoid, SoftplusL1):
         return False
-    if call.dtype == torch.float16 or call.bias is not None:
+    if call.dtype == torch.float16 or call.bias is not None or type(call.score) is CogPart:
         return True
     if 0 < _softcap(call) <= BOUND:
         return False
@@ -537,7 +545,7 @@ def _supports(call: AttentionCall) -> str | None:
     kernel = _kernel(call) is not None
     if type(call.score) not in KERNEL_WEIGHTS:
         return (
-            f"blocksparse computes softmax, sigmoid and softplus-l1 only (this call uses "
+            f"blocksparse computes softmax, sigmoid, softplus-l1 and Cog only (this call uses "
             f"{call.score.describe()}); use chunked or flex"
         )
     extras = [
@@ -573,6 +581,8 @@ def _cost(call: AttentionCall, table: CostTable) -> tuple[float, str]:
     dtype, grad = call.dtype, call.needs_grad
     if dtype == torch.bfloat16 and not table.capabilities.native_bfloat16:
         return math.inf, f"bf16 kernel: {table.capabilities.missing_bfloat16()}"
+    if any(type(part.score) not in KERNEL_WEIGHTS for part in call.passes()):
+        return math.inf, f"its kernel computes no {call.score.name} weights"
     block_q, block_k = tile_shape(call)
     live, partial = 1.0, 0.0
     if call.mask is not None:

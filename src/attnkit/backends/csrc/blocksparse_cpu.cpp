@@ -128,14 +128,19 @@ inline float scale_mask_max(float* s, const float* keep, int64_t n, float scale)
   return largest;
 }
 
-// How a pair's score becomes its weight. kSoftmax: exp(x). kSigmoid: sigmoid(x + sigmoid_bias)
-// ("Theory, Analysis, and Best Practices for Sigmoid Self-Attention", Ramapuram et al., 2024).
+// How a pair's score becomes its weight. kSoftmax: exp(x). kSigmoid: sigmoid(x + b), b the
+// Score's parameter ("Theory, Analysis, and Best Practices for Sigmoid Self-Attention",
+// Ramapuram et al., 2024).
 // kSoftplus: softplus(c_i x), c_i a per-row factor (LSSA's log of the keys query i sees: "Softplus
 // Attention with Re-weighting Boosts Length Extrapolation", Gao & Spratling, 2025). Sigmoid and
 // softplus weights are final as computed (at most 1, or growing linearly), so their rows need
 // no running max and no rescaling. Every weight returns out / Z and lse = log Z (Z a row's
 // sum of weights); the caller rescales an unnormalised score's output by exp(lse).
-enum class Weight : int64_t { kSoftmax = 0, kSigmoid = 1, kSoftplus = 2 };
+// kCogPart: one half of Cog's signed weights ("More Expressive Attention with Negative Weights",
+// Lv et al.): exp(|x|) on the keys whose score has the half's sign, 1/2 on zero scores, 0
+// elsewhere, i.e. softmax over y = sign · x (> 0), -log 2 (= 0) or -inf; attnkit merges the
+// two halves.
+enum class Weight : int64_t { kSoftmax = 0, kSigmoid = 1, kSoftplus = 2, kCogPart = 3 };
 
 // The scores' map: x = scale · s + bias, soft-capped (Gemma 2: cap · tanh(x / cap)) when
 // softcap > 0, then weighted. The bias is a function of the head and the offset d = j - pos_i
@@ -146,7 +151,7 @@ enum class Weight : int64_t { kSoftmax = 0, kSigmoid = 1, kSoftplus = 2 };
 struct Score {
   float scale, softcap;
   Weight weight;
-  float sigmoid_bias;
+  float parameter;  // sigmoid's bias b; a Cog half's sign
   const float* offset_bias;
   int64_t bias_len;
   const float* row_factors;
@@ -185,8 +190,24 @@ inline void soft_cap(float* s, int64_t n, const Score& score) {
   at::vec::map([inner, outer](Vec x) { return (x * Vec(inner)).tanh() * Vec(outer); }, s, s, n);
 }
 
+// A Cog half's log-weights y = sign · x where positive, -log 2 where x = 0, else -inf, in place
+// in the units of s (scale · s becomes y; the scale is positive).
+inline void signed_part(float* s, int64_t n, const Score& score) {
+  const float zero_weight = -std::log(2.0f) / score.scale;
+  const Vec sign(score.parameter), vzero(0.0f), vhalf(zero_weight), vnone(kNegInf);
+  int64_t c = 0;
+  for (; c + Vec::size() <= n; c += Vec::size()) {
+    const Vec own = Vec::loadu(s + c) * sign;
+    Vec::blendv(Vec::blendv(vnone, vhalf, own == vzero), own, own > vzero).store(s + c);
+  }
+  for (; c < n; ++c) {
+    const float own = s[c] * score.parameter;
+    s[c] = own > 0.0f ? own : (own == 0.0f ? zero_weight : kNegInf);
+  }
+}
+
 // The per-pair map before the weights, in place over a row's run of n keys (columns key0...):
-// the offset bias, then the soft cap.
+// the offset bias, the soft cap, and a Cog half's signed part.
 inline void biased_and_capped(float* s, int64_t n, int64_t head, int64_t row, int64_t key0,
                               const Score& score) {
   if (score.offset_bias) {
@@ -194,6 +215,7 @@ inline void biased_and_capped(float* s, int64_t n, int64_t head, int64_t row, in
                     1.0f / score.scale);
   }
   soft_cap(s, n, score);
+  if (score.weight == Weight::kCogPart) signed_part(s, n, score);
 }
 
 // sigmoid(x) for a vector, its argument clamped where exp(-x) would overflow (the weight is
@@ -218,7 +240,7 @@ inline float softplus(float y) { return std::max(y, 0.0f) + std::log1p(std::exp(
 inline void final_weights_keep_sum(float* s, const float* keep, int64_t n, const Score& score,
                                    float factor, RowSum& sum) {
   const bool sigmoid_weights = score.weight == Weight::kSigmoid;
-  const float add = sigmoid_weights ? score.sigmoid_bias : 0.0f;
+  const float add = sigmoid_weights ? score.parameter : 0.0f;
   const float mul = sigmoid_weights ? score.scale : score.scale * factor;
   const Vec vmul(mul), vadd(add);
   int64_t c = 0;
@@ -241,19 +263,22 @@ inline void final_weights_keep_sum(float* s, const float* keep, int64_t n, const
 // raw product into ds: scale · (dP - Δ) · (dw/dx) / Z · (1 - (x / cap)^2), the last factor
 // tanh's derivative (1 without a cap). Softmax: w = exp(x), P = exp(x - lse), (dw/dx) / Z = P.
 // Sigmoid: w = sigmoid(x + b), P = w exp(-lse), (dw/dx) / Z = P (1 - w). Softplus: w =
-// softplus(c x), P = w exp(-lse), (dw/dx) / Z = c sigmoid(c x) exp(-lse). Kept softmax pairs
-// have x - lse <= 0; masked ones may be larger, hence the upper clamp before their factor
-// zeroes them.
+// softplus(c x), P = w exp(-lse), (dw/dx) / Z = c sigmoid(c x) exp(-lse). A Cog half, on its
+// y (signed_part): P = exp(y - lse), (dw/dx) / Z = P · sign where y > 0 (0 elsewhere: its
+// log-weight is constant there), and |x| = y for the cap's factor. Kept softmax pairs have
+// x - lse <= 0; masked ones may be larger, hence the upper clamp before their factor zeroes
+// them.
 inline void probabilities_and_grads(float* s, float* ds, const float* keep, int64_t n,
                                     float lse, float delta, const Score& score, float factor) {
   const float inv_cap = score.softcap > 0.0f ? 1.0f / score.softcap : 0.0f;
   const Vec vlse(lse), lo(kExpFloor), hi(-kExpFloor), vdelta(delta), vscale(score.scale);
   const Vec vinv_cap(inv_cap), one(1.0f);
   const float inv_z = std::exp(-lse);
-  const Vec vinv_z(inv_z), vbias(score.sigmoid_bias), vfactor(factor);
+  const Vec vinv_z(inv_z), vbias(score.parameter), vfactor(factor), vzero(0.0f);
   int64_t c = 0;
   for (; c + Vec::size() <= n; c += Vec::size()) {
-    const Vec x = Vec::loadu(s + c) * vscale, capped = x * vinv_cap;
+    const Vec x = Vec::loadu(s + c) * vscale;
+    Vec capped = x * vinv_cap;
     const Vec kept = keep ? Vec::loadu(keep + c) : one;
     Vec p, dw;  // dw: (dw/dx) / Z
     switch (score.weight) {
@@ -269,6 +294,11 @@ inline void probabilities_and_grads(float* s, float* ds, const float* keep, int6
         dw = sigmoid(y) * vfactor * kept * vinv_z;
         break;
       }
+      case Weight::kCogPart:  // y = -inf or -log 2 off the half: no gradient, no cap factor
+        p = at::vec::clamp(x - vlse, lo, hi).exp_u20() * kept;
+        dw = Vec::blendv(vzero, p * vbias, x > vzero);
+        capped = Vec::blendv(vzero, capped, x > vzero);
+        break;
       default:
         p = at::vec::clamp(x - vlse, lo, hi).exp_u20() * kept;
         dw = p;
@@ -277,12 +307,13 @@ inline void probabilities_and_grads(float* s, float* ds, const float* keep, int6
     ((Vec::loadu(ds + c) - vdelta) * (dw * vscale) * (one - capped * capped)).store(ds + c);
   }
   for (; c < n; ++c) {
-    const float x = s[c] * score.scale, capped = x * inv_cap;
+    const float x = s[c] * score.scale;
+    float capped = x * inv_cap;
     const float kept = keep ? keep[c] : 1.0f;
     float dw;
     switch (score.weight) {
       case Weight::kSigmoid: {
-        const float w = sigmoid(x + score.sigmoid_bias) * kept;
+        const float w = sigmoid(x + score.parameter) * kept;
         s[c] = w * inv_z;
         dw = s[c] * (1.0f - w);
         break;
@@ -293,6 +324,11 @@ inline void probabilities_and_grads(float* s, float* ds, const float* keep, int6
         dw = sigmoid(y) * factor * kept * inv_z;
         break;
       }
+      case Weight::kCogPart:
+        s[c] = std::exp(std::clamp(x - lse, kExpFloor, -kExpFloor)) * kept;
+        dw = x > 0.0f ? s[c] * score.parameter : 0.0f;
+        capped = x > 0.0f ? capped : 0.0f;
+        break;
       default:
         s[c] = std::exp(std::clamp(x - lse, kExpFloor, -kExpFloor)) * kept;
         dw = s[c];
@@ -712,7 +748,8 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
       for (int64_t r = 0; weights && r < w.bq; ++r) {
         float* s = S.data() + r * d.max_keys;
         biased_and_capped(s, n, w.h, w.r0 + r, c0, score);
-        if (score.weight != Weight::kSoftmax) {  // final weights: no max, no rescaling
+        if (score.weight == Weight::kSigmoid || score.weight == Weight::kSoftplus) {
+          // final weights: no max, no rescaling
           const float factor = score.row_factor(w.b, w.h, w.r0 + r);
           RowSum sum;
           t.for_each_tile(first, stop, n, w.b, w.h, r,
@@ -868,13 +905,15 @@ bool bfloat16_brgemm_runs(const at::Tensor& q, const at::Tensor& v) {
 // or an empty tensor for no bias. row_factors: softplus's [Fb, Fh, Tq] float32 factors, or an
 // empty tensor for 1.
 Score score_of(const at::Tensor& q, const at::Tensor& k, double scale, double softcap,
-               int64_t weight, double sigmoid_bias, const at::Tensor& offset_bias,
+               int64_t weight, double parameter, const at::Tensor& offset_bias,
                const at::Tensor& row_factors) {
   TORCH_CHECK(softcap >= 0.0, "blocksparse_cpu: softcap must be > 0 (0: none), got ", softcap);
   TORCH_CHECK(softcap == 0.0 || scale > 0.0,
               "blocksparse_cpu: a soft cap needs a positive scale, got ", scale);
-  TORCH_CHECK(weight >= 0 && weight <= 2, "blocksparse_cpu: weight must be 0 (softmax), 1 "
-              "(sigmoid) or 2 (softplus), got ", weight);
+  TORCH_CHECK(weight >= 0 && weight <= 3, "blocksparse_cpu: weight must be 0 (softmax), 1 "
+              "(sigmoid), 2 (softplus) or 3 (a Cog half), got ", weight);
+  TORCH_CHECK(weight != 3 || ((parameter == 1.0 || parameter == -1.0) && scale > 0.0),
+              "blocksparse_cpu: a Cog half needs a sign of 1 or -1 and a positive scale");
   const int64_t Tq = q.size(1), bias_len = q.size(1) + k.size(1) - 1;
   const bool biased = offset_bias.numel() > 0;
   TORCH_CHECK(!biased || (offset_bias.scalar_type() == at::kFloat &&
@@ -893,7 +932,7 @@ Score score_of(const at::Tensor& q, const at::Tensor& k, double scale, double so
   return {static_cast<float>(scale),
           static_cast<float>(softcap),
           static_cast<Weight>(weight),
-          static_cast<float>(sigmoid_bias),
+          static_cast<float>(parameter),
           biased ? offset_bias.data_ptr<float>() : nullptr,
           bias_len,
           factored ? row_factors.data_ptr<float>() : nullptr,
@@ -907,16 +946,18 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
                                 const at::Tensor& partial, const at::Tensor& keep,
                                 int64_t block_q, int64_t block_k, int64_t max_run,
                                 bool shifted, double scale, double softcap, int64_t weight,
-                                double sigmoid_bias, const at::Tensor& offset_bias,
+                                double parameter, const at::Tensor& offset_bias,
                                 const at::Tensor& row_factors, bool weights) {
   check_inputs(q, k, v);
   const Tiles t = tiles_of(row_ptr, tiles, partial, keep, block_q, block_k, max_run);
   auto out = at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, v.options());
   auto lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   const bool pack = worth_packing(q, k);
-  const Score s = score_of(q, k, scale, softcap, weight, sigmoid_bias, offset_bias, row_factors);
-  TORCH_CHECK(!(shifted && s.weight != Weight::kSoftmax),
+  const Score s = score_of(q, k, scale, softcap, weight, parameter, offset_bias, row_factors);
+  TORCH_CHECK(!shifted || s.weight == Weight::kSoftmax || s.weight == Weight::kCogPart,
               "blocksparse_cpu: sigmoid and softplus weights run unshifted");
+  TORCH_CHECK(shifted || s.weight != Weight::kCogPart,
+              "blocksparse_cpu: a Cog half runs shifted (rows may have no key of its sign)");
   if (q.scalar_type() == at::kFloat) {
     forward_kernel<Float32Gemms>(q, k, v, t, shifted, s, weights, pack, out, lse);
 #ifdef CPUBLAS_BRGEMM_BF16BF16F32
@@ -935,7 +976,7 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
                                  const at::Tensor& tiles, const at::Tensor& partial,
                                  const at::Tensor& keep, int64_t block_q, int64_t block_k,
                                  int64_t max_run, double scale, double softcap, int64_t weight,
-                                 double sigmoid_bias, const at::Tensor& offset_bias,
+                                 double parameter, const at::Tensor& offset_bias,
                                  const at::Tensor& row_factors, bool bias_grad) {
   check_inputs(q, k, v);
   TORCH_CHECK(grad_out.scalar_type() == q.scalar_type() && grad_out.is_contiguous(),
@@ -947,7 +988,7 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
   auto dk = at::zeros({threads, k.size(0), k.size(1), k.size(2), k.size(3)}, f32);
   auto dv = at::zeros({threads, v.size(0), v.size(1), v.size(2), v.size(3)}, f32);
   const bool pack = worth_packing(q, k);
-  const Score s = score_of(q, k, scale, softcap, weight, sigmoid_bias, offset_bias, row_factors);
+  const Score s = score_of(q, k, scale, softcap, weight, parameter, offset_bias, row_factors);
   TORCH_CHECK(!bias_grad || s.offset_bias, "blocksparse_cpu: a bias gradient needs a bias");
   auto dbias = at::zeros({bias_grad ? threads : 0, q.size(2), s.bias_len}, f32);
   float* dsp = bias_grad ? dbias.data_ptr<float>() : nullptr;
