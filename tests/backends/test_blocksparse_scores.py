@@ -39,6 +39,10 @@ MASKS = {
 }
 
 
+def seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
 def learned_alibi(H: int) -> positional.ALiBi:
     return positional.alibi(H, positional.alibi_slopes(H).clone().requires_grad_())
 
@@ -50,14 +54,17 @@ OPTIONS = {
     "sigmoid_alibi": lambda H: {"score": scores.sigmoid(), "bias": learned_alibi(H)},
     "softplus_l1": lambda H: {"score": scores.softplus_l1()},
     "cog": lambda H: {"score": scores.cog()},
-    "cog_softcap_t5": lambda H: {"score": scores.cog(softcap=5.0), "bias": positional.t5_bias(H)},
-    "kerple_power": lambda H: {"bias": positional.kerple(H, "power")},
+    "cog_softcap_t5": lambda H: {
+        "score": scores.cog(softcap=5.0),
+        "bias": positional.t5_bias(H, generator=seeded(1)),
+    },
+    "kerple_power": lambda H: {"bias": positional.kerple(H, "power", generator=seeded(2))},
     "kerple_log_sigmoid": lambda H: {
-        "bias": positional.kerple(H, "log"),
+        "bias": positional.kerple(H, "log", generator=seeded(3)),
         "score": scores.sigmoid(),
     },
-    "t5": lambda H: {"bias": positional.t5_bias(H)},
-    "relative_table": lambda H: {"bias": positional.relative_bias(H, 16)},
+    "t5": lambda H: {"bias": positional.t5_bias(H, generator=seeded(1))},
+    "relative_table": lambda H: {"bias": positional.relative_bias(H, 16, generator=seeded(4))},
     "softplus_l1_softcap_alibi": lambda H: {
         "score": scores.softplus_l1(softcap=6.0),
         "bias": learned_alibi(H),
@@ -105,7 +112,8 @@ def test_decoding_aligns_biases_bottom_right() -> None:
     g = torch.Generator().manual_seed(3)
     q = torch.randn(1, 5, 4, 16, generator=g)
     k, v = (torch.randn(1, 300, 4, 16, generator=g) for _ in range(2))
-    for score, bias in ((None, learned_alibi(4)), (scores.sigmoid(), positional.t5_bias(4))):
+    t5 = positional.t5_bias(4, generator=seeded(6))
+    for score, bias in ((None, learned_alibi(4)), (scores.sigmoid(), t5)):
         check_against_reference(
             run, q, k, v, mask=masks.causal(), bias=bias, score=score
         ).assert_ok()
