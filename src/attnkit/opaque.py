@@ -65,7 +65,10 @@ def call(fn: Callable[..., list[Tensor]], *args: Any) -> list[Tensor]:
     if not torch.compiler.is_compiling():
         return fn(*args)
     if fn not in _FAKES:
-        raise TypeError(f"{fn.__qualname__} is not registered with attnkit.opaque.opaque")
+        raise TypeError(
+            f"{fn.__qualname__} is not registered with attnkit.opaque.opaque: decorate it with "
+            "@opaque(fake) to run it inside a compiled graph"
+        )
     # Which inputs autograd differentiates: the op's forward makes the same ones require grad
     # (with grad mode on), as in the eager call, so that choices that depend on it (a backend
     # without a backward, an inference-only kernel) are the eager call's, and the backward
