@@ -593,3 +593,25 @@ def test_backends_for_probes_supports() -> None:
     # SDPA computes softmax only.
     assert "sdpa" in catalog.backends_for(catalog.get("causal"))
     assert "sdpa" not in catalog.backends_for(catalog.get("sigmoid"))
+
+
+def test_attention_mechanisms_compose_by_name() -> None:
+    spec = catalog.InputSpec(Tq=64, Tk=64)
+    composed = catalog.get("sigmoid+sliding_window")
+    options = composed.build(spec)
+    parts = [catalog.get(name).build(spec) for name in ("sigmoid", "sliding_window")]
+    assert options["score"] == parts[0]["score"]
+    expected = parts[0]["mask"] & parts[1]["mask"]
+    assert torch.equal(options["mask"].dense(64, 64), expected.dense(64, 64))
+    assert composed.kind == "attention" and composed.name == "sigmoid+sliding_window"
+    with_bias = catalog.get("alibi+sliding_window").build(spec)
+    assert with_bias["bias"] is not None and "score" not in with_bias
+
+
+def test_compositions_that_mean_two_things_are_refused() -> None:
+    with pytest.raises(ValueError, match="both set a score"):
+        catalog.get("sigmoid+softplus_l1").build(catalog.InputSpec())
+    with pytest.raises(ValueError, match="only attention mechanisms compose"):
+        catalog.get("sigmoid+rope")
+    with pytest.raises(KeyError, match="no mechanism named 'nope'"):
+        catalog.get("sigmoid+nope")

@@ -166,7 +166,10 @@ def bench(
     ),
     lengths: Annotated[str | None, typer.Option(help="comma list, e.g. 1024,4096")] = None,
     dtypes: Annotated[str | None, typer.Option(help="comma list: float32,bfloat16")] = None,
-    mechanisms: Annotated[str | None, typer.Option(help="comma list of catalog names")] = None,
+    mechanisms: Annotated[
+        str | None,
+        typer.Option(help="comma list of catalog names; a+b composes (sigmoid+sliding_window)"),
+    ] = None,
     repeats: Annotated[int | None, typer.Option(help="minimum timed rounds per cell")] = None,
     backward: Annotated[bool, typer.Option(help="time forward+backward")] = False,
     quick: Annotated[

@@ -14,6 +14,8 @@ Each ``Mechanism`` says where it comes from (paper) and how to run it, in one of
 
 from __future__ import annotations
 
+import functools
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -136,13 +138,53 @@ def register(mechanism: Mechanism) -> Mechanism:
 
 
 def get(name: str) -> Mechanism:
-    """The mechanism called ``name``; ``KeyError`` lists the known names."""
+    """The mechanism called ``name``; ``KeyError`` lists the known names. ``"a+b"`` composes
+    attention mechanisms (``sigmoid+sliding_window``, see ``compose``)."""
+    if "+" in name:
+        return compose(*(get(part) for part in name.split("+")))
     try:
         return MECHANISMS[name]
     except KeyError:
         raise KeyError(
             f"no mechanism named {name!r}; known mechanisms: {', '.join(sorted(MECHANISMS))}"
         ) from None
+
+
+def compose(*parts: Mechanism) -> Mechanism:
+    """One attention mechanism from several: their masks ANDed, the score function and the
+    bias of whichever part has one (two parts with a score, or with a bias, are refused)."""
+    for part in parts:
+        if part.kind != "attention":
+            raise ValueError(
+                f"only attention mechanisms compose; {part.name!r} is a {part.kind} mechanism"
+            )
+    backends = {part.backend for part in parts} - {None}
+    if len(backends) > 1:
+        raise ValueError(f"the parts are defined by different backends: {sorted(backends)}")
+
+    def build(spec: InputSpec) -> dict[str, Any]:
+        built = [part.build(spec) for part in parts]
+        options: dict[str, Any] = {}
+        for option in ("score", "bias"):
+            given = [b[option] for b in built if b.get(option) is not None]
+            if len(given) > 1:
+                names = [p.name for p, b in zip(parts, built, strict=True) if b.get(option)]
+                raise ValueError(f"{' and '.join(names)} both set a {option}; compose one")
+            if given:
+                options[option] = given[0]
+        masks = [b["mask"] for b in built if b.get("mask") is not None]
+        if masks:
+            options["mask"] = functools.reduce(operator.and_, masks)
+        return options
+
+    return Mechanism(
+        name="+".join(part.name for part in parts),
+        family=parts[-1].family,
+        paper="; ".join(part.paper for part in parts),
+        summary=" and ".join(part.summary for part in parts),
+        build=build,
+        backend=backends.pop() if backends else None,
+    )
 
 
 def backends_for(mechanism: Mechanism, grad: bool = False) -> list[str]:
