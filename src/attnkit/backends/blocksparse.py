@@ -542,6 +542,8 @@ def _softcap(call: AttentionCall) -> float:
 
 
 def _supports(call: AttentionCall) -> str | None:
+    if call.score.signed:  # attnkit.attention runs a signed score as its two halves
+        return next(filter(None, (_supports(part) for part in call.passes())), None)
     kernel = _kernel(call) is not None
     if type(call.score) not in KERNEL_WEIGHTS:
         return (
