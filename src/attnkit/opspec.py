@@ -25,6 +25,7 @@ import functools
 import importlib
 import math
 import operator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -72,17 +73,25 @@ def _tree(obj: Any, tensors: list[Tensor]) -> tuple:
     return ("object", type(obj), state)
 
 
+def _lookup(path: str) -> Any:
+    """The object at ``module:qualname``."""
+    module, qualname = path.split(":")
+    found: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        found = getattr(found, part)
+    return found
+
+
 def _import_path(obj: object) -> str | None:
     module, qualname = getattr(obj, "__module__", None), getattr(obj, "__qualname__", "")
     if module is None or "<" in qualname:
         return None
+    path = f"{module}:{qualname}"
     try:
-        found: Any = importlib.import_module(module)
-        for part in qualname.split("."):
-            found = getattr(found, part)
+        found = _lookup(path)
     except (ImportError, AttributeError):
         return None
-    return f"{module}:{qualname}" if found is obj else None
+    return path if found is obj else None
 
 
 def _local_index(obj: object) -> int:
@@ -103,28 +112,39 @@ def _name(obj: object) -> tuple:
     return ("path", path) if path is not None else ("local", _local_index(obj))
 
 
-def _literal(node: tuple) -> tuple:
-    """A tree with its classes, functions and non-finite floats written as literals."""
+def _rewritten(node: tuple, leaf: Callable[[tuple], tuple], name: Callable[[Any], Any]) -> tuple:
+    """``node`` with each leaf (a value or tensor slot) mapped by ``leaf`` and each class or
+    function by ``name``; the containers' structure kept."""
     tag = node[0]
-    if tag == "value" and isinstance(node[1], float) and not math.isfinite(node[1]):
-        return ("float", repr(node[1]))
     if tag in ("tuple", "list", "slice"):
-        return (tag, tuple(_literal(item) for item in node[1]))
+        return (tag, tuple(_rewritten(item, leaf, name) for item in node[1]))
     if tag == "dict":
-        return (tag, tuple((key, _literal(value)) for key, value in node[1]))
+        return (tag, tuple((key, _rewritten(value, leaf, name)) for key, value in node[1]))
     if tag == "named":
-        return (tag, _name(node[1]))
+        return (tag, name(node[1]))
     if tag == "object":
-        return (tag, _name(node[1]), tuple((key, _literal(value)) for key, value in node[2]))
+        state = tuple((key, _rewritten(value, leaf, name)) for key, value in node[2])
+        return (tag, name(node[1]), state)
+    return leaf(node)
+
+
+def _literal_leaf(node: tuple) -> tuple:
+    if node[0] == "value" and isinstance(node[1], float) and not math.isfinite(node[1]):
+        return ("float", repr(node[1]))  # repr(inf) is no literal
     return node
+
+
+def _parsed_leaf(node: tuple) -> tuple:
+    return ("value", float(node[1])) if node[0] == "float" else node
 
 
 @torch.compiler.assume_constant_result
 def _encode(tree: tuple) -> str:
-    return repr(_literal(tree))
+    return repr(_rewritten(tree, _literal_leaf, _name))
 
 
 def _resolve(name: tuple) -> object:
+    """The inverse of ``_name``."""
     kind, what = name
     if kind == "dtype":
         return getattr(torch, what)
@@ -132,32 +152,12 @@ def _resolve(name: tuple) -> object:
         return torch.device(what)
     if kind == "local":
         return _LOCAL[what]
-    module, qualname = what.split(":")
-    found: Any = importlib.import_module(module)
-    for part in qualname.split("."):
-        found = getattr(found, part)
-    return found
-
-
-def _parsed(node: tuple) -> tuple:
-    """The inverse of ``_literal``."""
-    tag = node[0]
-    if tag == "float":
-        return ("value", float(node[1]))
-    if tag in ("tuple", "list", "slice"):
-        return (tag, tuple(_parsed(item) for item in node[1]))
-    if tag == "dict":
-        return (tag, tuple((key, _parsed(value)) for key, value in node[1]))
-    if tag == "named":
-        return (tag, _resolve(node[1]))
-    if tag == "object":
-        return (tag, _resolve(node[1]), tuple((key, _parsed(value)) for key, value in node[2]))
-    return node
+    return _lookup(what)
 
 
 @functools.lru_cache(maxsize=256)
 def _decode(spec: str) -> tuple:
-    return _parsed(ast.literal_eval(spec))
+    return _rewritten(ast.literal_eval(spec), _parsed_leaf, _resolve)
 
 
 def _build(node: tuple, tensors: list[Tensor]) -> Any:
