@@ -53,17 +53,16 @@ al., 2024) and LSSA's softplus weights ``w = softplus(c_i x)``, ``c_i`` the log 
 ``i`` sees (Gao & Spratling, 2025), the last two final as computed, so that their rows need no
 running max and no rescaling; and each half of Cog's signed weights (Lv et al.), softmax over
 ``|x|`` on the keys of the half's sign, two passes that ``attnkit.attention`` merges. Gemma 2's
-soft cap composes with each (a tanh pass over each
-tile's scores, and tanh's derivative in the backward). A bias of the head and the query-key
-offset alone (ALiBi, KERPLE, T5 buckets, learned relative tables: ``Bias.offset_only``) comes
-as one ``[Hq, Tq + Tk - 1]`` table per call, built from the bias's own ``value`` (so its
-parameters get their gradients through it), never as a ``T × T`` tensor: a row's consecutive
-keys read consecutive entries, and the backward sums each pair's gradient into its entry.
-The kernel returns ``out / Z`` and ``lse = log Z`` for every weight, so the
-backward is one formula, ``dS = (dP - Δ) ⊙ (dw/dx) / Z`` with ``(dw/dx) / Z`` = ``P`` for
-softmax, ``P (1 - w)`` for sigmoid and ``c_i sigmoid(c_i x) / Z`` for softplus. The batched
-matmuls compute plain softmax only; other score functions and biases run on ``chunked`` or
-``flex``.
+soft cap composes with each (a tanh pass over each tile's scores, and tanh's derivative in the
+backward). A bias of the head and the query-key offset alone (ALiBi, KERPLE, T5 buckets,
+learned relative tables: ``Bias.offset_only``) comes as one ``[Hq, Tq + Tk - 1]`` table per
+call, built from the bias's own ``value`` (so its parameters get their gradients through it),
+never as a ``T × T`` tensor: a row's consecutive keys read consecutive entries, and the backward
+sums each pair's gradient into its entry. The kernel returns ``out / Z`` and ``lse = log Z``
+for every weight, so the backward is one formula, ``dS = (dP - Δ) ⊙ (dw/dx) / Z`` with
+``(dw/dx) / Z`` = ``P`` for softmax and a Cog half (where its sign holds), ``P (1 - w)`` for
+sigmoid and ``c_i sigmoid(c_i x) / Z`` for softplus. The batched matmuls compute plain softmax
+only; other score functions and biases run on ``chunked`` or ``flex``.
 """
 
 from __future__ import annotations
